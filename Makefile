@@ -1,0 +1,36 @@
+# Two commands for a newcomer: `make demo` and `make test` (see README).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.mutdet-installed
+CORES  ?= all
+
+.PHONY: install demo test lint dryrun bench clean-demo
+
+# (Re)install whenever the pinned requirements or the package metadata change.
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	# deepforest only ships the real aerial demo images; its own dependency set is huge.
+	$(PY) -m pip install --quiet --no-deps deepforest==2.1.0
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/snakemake --cores $(CORES)
+	@$(PY) -m mutdet outputs --config config.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/snakemake --lint
+
+dryrun: $(STAMP)
+	$(VENV)/bin/snakemake -n
+
+bench: $(STAMP)
+	$(PY) benchmarks/tiling.py

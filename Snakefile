@@ -1,0 +1,20 @@
+# mutdet: from raw aerial images to the paper's tables. Includes and targets only; see workflow/rules/.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+# `--configfile X` replaces the default config instead of being merged into it.
+if not workflow.overwrite_configfiles:
+
+    configfile: "config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/tile.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        all_tiles(),

@@ -1,0 +1,3 @@
+from mutdet.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,206 @@
+"""The pipeline configuration: one YAML file, one JSON schema, frozen dataclasses.
+
+The schema (``workflow/schemas/config.schema.yaml``) is the single source of truth for keys, types,
+descriptions and defaults. :func:`validate_config` fills the defaults and raises :class:`ConfigError`
+naming every offending key; :func:`load_config` turns the result into :class:`Config`. Only the
+Snakefile and ``mutdet.stages`` read configs; library modules take plain arguments.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import jsonschema
+import yaml
+
+SCHEMA_PATH = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration that does not match the schema; the message names the key(s)."""
+
+
+def load_schema() -> dict:
+    if not SCHEMA_PATH.is_file():
+        raise ConfigError(f"config schema not found at {SCHEMA_PATH} (mutdet must run from its source tree)")
+    with open(SCHEMA_PATH) as fh:
+        return yaml.safe_load(fh)
+
+
+def _default_filling_validator():
+    base = jsonschema.Draft7Validator
+    validate_properties = base.VALIDATORS["properties"]
+
+    def properties(validator, props, instance, schema):
+        if isinstance(instance, dict):
+            for name, sub in props.items():
+                if "default" in sub and name not in instance:
+                    instance[name] = copy.deepcopy(sub["default"])
+        yield from validate_properties(validator, props, instance, schema)
+
+    return jsonschema.validators.extend(base, {"properties": properties})
+
+
+_Validator = _default_filling_validator()
+
+
+def _key_path(error: jsonschema.ValidationError) -> str:
+    return ".".join(str(p) for p in error.absolute_path) or "<top level>"
+
+
+def validate_config(raw: Mapping[str, Any] | None, source: str = "config") -> dict:
+    """Validate ``raw`` against the schema and return a copy with every default filled in.
+
+    Raises:
+        ConfigError: listing each problem as ``<source>: <key.path>: <message>``.
+    """
+    instance = copy.deepcopy(dict(raw or {}))
+    validator = _Validator(load_schema())
+    errors = sorted(validator.iter_errors(instance), key=lambda e: list(map(str, e.absolute_path)))
+    if errors:
+        lines = [f"{source}: {_key_path(e)}: {e.message}" for e in errors]
+        raise ConfigError("invalid configuration\n  " + "\n  ".join(lines))
+    return instance
+
+
+@dataclass(frozen=True)
+class TilingConfig:
+    enabled: bool
+    size: int
+    gap: int
+    rates: tuple[float, ...]
+    iof_threshold: float
+    img_rate_threshold: float
+    pad_value: tuple[int, int, int]  # RGB
+
+    def __post_init__(self):
+        if self.enabled and self.gap >= self.size:
+            raise ConfigError(f"tiling.gap ({self.gap}) must be smaller than tiling.size ({self.size})")
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    name: str
+    images: Path  # folder
+    labels: Path  # folder
+    list: Path | None  # file of image ids, or None for every image in `images`
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    num_train: int
+    num_test: int
+    image_size: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    name: str
+    source: str  # files | synthetic | deepforest
+    root: Path
+    format: str  # dota | dior | voc
+    classes: tuple[str, ...]
+    class_aliases: Mapping[str, str]  # lower-cased label name -> class name
+    image_extensions: tuple[str, ...]
+    splits: Mapping[str, SplitConfig]
+    shards: int
+    tiling: TilingConfig
+    synthetic: SyntheticConfig
+
+    def split(self, name: str) -> SplitConfig:
+        if name not in self.splits:
+            raise ConfigError(f"datasets.{self.name}.splits: no split named {name!r} (have {sorted(self.splits)})")
+        return self.splits[name]
+
+
+@dataclass(frozen=True)
+class Config:
+    results: Path
+    seed: int
+    on_bad_object: str  # error | skip
+    datasets: Mapping[str, DatasetConfig] = field(default_factory=dict)
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def dataset(self, name: str) -> DatasetConfig:
+        if name not in self.datasets:
+            raise ConfigError(f"datasets: no dataset named {name!r} (have {sorted(self.datasets)})")
+        return self.datasets[name]
+
+
+def _dataset(name: str, d: dict) -> DatasetConfig:
+    root = Path(d["root"])
+    classes = tuple(d["classes"])
+    lowered = [c.lower() for c in classes]
+    if len(set(lowered)) != len(lowered):
+        raise ConfigError(f"datasets.{name}.classes: duplicate class names (case-insensitive): {list(classes)}")
+    aliases = {}
+    for alias, target in d["class_aliases"].items():
+        if target.lower() not in lowered:
+            raise ConfigError(f"datasets.{name}.class_aliases.{alias}: {target!r} is not one of classes {list(classes)}")
+        aliases[alias.lower()] = classes[lowered.index(target.lower())]
+    splits = {}
+    for split_name, s in d["splits"].items():
+        splits[split_name] = SplitConfig(
+            name=split_name,
+            images=root / (s["images"] or d["images"]),
+            labels=root / (s["labels"] or d["labels"]),
+            list=None if s["list"] is None else root / s["list"],
+        )
+    t = d["tiling"]
+    return DatasetConfig(
+        name=name,
+        source=d["source"],
+        root=root,
+        format=d["format"],
+        classes=classes,
+        class_aliases=MappingProxyType(aliases),
+        image_extensions=tuple(d["image_extensions"]),
+        splits=MappingProxyType(splits),
+        shards=d["shards"],
+        tiling=TilingConfig(
+            enabled=t["enabled"], size=t["size"], gap=t["gap"], rates=tuple(float(r) for r in t["rates"]),
+            iof_threshold=float(t["iof_threshold"]), img_rate_threshold=float(t["img_rate_threshold"]),
+            pad_value=tuple(t["pad_value"]),
+        ),
+        synthetic=SyntheticConfig(**d["synthetic"]),
+    )
+
+
+def from_dict(raw: Mapping[str, Any] | None, source: str = "config") -> Config:
+    """Validate a config mapping and build the frozen :class:`Config`."""
+    d = validate_config(raw, source)
+    return Config(
+        results=Path(d["results"]),
+        seed=d["seed"],
+        on_bad_object=d["on_bad_object"],
+        datasets=MappingProxyType({name: _dataset(name, ds) for name, ds in d["datasets"].items()}),
+        raw=MappingProxyType(d),
+    )
+
+
+def load_config(path_or_json: str | Path) -> Config:
+    """Load a config from a YAML/JSON file, or from an inline JSON object (text starting with ``{``)."""
+    text = str(path_or_json)
+    if text.lstrip().startswith("{"):
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"inline config: invalid JSON: {exc}") from None
+        return from_dict(raw, "inline config")
+    path = Path(text)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with open(path) as fh:
+            raw = yaml.safe_load(fh)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(raw).__name__}")
+    return from_dict(raw, str(path))

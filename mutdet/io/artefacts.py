@@ -1,0 +1,135 @@
+"""Parquet artefacts: one documented schema and one save/load pair each.
+
+Every artefact is written atomically; loaders reject a missing or mistyped column with an error that
+names the file and the column. Boxes are le90 (``cx, cy, w, h, theta``: pixels, radians, clockwise,
+``w >= h``, ``theta`` in ``[-pi/2, pi/2)``); polygons are ``x1 y1 ... x4 y4`` in the same frame.
+
+Schemas
+-------
+``tiles``: one row per tile.
+    tile_id (string)        ``<image>__<rate>__<x>___<y>``, unique within a dataset split
+    image_id (string)       source image id (file stem)
+    source_path (string)    source image file
+    tile_path (string)      tile PNG, relative to the folder holding ``tiles.parquet``
+    rate (float64)          scale applied to the source image before cutting
+    x, y (int32)            window origin in the rescaled image
+    size (int32)            window side (tiles are ``size x size``, padded where the image ends)
+    valid_width, valid_height (int32)  extent of real image pixels inside the tile
+    image_width, image_height (int32)  source image size (before rescaling)
+
+``objects``: one row per ground-truth object per tile (tile pixels).
+    tile_id (string), object_index (int32: index in the source label file after skips),
+    cx, cy, w, h, theta (float64: le90 in tile pixels), polygon (fixed_size_list<float64>[8], tile pixels),
+    class_id (int16: index into the dataset's classes), class_name (string),
+    difficult (int8: 0, 1 as annotated, 2 cut by the window), iof (float32: area inside / area)
+
+``detections``: one row per detection, in a frame given by ``frame`` metadata (``tile`` or ``image``).
+    id (string: tile_id or image_id), class_id (int16), class_name (string), score (float32),
+    cx, cy, w, h, theta (float64: le90)
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mutdet.io.atomic import atomic_path
+
+LE90 = [("cx", pa.float64()), ("cy", pa.float64()), ("w", pa.float64()), ("h", pa.float64()), ("theta", pa.float64())]
+
+TILES_SCHEMA = pa.schema([
+    ("tile_id", pa.string()),
+    ("image_id", pa.string()),
+    ("source_path", pa.string()),
+    ("tile_path", pa.string()),
+    ("rate", pa.float64()),
+    ("x", pa.int32()),
+    ("y", pa.int32()),
+    ("size", pa.int32()),
+    ("valid_width", pa.int32()),
+    ("valid_height", pa.int32()),
+    ("image_width", pa.int32()),
+    ("image_height", pa.int32()),
+])
+
+OBJECTS_SCHEMA = pa.schema([
+    ("tile_id", pa.string()),
+    ("object_index", pa.int32()),
+    *LE90,
+    ("polygon", pa.list_(pa.float64(), 8)),
+    ("class_id", pa.int16()),
+    ("class_name", pa.string()),
+    ("difficult", pa.int8()),
+    ("iof", pa.float32()),
+])
+
+DETECTIONS_SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("class_id", pa.int16()),
+    ("class_name", pa.string()),
+    ("score", pa.float32()),
+    *LE90,
+])
+
+SCHEMAS = {"tiles": TILES_SCHEMA, "objects": OBJECTS_SCHEMA, "detections": DETECTIONS_SCHEMA}
+
+
+class ArtefactError(ValueError):
+    """An artefact file that does not match its schema."""
+
+
+def write_artefact(table: pa.Table, path: str | Path, kind: str, metadata: Mapping[str, object] | None = None) -> None:
+    """Cast ``table`` to the schema of ``kind`` and write it atomically, with JSON ``metadata``."""
+    schema = SCHEMAS[kind]
+    missing = [n for n in schema.names if n not in table.column_names]
+    if missing:
+        raise ArtefactError(f"{kind} table for {path} misses columns {missing}")
+    table = table.select(schema.names).cast(schema)
+    meta = {b"mutdet_kind": kind.encode()}
+    for key, value in (metadata or {}).items():
+        meta[f"mutdet_{key}".encode()] = json.dumps(value, default=str).encode()
+    table = table.replace_schema_metadata(meta)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+
+
+def check_schema(schema: pa.Schema, kind: str, source: str) -> None:
+    expected = SCHEMAS[kind]
+    for f in expected:
+        if f.name not in schema.names:
+            raise ArtefactError(f"{source}: missing column {f.name!r} ({f.type}) of the {kind} schema")
+        actual = schema.field(f.name).type
+        if actual != f.type:
+            raise ArtefactError(f"{source}: column {f.name!r} has type {actual}, the {kind} schema needs {f.type}")
+
+
+def read_artefact(path: str | Path | list, kind: str, columns: list[str] | None = None) -> pa.Table:
+    """Read one artefact file (or a list of shard files, concatenated) and check its schema."""
+    paths = [Path(p) for p in path] if isinstance(path, list) else [Path(path)]
+    tables = []
+    for p in paths:
+        if not p.is_file():
+            raise ArtefactError(f"{p}: {kind} artefact not found")
+        try:
+            schema = pq.read_schema(p)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise ArtefactError(f"{p}: not a readable Parquet file: {exc}") from None
+        check_schema(schema, kind, str(p))
+        tables.append(pq.read_table(p, columns=columns or SCHEMAS[kind].names))
+    if not tables:
+        return SCHEMAS[kind].empty_table() if columns is None else SCHEMAS[kind].empty_table().select(columns)
+    return pa.concat_tables(tables)
+
+
+def read_metadata(path: str | Path) -> dict:
+    """The ``mutdet_*`` metadata of an artefact as a dict (values JSON-decoded)."""
+    meta = pq.read_schema(path).metadata or {}
+    out = {}
+    for key, value in meta.items():
+        k = key.decode()
+        if k.startswith("mutdet_") and k != "mutdet_kind":
+            out[k[len("mutdet_"):]] = json.loads(value)
+    return out

@@ -1,0 +1,54 @@
+"""DOTA ``labelTxt`` files: one object a line, ``x1 y1 x2 y2 x3 y3 x4 y4 class [difficult]``.
+
+Header lines such as ``imagesource:GoogleEarth`` and ``gsd:0.146`` (a ``key:value`` token, fewer than
+9 tokens) are skipped, a missing difficult column means 0, and class names are matched through the
+dataset's :class:`~mutdet.io.annotations.ClassMap`. Any other line is an object or an error.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from mutdet.io.annotations import AnnotationError, ClassMap, ImageAnnotations, _Collector, parse_float
+
+
+def _is_header(tokens: list[str]) -> bool:
+    return len(tokens) < 9 and ":" in tokens[0]
+
+
+def read_dota(path: str | Path, class_map: ClassMap, on_bad_object: str = "error") -> ImageAnnotations:
+    """Read one DOTA label file. ``image_id`` is the file stem."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AnnotationError(path, None, f"cannot read label file: {exc}") from None
+    out = _Collector(path, on_bad_object)
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        tokens = raw.split()
+        if not tokens or _is_header(tokens):
+            continue
+        if len(tokens) not in (9, 10):
+            out.bad(lineno, f"expected 9 or 10 tokens (x1 y1 ... x4 y4 class [difficult]), got {len(tokens)}: {raw.strip()!r}")
+            continue
+        coords = [parse_float(t) for t in tokens[:8]]
+        if any(c is None for c in coords):
+            bad = tokens[coords.index(None)]
+            out.bad(lineno, f"non-numeric coordinate {bad!r}")
+            continue
+        label = class_map(tokens[8])
+        if label is None:
+            out.bad(lineno, f"unknown class {tokens[8]!r} (known: {', '.join(class_map.classes)})")
+            continue
+        difficult = 0
+        if len(tokens) == 10:
+            if tokens[9] not in ("0", "1", "2"):
+                out.bad(lineno, f"difficult must be 0, 1 or 2, got {tokens[9]!r}")
+                continue
+            difficult = int(tokens[9])
+        out.add(lineno, coords, label, difficult)
+    return out.result(path.stem)
+
+
+def format_dota_line(polygon, class_name: str, difficult: int = 0) -> str:
+    """One DOTA label line for a polygon ``(8,)``."""
+    return " ".join(f"{v:.1f}" for v in polygon) + f" {class_name} {int(difficult)}"

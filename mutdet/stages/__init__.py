@@ -1,0 +1,1 @@
+"""Stages: read artefacts, call the library, write artefacts. Only stages know paths."""

@@ -1,0 +1,191 @@
+"""Stage ``tile``: one shard of one dataset split -> tile PNGs + ``tiles.parquet`` + ``objects.parquet``.
+
+Output folder layout::
+
+    <out>/tiles.parquet         tiles schema (mutdet.io.artefacts), rows sorted by image then window
+    <out>/objects.parquet       objects schema, tile pixels
+    <out>/images/<image>/<tile_id>.png
+    <out>/summary.json          counts, skipped objects/images, parameters, code version
+    <out>/parts/<image>.*.parquet  per-image results; a rerun with the same parameters reuses them
+
+Images are processed in parallel over ``threads`` worker processes, each holding one decoded image
+(and one rescaled copy) at a time. Every file is written atomically.
+"""
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pyarrow as pa
+from tqdm import tqdm
+
+from mutdet.config import Config
+from mutdet.io.annotations import AnnotationError, ClassMap
+from mutdet.io.artefacts import SCHEMAS, read_artefact, read_metadata, write_artefact
+from mutdet.io.atomic import write_bytes, write_json
+from mutdet.io.datasets import find_image, list_image_ids, read_labels, shard_ids
+from mutdet.stages.common import code_version, log, params_hash
+from mutdet.tiling import TilingParams, iter_tiles
+
+PNG_FLAGS = [cv2.IMWRITE_PNG_COMPRESSION, 1]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    image_id: str
+    images_dir: Path
+    labels_dir: Path
+    extensions: tuple[str, ...]
+    fmt: str
+    classes: tuple[str, ...]
+    aliases: dict
+    on_bad_object: str
+    tiling: TilingParams
+    out_dir: Path
+    params_hash: str
+
+
+def _part_paths(out_dir: Path, image_id: str) -> tuple[Path, Path]:
+    return out_dir / "parts" / f"{image_id}.objects.parquet", out_dir / "parts" / f"{image_id}.tiles.parquet"
+
+
+def _part_is_current(out_dir: Path, image_id: str, phash: str) -> bool:
+    objects_part, tiles_part = _part_paths(out_dir, image_id)
+    if not (tiles_part.is_file() and objects_part.is_file()):
+        return False
+    try:
+        return read_metadata(tiles_part).get("params_hash") == phash
+    except Exception:  # an unreadable part is simply recomputed
+        return False
+
+
+def _tile_one(job: _Job) -> dict:
+    """Tile one image; write its PNGs and parts. Returns the image's counts and skips."""
+    cv2.setNumThreads(1)
+    skipped_objects, skipped_image = [], None
+    class_map = ClassMap(job.classes, job.aliases)
+    tile_rows, object_rows = [], []
+    try:
+        source = find_image(job.images_dir, job.image_id, job.extensions)
+        ann = read_labels(job.fmt, job.labels_dir, job.image_id, class_map, job.on_bad_object)
+        image = cv2.imread(str(source), cv2.IMREAD_COLOR)
+        if image is None:
+            raise AnnotationError(source, None, "unreadable image (not a decodable image file)")
+    except (AnnotationError, FileNotFoundError) as exc:
+        if job.on_bad_object == "error":
+            raise
+        skipped_image = {"image_id": job.image_id, "reason": str(exc)}
+    if skipped_image is None:
+        polygons = ann.polygons if ann is not None else np.zeros((0, 8))
+        labels = ann.labels if ann is not None else np.zeros(0, dtype=np.int64)
+        difficult = ann.difficult if ann is not None else np.zeros(0, dtype=np.int8)
+        skipped_objects = [s.to_dict() for s in ann.skipped] if ann is not None else []
+        image_dir = job.out_dir / "images" / job.image_id
+        shutil.rmtree(image_dir, ignore_errors=True)  # stale tiles of earlier parameters
+        height, width = image.shape[:2]
+        for tile in iter_tiles(image, job.image_id, polygons, difficult, job.tiling):
+            rel = Path("images") / job.image_id / f"{tile.tile_id}.png"
+            ok, buf = cv2.imencode(".png", tile.pixels, PNG_FLAGS)
+            if not ok:
+                raise RuntimeError(f"PNG encoding failed for tile {tile.tile_id}")
+            write_bytes(job.out_dir / rel, buf.tobytes())
+            tile_rows.append({
+                "tile_id": tile.tile_id, "image_id": job.image_id, "source_path": str(source),
+                "tile_path": str(rel), "rate": tile.rate, "x": tile.x, "y": tile.y, "size": tile.size,
+                "valid_width": tile.valid_width, "valid_height": tile.valid_height,
+                "image_width": width, "image_height": height,
+            })
+            for k, idx in enumerate(tile.object_indices):
+                cx, cy, w, h, theta = tile.boxes[k]
+                object_rows.append({
+                    "tile_id": tile.tile_id, "object_index": int(idx),
+                    "cx": cx, "cy": cy, "w": w, "h": h, "theta": theta,
+                    "polygon": tile.polygons[k].tolist(),
+                    "class_id": int(labels[idx]), "class_name": job.classes[labels[idx]],
+                    "difficult": int(tile.difficult[k]), "iof": float(tile.iof[k]),
+                })
+        del image
+    meta = {"params_hash": job.params_hash, "skipped_objects": skipped_objects, "skipped_image": skipped_image}
+    objects_part, tiles_part = _part_paths(job.out_dir, job.image_id)
+    write_artefact(_table(object_rows, "objects"), objects_part, "objects", meta)
+    write_artefact(_table(tile_rows, "tiles"), tiles_part, "tiles", meta)  # written last: marks the part done
+    return {"image_id": job.image_id, "tiles": len(tile_rows), "objects": len(object_rows)}
+
+
+def _table(rows: list[dict], kind: str) -> pa.Table:
+    schema = SCHEMAS[kind]
+    if not rows:
+        return schema.empty_table()
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def run(cfg: Config, dataset: str, split: str, shard: int, out_dir: str | Path, threads: int = 1) -> dict:
+    """Tile shard ``shard`` of ``dataset``/``split`` into ``out_dir``; returns the summary dict."""
+    ds = cfg.dataset(dataset)
+    sp = ds.split(split)
+    out_dir = Path(out_dir)
+    t = ds.tiling
+    tiling = TilingParams(size=t.size, gap=t.gap, rates=t.rates, iof_threshold=t.iof_threshold,
+                          img_rate_threshold=t.img_rate_threshold, pad_value=t.pad_value, enabled=t.enabled)
+    params = {
+        "dataset": dataset, "split": split, "shard": shard, "num_shards": ds.shards, "format": ds.format,
+        "classes": list(ds.classes), "class_aliases": dict(ds.class_aliases),
+        "on_bad_object": cfg.on_bad_object, "tiling": dataclasses.asdict(tiling),
+        "images": str(sp.images), "labels": str(sp.labels),
+    }
+    phash = params_hash(params)
+    ids = shard_ids(list_image_ids(sp.images, sp.list, ds.image_extensions), shard, ds.shards)
+    if not sp.labels.is_dir():
+        log.warning("%s/%s: label folder %s not found: tiling without ground truth", dataset, split, sp.labels)
+    jobs = [
+        _Job(image_id=i, images_dir=sp.images, labels_dir=sp.labels, extensions=ds.image_extensions,
+             fmt=ds.format, classes=ds.classes, aliases=dict(ds.class_aliases), on_bad_object=cfg.on_bad_object,
+             tiling=tiling, out_dir=out_dir, params_hash=phash)
+        for i in ids
+    ]
+    todo = [j for j in jobs if not _part_is_current(out_dir, j.image_id, phash)]
+    log.info("tile %s/%s shard %d/%d: %d images (%d already done), %d worker(s)",
+             dataset, split, shard, ds.shards, len(jobs), len(jobs) - len(todo), threads)
+    progress = tqdm(total=len(todo), desc=f"tile {dataset}/{split}/{shard}", unit="img", mininterval=1.0)
+    if threads > 1 and len(todo) > 1:
+        ctx = multiprocessing.get_context("forkserver")
+        with ctx.Pool(min(threads, len(todo))) as pool:
+            for _ in pool.imap_unordered(_tile_one, todo):
+                progress.update()
+    else:
+        for job in todo:
+            _tile_one(job)
+            progress.update()
+    progress.close()
+
+    tiles = read_artefact([_part_paths(out_dir, i)[1] for i in ids], "tiles")
+    objects = read_artefact([_part_paths(out_dir, i)[0] for i in ids], "objects")
+    skipped_objects, skipped_images = [], []
+    for i in ids:
+        meta = read_metadata(_part_paths(out_dir, i)[1])
+        skipped_objects += meta["skipped_objects"]
+        if meta["skipped_image"]:
+            skipped_images.append(meta["skipped_image"])
+    summary = {
+        "dataset": dataset, "split": split, "shard": shard, "images": len(ids),
+        "images_reused": len(jobs) - len(todo), "tiles": tiles.num_rows, "objects": objects.num_rows,
+        "objects_per_class": dict(sorted(Counter(objects.column("class_name").to_pylist()).items())),
+        "skipped_objects": len(skipped_objects), "skipped_images": len(skipped_images),
+        "skipped": {"objects": skipped_objects, "images": skipped_images},
+        "params": params, "code_version": code_version(),
+    }
+    meta = {"params": params, "code_version": code_version()}
+    write_artefact(objects, out_dir / "objects.parquet", "objects", meta)
+    write_artefact(tiles, out_dir / "tiles.parquet", "tiles", meta)
+    write_json(out_dir / "summary.json", summary)
+    log.info("tile %s/%s shard %d: %d images -> %d tiles, %d objects -> %s", dataset, split, shard,
+             len(ids), tiles.num_rows, objects.num_rows, out_dir)
+    if skipped_objects or skipped_images:
+        log.warning("skipped %d bad object(s) and %d image(s) (on_bad_object: skip); listed in %s",
+                    len(skipped_objects), len(skipped_images), out_dir / "summary.json")
+    return summary

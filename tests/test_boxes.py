@@ -1,0 +1,161 @@
+import math
+
+import cv2
+import numpy as np
+import pytest
+import shapely
+import torch
+from torchvision.ops import box_convert
+
+from mutdet import boxes as B
+
+
+def random_le90(rng, n, lo=2.0, hi=60.0, extent=200.0):
+    wh = rng.uniform(lo, hi, size=(n, 2))
+    return B.normalize_le90(np.column_stack([
+        rng.uniform(0, extent, n), rng.uniform(0, extent, n), wh, rng.uniform(-math.pi, math.pi, n)]))
+
+
+def same_polygon(p, q, tol=1e-6):
+    """Equal as closed rings up to the starting corner."""
+    p, q = np.asarray(p).reshape(4, 2), np.asarray(q).reshape(4, 2)
+    return any(np.abs(np.roll(p, k, axis=0) - q).max() < tol for k in range(4))
+
+
+def test_normalize_le90_range_and_order():
+    rng = np.random.default_rng(0)
+    raw = np.column_stack([rng.uniform(0, 100, (500, 2)), rng.uniform(1, 50, (500, 2)), rng.uniform(-10, 10, 500)])
+    out = B.normalize_le90(raw)
+    assert (out[:, 2] >= out[:, 3]).all()
+    assert (out[:, 4] >= -math.pi / 2).all() and (out[:, 4] < math.pi / 2).all()
+    for a, b in zip(raw, out):  # same box: same polygon up to corner order
+        assert same_polygon(B.le90_to_polygon(a), B.le90_to_polygon(b), 1e-6) or \
+            shapely.Polygon(B.le90_to_polygon(a).reshape(4, 2)).symmetric_difference(
+                shapely.Polygon(B.le90_to_polygon(b).reshape(4, 2))).area < 1e-6
+
+
+@pytest.mark.parametrize("theta", [-math.pi / 2, -math.pi / 2 + 1e-7, -1e-9, 0.0, math.pi / 2 - 1e-7, math.pi / 2, 3.0])
+def test_boundary_angles_fold_into_range(theta):
+    out = B.normalize_le90([10, 20, 30, 10, theta])
+    assert -math.pi / 2 <= out[4] < math.pi / 2
+    assert same_polygon(B.le90_to_polygon(out), B.le90_to_polygon([10, 20, 30, 10, theta]), 1e-5)
+
+
+def test_pi_half_maps_to_minus_pi_half():
+    assert B.normalize_le90([0, 0, 4, 2, math.pi / 2])[4] == pytest.approx(-math.pi / 2)
+
+
+def test_polygon_corner_order_and_clockwise_angle():
+    poly = B.le90_to_polygon([10, 10, 8, 4, 0])
+    np.testing.assert_allclose(poly, [6, 8, 14, 8, 14, 12, 6, 12])
+    # A positive theta turns clockwise on screen (y down): the w-side's right end moves down.
+    poly = B.le90_to_polygon([0, 0, 2, 0.0, math.pi / 6])
+    assert poly[3] > 0
+
+
+@pytest.mark.parametrize("theta", [-math.pi / 2, -math.pi / 2 + 1e-6, -0.3, 0.0, 0.7, math.pi / 2 - 1e-6])
+@pytest.mark.parametrize("wh", [(30.0, 10.0), (12.0, 12.0)])
+def test_polygon_round_trip_at_boundaries(theta, wh):
+    box = B.normalize_le90([50.0, 40.0, *wh, theta])
+    back = B.polygon_to_le90(B.le90_to_polygon(box))
+    # Squares have a 90-degree symmetry: compare the polygons, not the parameters.
+    assert same_polygon(B.le90_to_polygon(back), B.le90_to_polygon(box), 1e-6)
+    if wh[0] != wh[1]:
+        np.testing.assert_allclose(back, box, atol=1e-9)
+
+
+def test_polygon_round_trip_random():
+    boxes = random_le90(np.random.default_rng(1), 300)
+    np.testing.assert_allclose(B.polygon_to_le90(B.le90_to_polygon(boxes)), boxes, atol=1e-7)
+
+
+def test_quadrilateral_goes_to_min_area_rectangle():
+    quad = np.array([0, 0, 10, 1, 11, 6, 1, 5.0])  # not a rectangle
+    box = B.polygon_to_le90(quad)
+    rect = B.le90_to_polygon(box).reshape(4, 2)
+    hull = shapely.Polygon(quad.reshape(4, 2))
+    assert shapely.Polygon(rect).contains(hull.buffer(-1e-3))
+    assert box[2] * box[3] == pytest.approx(cv2.contourArea(cv2.boxPoints(cv2.minAreaRect(quad.reshape(4, 2).astype(np.float32)))), rel=1e-4)
+
+
+def test_torchvision_cxcywhr_agrees_with_our_polygons():
+    boxes = random_le90(np.random.default_rng(2), 200)
+    tv = box_convert(torch.from_numpy(B.le90_to_cxcywhr(boxes)), "cxcywhr", "xyxyxyxy").numpy()
+    np.testing.assert_allclose(tv, B.le90_to_polygon(boxes), atol=1e-9)
+    np.testing.assert_allclose(B.cxcywhr_to_le90(B.le90_to_cxcywhr(boxes)), boxes, atol=1e-12)
+
+
+def test_rotated_iou_matches_shapely():
+    rng = np.random.default_rng(3)
+    a, b = random_le90(rng, 60, extent=80), random_le90(rng, 70, extent=80)
+    iou = B.rotated_iou(a, b)
+    pa = shapely.polygons(B.le90_to_polygon(a).reshape(-1, 4, 2))
+    pb = shapely.polygons(B.le90_to_polygon(b).reshape(-1, 4, 2))
+    inter = shapely.area(shapely.intersection(pa[:, None], pb[None, :]))
+    ref = inter / (shapely.area(pa)[:, None] + shapely.area(pb)[None, :] - inter)
+    assert (ref > 0).sum() > 200  # the draw really has overlaps
+    np.testing.assert_allclose(iou, ref, atol=2e-5)
+
+
+def test_rotated_iou_tensor_and_empty():
+    a = torch.tensor([[10.0, 10, 8, 4, 0.3]])
+    assert isinstance(B.rotated_iou(a, a), torch.Tensor)
+    assert B.rotated_iou(a, a).item() == pytest.approx(1.0, abs=1e-5)
+    assert B.rotated_iou(np.zeros((0, 5)), np.ones((3, 5))).shape == (0, 3)
+
+
+def greedy_nms_reference(boxes, scores, thr):
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    polys = [shapely.Polygon(B.le90_to_polygon(b).reshape(4, 2)) for b in boxes]
+    keep = []
+    for i in order:
+        ok = True
+        for j in keep:
+            inter = polys[i].intersection(polys[j]).area
+            if inter / (polys[i].area + polys[j].area - inter) > thr:
+                ok = False
+                break
+        if ok:
+            keep.append(i)
+    return keep
+
+
+@pytest.mark.parametrize("block", [7, 2048])
+def test_rotated_nms_matches_greedy_reference(block):
+    rng = np.random.default_rng(4)
+    boxes = random_le90(rng, 150, lo=5, hi=40, extent=100)
+    scores = rng.uniform(size=150).round(2)  # ties on purpose
+    for thr in (0.1, 0.3, 0.5):
+        np.testing.assert_array_equal(B.rotated_nms(boxes, scores, thr, block_size=block),
+                                      greedy_nms_reference(boxes, scores, thr))
+
+
+def test_batched_nms_is_per_category():
+    rng = np.random.default_rng(5)
+    boxes = random_le90(rng, 120, lo=5, hi=40, extent=80)
+    scores = rng.uniform(size=120)
+    idxs = rng.integers(0, 3, 120)
+    keep = B.batched_rotated_nms(boxes, scores, idxs, 0.2)
+    expected = []
+    for c in range(3):
+        m = np.flatnonzero(idxs == c)
+        expected += [m[k] for k in greedy_nms_reference(boxes[m], scores[m], 0.2)]
+    assert sorted(keep.tolist()) == sorted(expected)
+    assert (np.diff(scores[keep]) <= 0).all()
+    # identical boxes of different categories never suppress each other
+    two = np.array([[5, 5, 4, 2, 0.0]] * 2)
+    assert sorted(B.batched_rotated_nms(two, [0.9, 0.8], [0, 1], 0.1).tolist()) == [0, 1]
+
+
+def test_mask_to_le90_recovers_drawn_rectangle():
+    mask = np.zeros((200, 200), np.uint8)
+    truth = np.array([100.0, 90.0, 80.0, 30.0, math.radians(25)])
+    cv2.fillPoly(mask, [B.le90_to_polygon(truth).reshape(4, 2).round().astype(np.int32)], 1)
+    small = np.zeros_like(mask)
+    small[5:9, 5:9] = 1  # a second, smaller component is ignored
+    box = B.mask_to_le90(mask | small)
+    assert abs(box[0] - truth[0]) < 1.0 and abs(box[1] - truth[1]) < 1.0
+    # fillPoly includes boundary pixels and pixel squares add up to one pixel: a few pixels of slack
+    assert abs(box[2] - truth[2]) < 3 and abs(box[3] - truth[3]) < 3
+    assert abs(box[4] - truth[4]) < math.radians(2)
+    assert B.mask_to_le90(np.zeros((5, 5), bool)) is None

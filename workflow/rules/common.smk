@@ -1,0 +1,58 @@
+# Shared set-up: validated config, the mutdet command, output layout, targets.
+import json
+import sys
+
+from mutdet.config import from_dict
+from mutdet.stages.layout import LOGS_DIR, TILES_DIR
+
+# Validates against workflow/schemas/config.schema.yaml and fills defaults; a wrong key or type stops
+# here (also under `snakemake -n`) with a message naming the key.
+CONFIG = from_dict(config, "config")
+RESULTS = str(CONFIG.results)
+LOGS = f"{RESULTS}/{LOGS_DIR}"
+# The running interpreter's mutdet (the .venv); under --use-conda the env's python resolves it.
+MUTDET = (
+    "python -m mutdet"
+    if "conda" in {str(m).lower() for m in workflow.deployment_settings.deployment_method}
+    else f"{sys.executable} -m mutdet"
+)
+
+NAME = r"[A-Za-z0-9][A-Za-z0-9_-]*"
+
+
+wildcard_constraints:
+    dataset=NAME,
+    split=NAME,
+    shard=r"\d+",
+
+
+def dataset_config_json(name):
+    """The part of the config one dataset's jobs depend on (a params change reruns just them)."""
+    raw = CONFIG.raw
+    return json.dumps(
+        {"results": raw["results"], "on_bad_object": raw["on_bad_object"], "datasets": {name: raw["datasets"][name]}},
+        sort_keys=True,
+    )
+
+
+def dataset_inputs(name, split=None):
+    """Files a dataset's stages wait for: the generated-data manifest, or the split's list file."""
+    ds = CONFIG.dataset(name)
+    if ds.source != "files":
+        return [str(ds.root / "MANIFEST.json")]
+    if split is not None and ds.split(split).list is not None:
+        return [str(ds.split(split).list)]
+    return []
+
+
+def tiles_path(dataset, split, shard, name):
+    return f"{RESULTS}/{TILES_DIR.format(dataset=dataset, split=split, shard=shard)}/{name}"
+
+
+def all_tiles():
+    return [
+        tiles_path(name, split, shard, "tiles.parquet")
+        for name, ds in CONFIG.datasets.items()
+        for split in ds.splits
+        for shard in range(ds.shards)
+    ]
