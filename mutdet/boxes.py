@@ -24,10 +24,13 @@ from __future__ import annotations
 
 import math
 
+from typing import TYPE_CHECKING
+
 import cv2
 import numpy as np
-import torch
-from torchvision.ops import box_iou as _tv_box_iou
+
+if TYPE_CHECKING:  # torch is imported on first use: tiling and data stages never pay for it
+    import torch
 
 HALF_PI = math.pi / 2
 
@@ -186,7 +189,15 @@ def polygon_area(polygons) -> np.ndarray:
     return 0.5 * np.abs(np.sum(x * np.roll(y, -1, axis=-1) - np.roll(x, -1, axis=-1) * y, axis=-1))
 
 
-def _to_cxcywhr_tensor(boxes) -> torch.Tensor:
+def _tv_box_iou(boxes1: "torch.Tensor", boxes2: "torch.Tensor") -> "torch.Tensor":
+    from torchvision.ops import box_iou
+
+    return box_iou(boxes1, boxes2, fmt="cxcywhr")
+
+
+def _to_cxcywhr_tensor(boxes) -> "torch.Tensor":
+    import torch
+
     if isinstance(boxes, torch.Tensor):
         t = boxes.detach().to(torch.float32).clone()
         t[..., 4] = -torch.rad2deg(t[..., 4])
@@ -194,7 +205,7 @@ def _to_cxcywhr_tensor(boxes) -> torch.Tensor:
     return torch.from_numpy(le90_to_cxcywhr(boxes).astype(np.float32))
 
 
-def rotated_iou(boxes1, boxes2) -> np.ndarray | torch.Tensor:
+def rotated_iou(boxes1, boxes2) -> "np.ndarray | torch.Tensor":
     """Exact rotated IoU between two sets of le90 boxes, through ``torchvision.ops.box_iou``.
 
     Args:
@@ -204,6 +215,8 @@ def rotated_iou(boxes1, boxes2) -> np.ndarray | torch.Tensor:
         ``(N, M)`` IoU, a tensor (on the inputs' device) if ``boxes1`` is a tensor, else float64
         numpy. torchvision computes in float32.
     """
+    import torch
+
     as_tensor = isinstance(boxes1, torch.Tensor)
     a, b = _to_cxcywhr_tensor(boxes1), _to_cxcywhr_tensor(boxes2)
     if a.ndim != 2 or b.ndim != 2 or a.shape[-1] != 5 or b.shape[-1] != 5:
@@ -211,7 +224,7 @@ def rotated_iou(boxes1, boxes2) -> np.ndarray | torch.Tensor:
     if len(a) == 0 or len(b) == 0:
         iou = torch.zeros((len(a), len(b)), dtype=torch.float32, device=a.device)
     else:
-        iou = _tv_box_iou(a, b.to(a.device), fmt="cxcywhr")
+        iou = _tv_box_iou(a, b.to(a.device))
     return iou if as_tensor else iou.double().numpy()
 
 
@@ -226,6 +239,8 @@ def rotated_nms(boxes, scores, iou_threshold: float, block_size: int = 2048) -> 
     Returns:
         int64 indices of kept boxes, by decreasing score (ties: lower index first).
     """
+    import torch
+
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 5)
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     if len(boxes) != len(scores):
@@ -240,7 +255,7 @@ def rotated_nms(boxes, scores, iou_threshold: float, block_size: int = 2048) -> 
         stop = min(start + block_size, n)
         rows = sorted_boxes[start:stop]
         # IoU of this block against itself and every later box: (b, n - start).
-        iou = _tv_box_iou(rows, sorted_boxes[start:], fmt="cxcywhr")
+        iou = _tv_box_iou(rows, sorted_boxes[start:])
         block_keep = keep[start:stop].clone()
         inside = iou[:, : stop - start] > iou_threshold
         inside.fill_diagonal_(False)
