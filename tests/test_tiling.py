@@ -1,3 +1,4 @@
+import os
 import json
 import math
 
@@ -179,3 +180,19 @@ def test_merge_stage_maps_tile_detections_to_images(tmp_path, dota_config):
     torder = np.lexsort((truth[:, 1], truth[:, 0]))
     np.testing.assert_allclose(got[order], truth[torder], atol=1e-2)  # minAreaRect runs in float32
     assert set(merged.column("id").to_pylist()) == {"im0"}
+
+
+def test_atomic_writes_have_normal_permissions(tmp_path):
+    from mutdet.io.atomic import write_text
+
+    write_text(tmp_path / "a.txt", "x")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~umask
+    with pytest.raises(RuntimeError):
+        from mutdet.io.atomic import atomic_path
+
+        with atomic_path(tmp_path / "b.txt") as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("crash")
+    assert not (tmp_path / "b.txt").exists() and not list(tmp_path.glob(".b.txt*"))

@@ -1,0 +1,68 @@
+"""The real workflow: lint, dry runs, a bad config, and a tiny end-to-end run."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+
+SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
+TEST_CONFIG = REPO / ".test" / "config.yaml"
+
+pytestmark = pytest.mark.workflow
+
+
+def snakemake(*args, cwd=REPO, check=True):
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    proc = subprocess.run([SNAKEMAKE, "-s", str(REPO / "Snakefile"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def test_lint_is_clean():
+    proc = snakemake("--lint")
+    assert "Congratulations" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("configfile", [None, TEST_CONFIG])
+def test_dry_run(configfile, tmp_path):
+    args = ["-n", "-d", str(tmp_path)] + (["--configfile", str(configfile)] if configfile else [])
+    if configfile is None:
+        args = ["-n"]  # the default config.yaml of the repository
+    proc = snakemake(*args)
+    assert "tile" in proc.stdout
+
+
+def test_bad_config_key_fails_dry_run_naming_the_key(tmp_path):
+    raw = yaml.safe_load(TEST_CONFIG.read_text())
+    raw["datasets"]["tiny"]["tiling"]["sizee"] = 3
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    proc = snakemake("-n", "-d", str(tmp_path), "--configfile", str(bad), check=False)
+    assert proc.returncode != 0
+    assert "datasets.tiny.tiling: Additional properties are not allowed ('sizee' was unexpected)" in proc.stdout + proc.stderr
+
+
+def test_tiny_end_to_end_run_and_nothing_to_redo(tmp_path):
+    snakemake("--cores", "2", "-d", str(tmp_path), "--configfile", str(TEST_CONFIG))
+    raw = yaml.safe_load(TEST_CONFIG.read_text())
+    results = tmp_path / raw["results"]
+    total_images = 0
+    for split in ("train", "test"):
+        for shard in range(raw["datasets"]["tiny"]["shards"]):
+            out = results / "tiny" / "tiles" / split / f"shard-{shard}"
+            summary = json.loads((out / "summary.json").read_text())
+            total_images += summary["images"]
+            assert (out / "tiles.parquet").is_file() and (out / "objects.parquet").is_file()
+            assert summary["tiles"] == len(list((out / "images").rglob("*.png")))
+            assert (results / "logs" / "tile" / "tiny" / split / f"shard-{shard}.log").is_file()
+    syn = raw["datasets"]["tiny"]["synthetic"]
+    assert total_images == syn["num_train"] + syn["num_test"]
+    again = snakemake("-n", "--cores", "2", "-d", str(tmp_path), "--configfile", str(TEST_CONFIG))
+    assert "Nothing to be done" in again.stdout + again.stderr
