@@ -120,11 +120,60 @@ class DatasetConfig:
 
 
 @dataclass(frozen=True)
+class SamConfig:
+    model_type: str  # vit_h | vit_l | vit_b
+    checkpoint: Path | None
+    device: str  # auto | cpu | cuda | cuda:N
+    precision: str  # fp32 | bf16 | fp16
+    generator: Mapping[str, Any]  # SamAutomaticMaskGenerator keyword arguments
+
+
+@dataclass(frozen=True)
+class SelectiveSearchConfig:
+    mode: str  # fast | quality | single
+    resize: int
+    max_boxes: int
+
+
+@dataclass(frozen=True)
+class GraphConfig:
+    sigma: float
+    k: float
+    min_size: int
+    resize: int
+    min_area: float
+    max_area_fraction: float
+
+
+@dataclass(frozen=True)
+class ProposalsConfig:
+    datasets: tuple[tuple[str, str], ...]  # (dataset, split) pairs
+    method: str  # sam | selective_search | graph
+    max_per_tile: int
+    on_bad_tile: str  # report | error
+    checkpoint_every: int
+    sam: SamConfig
+    selective_search: SelectiveSearchConfig
+    graph: GraphConfig
+
+    def method_params(self) -> dict:
+        """The parameters that determine the proposals of the configured method (hashed into paths)."""
+        params = {"method": self.method, "max_per_tile": self.max_per_tile}
+        if self.method == "sam":
+            params.update(model_type=self.sam.model_type, checkpoint=str(self.sam.checkpoint),
+                          generator=dict(self.sam.generator))
+        else:
+            params.update(vars(getattr(self, self.method)))
+        return params
+
+
+@dataclass(frozen=True)
 class Config:
     results: Path
     seed: int
     on_bad_object: str  # error | skip
     datasets: Mapping[str, DatasetConfig] = field(default_factory=dict)
+    proposals: ProposalsConfig | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def dataset(self, name: str) -> DatasetConfig:
@@ -172,14 +221,35 @@ def _dataset(name: str, d: dict) -> DatasetConfig:
     )
 
 
+def _proposals(p: dict, datasets: Mapping[str, DatasetConfig]) -> ProposalsConfig:
+    pairs = []
+    for ref in p["datasets"]:
+        name, split = ref.split("/")
+        if name not in datasets:
+            raise ConfigError(f"proposals.datasets: {ref!r} names no dataset (have {sorted(datasets)})")
+        datasets[name].split(split)  # raises naming the split
+        pairs.append((name, split))
+    sam = p["sam"]
+    return ProposalsConfig(
+        datasets=tuple(pairs), method=p["method"], max_per_tile=p["max_per_tile"], on_bad_tile=p["on_bad_tile"],
+        checkpoint_every=p["checkpoint_every"],
+        sam=SamConfig(model_type=sam["model_type"], checkpoint=None if sam["checkpoint"] is None else Path(sam["checkpoint"]),
+                      device=sam["device"], precision=sam["precision"], generator=MappingProxyType(dict(sam["generator"]))),
+        selective_search=SelectiveSearchConfig(**p["selective_search"]),
+        graph=GraphConfig(**p["graph"]),
+    )
+
+
 def from_dict(raw: Mapping[str, Any] | None, source: str = "config") -> Config:
     """Validate a config mapping and build the frozen :class:`Config`."""
     d = validate_config(raw, source)
+    datasets = MappingProxyType({name: _dataset(name, ds) for name, ds in d["datasets"].items()})
     return Config(
         results=Path(d["results"]),
         seed=d["seed"],
         on_bad_object=d["on_bad_object"],
-        datasets=MappingProxyType({name: _dataset(name, ds) for name, ds in d["datasets"].items()}),
+        datasets=datasets,
+        proposals=_proposals(d["proposals"], datasets),
         raw=MappingProxyType(d),
     )
 

@@ -23,6 +23,13 @@ Schemas
     class_id (int16: index into the dataset's classes), class_name (string),
     difficult (int8: 0, 1 as annotated, 2 cut by the window), iof (float32: area inside / area)
 
+``proposals``: one row per class-agnostic proposal (tile pixels), best first within a tile.
+    tile_id (string), proposal_index (int32: rank within the tile, 0 = best),
+    cx, cy, w, h, theta (float64: le90), polygon (fixed_size_list<float64>[8]),
+    score (float32: the ranking score: SAM predicted_iou, selective-search rank score, graph score),
+    predicted_iou, stability_score (float32, null for methods other than SAM),
+    area (float32: mask area in tile pixels; the box area for box-only methods), method (string)
+
 ``detections``: one row per detection, in a frame given by ``frame`` metadata (``tile`` or ``image``).
     id (string: tile_id or image_id), class_id (int16), class_name (string), score (float32),
     cx, cy, w, h, theta (float64: le90)
@@ -74,7 +81,20 @@ DETECTIONS_SCHEMA = pa.schema([
     *LE90,
 ])
 
-SCHEMAS = {"tiles": TILES_SCHEMA, "objects": OBJECTS_SCHEMA, "detections": DETECTIONS_SCHEMA}
+PROPOSALS_SCHEMA = pa.schema([
+    ("tile_id", pa.string()),
+    ("proposal_index", pa.int32()),
+    *LE90,
+    ("polygon", pa.list_(pa.float64(), 8)),
+    ("score", pa.float32()),
+    ("predicted_iou", pa.float32()),
+    ("stability_score", pa.float32()),
+    ("area", pa.float32()),
+    ("method", pa.string()),
+])
+
+SCHEMAS = {"tiles": TILES_SCHEMA, "objects": OBJECTS_SCHEMA, "proposals": PROPOSALS_SCHEMA,
+           "detections": DETECTIONS_SCHEMA}
 
 
 class ArtefactError(ValueError):
