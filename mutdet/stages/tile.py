@@ -32,7 +32,9 @@ from mutdet.io.datasets import find_image, list_image_ids, read_labels, shard_id
 from mutdet.stages.common import code_version, log, params_hash
 from mutdet.tiling import TilingParams, iter_tiles
 
-PNG_FLAGS = [cv2.IMWRITE_PNG_COMPRESSION, 1]
+# Lossless PNG, fast: level 1 with Huffman-only coding encodes ~35% faster than OpenCV's default
+# strategy at level 1 and gives slightly smaller files on aerial textures (benchmarks/tiling.py).
+PNG_FLAGS = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_HUFFMAN_ONLY]
 
 
 @dataclasses.dataclass(frozen=True)
