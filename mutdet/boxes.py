@@ -127,19 +127,19 @@ def polygon_to_le90(polygons) -> np.ndarray:
     if arr.shape[-1] % 2 or arr.shape[-1] < 6:
         raise ValueError(f"polygon_to_le90: expected (..., 2K) with K >= 3, got {arr.shape}")
     flat = arr.reshape(-1, arr.shape[-1] // 2, 2)
-    corners = np.empty((len(flat), 4, 2), dtype=np.float64)
-    for i, pts in enumerate(flat):
-        corners[i] = cv2.boxPoints(cv2.minAreaRect(pts.astype(np.float32)))
-    out = _rect_corners_to_le90(corners)
-    # minAreaRect works in float32: rebuild exactly from the input when it already is a rectangle
-    # (a parallelogram, p0 + p2 == p1 + p3, with a right angle).
+    # Exact rectangles (a parallelogram, p0 + p2 == p1 + p3, with a right angle) are converted
+    # directly in float64; everything else goes through minAreaRect (float32) one polygon at a time.
+    is_rect = np.zeros(len(flat), dtype=bool)
     if flat.shape[1] == 4:
         e1, e2 = flat[:, 1] - flat[:, 0], flat[:, 2] - flat[:, 1]
-        scale = 1.0 + np.abs(flat).max(axis=(1, 2))
-        parallelogram = np.abs(flat[:, 0] + flat[:, 2] - flat[:, 1] - flat[:, 3]).max(axis=1) <= 1e-9 * scale
+        scale = 1.0 + np.abs(flat).max(axis=(1, 2), initial=0.0)
+        parallelogram = np.abs(flat[:, 0] + flat[:, 2] - flat[:, 1] - flat[:, 3]).max(axis=1, initial=0.0) <= 1e-9 * scale
         right_angle = np.abs((e1 * e2).sum(axis=1)) <= 1e-9 * scale * scale
         is_rect = parallelogram & right_angle
-        out[is_rect] = _rect_corners_to_le90(flat[is_rect])
+    corners = flat[:, :4].copy() if flat.shape[1] == 4 else np.empty((len(flat), 4, 2), dtype=np.float64)
+    for i in np.flatnonzero(~is_rect):
+        corners[i] = cv2.boxPoints(cv2.minAreaRect(flat[i].astype(np.float32)))
+    out = _rect_corners_to_le90(corners)
     return out.reshape(*arr.shape[:-1], 5)
 
 

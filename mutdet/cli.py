@@ -45,6 +45,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tiles", required=True, nargs="+", type=Path, help="tiles.parquet file(s) of those tiles")
     p.add_argument("--out", required=True, type=Path, help="output detections Parquet, id = image id")
     p.add_argument("--iou", type=float, default=0.1, help="rotated NMS IoU threshold (default 0.1)")
+    p.add_argument("--task1-dir", type=Path, help="also write DOTA Task1 submission files here")
+    p.add_argument("--config", help="with --dataset: take the Task1 class list from this config")
+    p.add_argument("--dataset", help="dataset whose classes name the Task1 files (default: classes seen)")
+
+    p = sub.add_parser("evaluate", help="rotated VOC AP (DOTA devkit semantics) of full-image detections")
+    _add_config(p)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--split", required=True, help="labelled split whose ground truth is used")
+    p.add_argument("--out", required=True, type=Path, help="output folder (metrics.json, pr_curve.png)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--detections", type=Path, help="detections Parquet in the image frame (id = image id)")
+    source.add_argument("--task1-dir", type=Path, help="folder of DOTA Task1_<class>.txt files")
+    p.add_argument("--iou-thresholds", type=float, nargs="+", default=[0.5, 0.75], help="default: 0.5 0.75")
+    p.add_argument("--all-points", action="store_true", help="all-points AP instead of VOC07 11-point")
+
+    p = sub.add_parser("subset", help="write a data-fraction subset of a split's image ids (METHOD.md protocol)")
+    _add_config(p)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--split", required=True)
+    p.add_argument("--fraction", required=True, type=float, help="fraction p in (0, 1]")
+    p.add_argument("--out", required=True, type=Path, help="list file to write")
+    p.add_argument("--seed", type=int, help="default: the config's seed")
+    p.add_argument("--nested", action="store_true", help="prefixes of one permutation (see mutdet.data.fractions)")
 
     p = sub.add_parser("outputs", help="list the artefacts a config's run has produced")
     _add_config(p)
@@ -59,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     from mutdet.config import ConfigError, load_config
     from mutdet.io.annotations import AnnotationError
     from mutdet.io.artefacts import ArtefactError
+    from mutdet.io.task1 import Task1FormatError
 
     try:
         if args.command == "demo-data":
@@ -72,12 +96,27 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "merge":
             from mutdet.stages import merge
 
-            merge.run(args.detections, args.tiles, args.out, args.iou)
+            classes = load_config(args.config).dataset(args.dataset).classes if args.dataset else None
+            merge.run(args.detections, args.tiles, args.out, args.iou, task1_dir=args.task1_dir, classes=classes)
+        elif args.command == "evaluate":
+            from mutdet.stages import evaluate
+
+            cfg = load_config(args.config)
+            evaluate.run(dataset=cfg.dataset(args.dataset), split=args.split, out_dir=args.out,
+                         detections=args.detections, task1_dir=args.task1_dir,
+                         iou_thresholds=tuple(args.iou_thresholds), use_07_metric=not args.all_points,
+                         on_bad_object=cfg.on_bad_object)
+        elif args.command == "subset":
+            from mutdet.stages import subset
+
+            cfg = load_config(args.config)
+            subset.run(cfg, args.dataset, args.split, args.fraction, args.out,
+                       seed=cfg.seed if args.seed is None else args.seed, nested=args.nested)
         elif args.command == "outputs":
             from mutdet.stages import outputs
 
             print(outputs.describe(load_config(args.config)))
-    except (ConfigError, AnnotationError, ArtefactError, FileNotFoundError) as exc:
+    except (ConfigError, AnnotationError, ArtefactError, Task1FormatError, FileNotFoundError) as exc:
         log.error("%s", exc)
         return 2
     return 0

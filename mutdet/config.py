@@ -168,12 +168,20 @@ class ProposalsConfig:
 
 
 @dataclass(frozen=True)
+class FractionsConfig:
+    datasets: tuple[tuple[str, str], ...]  # (dataset, split) pairs
+    values: tuple[float, ...]
+    nested: bool
+
+
+@dataclass(frozen=True)
 class Config:
     results: Path
     seed: int
     on_bad_object: str  # error | skip
     datasets: Mapping[str, DatasetConfig] = field(default_factory=dict)
     proposals: ProposalsConfig | None = None
+    fractions: FractionsConfig | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def dataset(self, name: str) -> DatasetConfig:
@@ -221,17 +229,24 @@ def _dataset(name: str, d: dict) -> DatasetConfig:
     )
 
 
-def _proposals(p: dict, datasets: Mapping[str, DatasetConfig]) -> ProposalsConfig:
+def _split_refs(refs: list[str], key: str, datasets: Mapping[str, DatasetConfig]) -> tuple[tuple[str, str], ...]:
+    """``["dataset/split", ...]`` -> pairs, each checked against the declared datasets and splits."""
     pairs = []
-    for ref in p["datasets"]:
+    for ref in refs:
         name, split = ref.split("/")
         if name not in datasets:
-            raise ConfigError(f"proposals.datasets: {ref!r} names no dataset (have {sorted(datasets)})")
-        datasets[name].split(split)  # raises naming the split
+            raise ConfigError(f"{key}: {ref!r} names no dataset (have {sorted(datasets)})")
+        if split not in datasets[name].splits:
+            raise ConfigError(f"{key}: {ref!r}: dataset {name!r} has no split {split!r} (have {sorted(datasets[name].splits)})")
         pairs.append((name, split))
+    return tuple(pairs)
+
+
+def _proposals(p: dict, datasets: Mapping[str, DatasetConfig]) -> ProposalsConfig:
+    pairs = _split_refs(p["datasets"], "proposals.datasets", datasets)
     sam = p["sam"]
     return ProposalsConfig(
-        datasets=tuple(pairs), method=p["method"], max_per_tile=p["max_per_tile"], on_bad_tile=p["on_bad_tile"],
+        datasets=pairs, method=p["method"], max_per_tile=p["max_per_tile"], on_bad_tile=p["on_bad_tile"],
         checkpoint_every=p["checkpoint_every"],
         sam=SamConfig(model_type=sam["model_type"], checkpoint=None if sam["checkpoint"] is None else Path(sam["checkpoint"]),
                       device=sam["device"], precision=sam["precision"], generator=MappingProxyType(dict(sam["generator"]))),
@@ -250,6 +265,9 @@ def from_dict(raw: Mapping[str, Any] | None, source: str = "config") -> Config:
         on_bad_object=d["on_bad_object"],
         datasets=datasets,
         proposals=_proposals(d["proposals"], datasets),
+        fractions=FractionsConfig(datasets=_split_refs(d["fractions"]["datasets"], "fractions.datasets", datasets),
+                                  values=tuple(float(v) for v in d["fractions"]["values"]),
+                                  nested=d["fractions"]["nested"]),
         raw=MappingProxyType(d),
     )
 

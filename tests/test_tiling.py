@@ -11,6 +11,7 @@ from mutdet.boxes import le90_to_polygon, polygon_to_le90
 from mutdet.config import from_dict
 from mutdet.io.annotations import AnnotationError
 from mutdet.io.artefacts import read_artefact, write_artefact
+from mutdet.io.task1 import read_task1
 from mutdet.stages import merge, tile
 from mutdet.tiling import (TilingParams, iter_tiles, merge_detections, parse_tile_name, sliding_windows,
                            tile_boxes_to_image, tile_name, window_iof)
@@ -171,7 +172,12 @@ def test_merge_stage_maps_tile_detections_to_images(tmp_path, dota_config):
         **{c: objects.column(c) for c in ("cx", "cy", "w", "h", "theta")},
     })
     write_artefact(dets, tmp_path / "tile_dets.parquet", "detections", {"frame": "tile"})
-    merged = merge.run(tmp_path / "tile_dets.parquet", [out / "tiles.parquet"], tmp_path / "dets.parquet")
+    merged = merge.run(tmp_path / "tile_dets.parquet", [out / "tiles.parquet"], tmp_path / "dets.parquet",
+                       task1_dir=tmp_path / "task1", classes=["ship", "plane"])
+    task1 = read_task1(tmp_path / "task1", ["ship", "plane"])
+    assert len(task1["image_ids"]) == merged.num_rows and (tmp_path / "task1" / "Task1_plane.txt").is_file()
+    np.testing.assert_allclose(task1["polygons"], le90_to_polygon(np.stack(
+        [merged.column(c).to_numpy() for c in ("cx", "cy", "w", "h", "theta")], axis=1)), atol=0.006)
     labelled = (root / "labelTxt" / "im0.txt").read_text().splitlines()[2:]
     assert merged.num_rows == len(labelled)
     truth = polygon_to_le90(np.array([[float(v) for v in l.split()[:8]] for l in labelled]))

@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from mutdet.boxes import le90_to_polygon
 from mutdet.io.artefacts import ArtefactError, read_artefact, write_artefact
+from mutdet.io.task1 import write_task1
 from mutdet.stages.common import code_version, log
 from mutdet.tiling import merge_detections, tile_boxes_to_image
 
@@ -44,13 +46,21 @@ def merge_table(detections: pa.Table, tiles: pa.Table, iou_threshold: float = DE
 
 
 def run(detections: str | Path, tiles: list[str | Path], out: str | Path,
-        iou_threshold: float = DEFAULT_MERGE_IOU) -> pa.Table:
+        iou_threshold: float = DEFAULT_MERGE_IOU, task1_dir: str | Path | None = None,
+        classes: list[str] | None = None) -> pa.Table:
+    """Merge tile detections to ``out``; optionally also write DOTA Task1 files (one per class of
+    ``classes``, default: the classes present) to ``task1_dir``."""
     dets = read_artefact(detections, "detections")
     tiles_table = read_artefact([Path(t) for t in tiles], "tiles")
     merged = merge_table(dets, tiles_table, iou_threshold)
     write_artefact(merged, out, "detections",
                    {"frame": "image", "merge_iou": iou_threshold, "source": str(detections),
                     "code_version": code_version()})
+    if task1_dir is not None:
+        names = merged.column("class_name").to_pylist()
+        boxes = np.stack([merged.column(c).to_numpy() for c in ("cx", "cy", "w", "h", "theta")], axis=1)
+        write_task1(task1_dir, merged.column("id").to_pylist(), names, merged.column("score").to_numpy(),
+                    le90_to_polygon(boxes.reshape(-1, 5)), list(classes) if classes else sorted(set(names)))
     log.info("merge: %d tile detections -> %d image detections (rotated NMS IoU %.2f) -> %s",
              dets.num_rows, merged.num_rows, iou_threshold, out)
     return merged

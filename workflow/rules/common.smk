@@ -24,15 +24,17 @@ wildcard_constraints:
     dataset=NAME,
     split=NAME,
     shard=r"\d+",
+    fraction=r"(0?\.\d+|1\.0|1)",
+    run=r"[A-Za-z0-9][A-Za-z0-9_~.=/-]*",
 
 
-def dataset_config_json(name):
+def dataset_config_json(name, seed=False):
     """The part of the config one dataset's jobs depend on (a params change reruns just them)."""
     raw = CONFIG.raw
-    return json.dumps(
-        {"results": raw["results"], "on_bad_object": raw["on_bad_object"], "datasets": {name: raw["datasets"][name]}},
-        sort_keys=True,
-    )
+    part = {"results": raw["results"], "on_bad_object": raw["on_bad_object"], "datasets": {name: raw["datasets"][name]}}
+    if seed:
+        part["seed"] = raw["seed"]
+    return json.dumps(part, sort_keys=True)
 
 
 def dataset_inputs(name, split=None):
@@ -55,4 +57,12 @@ def all_tiles():
         for name, ds in CONFIG.datasets.items()
         for split in ds.splits
         for shard in range(ds.shards)
+    ]
+
+
+def all_fractions():
+    return [
+        f"{RESULTS}/{name}/fractions/{split}/frac~{value}.txt"
+        for name, split in CONFIG.fractions.datasets
+        for value in CONFIG.fractions.values
     ]

@@ -1,0 +1,136 @@
+"""Stage ``evaluate``: rotated VOC AP of full-image detections against a labelled split.
+
+Inputs: the split's ground truth (every image of the split, read through :mod:`mutdet.io.datasets`)
+and either a ``detections`` artefact (frame ``image``: ``id`` is the image id, le90 boxes in
+full-image pixels) or a folder of DOTA Task1 files. Outputs in ``out_dir``:
+
+* ``metrics.json``: per class and mean AP at each IoU threshold (``AP50``, ``AP75`` kept separate),
+  ground-truth and detection counts, the settings, the inputs, skipped label lines, the mutdet
+  version and the code version (with the git commit);
+* ``pr_curve.png``: precision-recall curves at the first threshold.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import mutdet
+from mutdet.config import DatasetConfig
+from mutdet.evaluation import ap_key, evaluate_detections
+from mutdet.evaluation.plots import plot_pr_curves
+from mutdet.io.annotations import ClassMap
+from mutdet.io.artefacts import ArtefactError, read_artefact, read_metadata
+from mutdet.io.atomic import write_json
+from mutdet.io.datasets import list_image_ids, read_labels
+from mutdet.io.task1 import read_task1
+from mutdet.stages.common import code_version, log
+
+__all__ = ["format_table", "load_ground_truth", "run"]
+
+
+def load_ground_truth(dataset: DatasetConfig, split: str, on_bad_object: str = "error") -> dict:
+    """Ground truth of every image of ``split``: image id -> :class:`~mutdet.io.annotations.ImageAnnotations`."""
+    split_cfg = dataset.split(split)
+    class_map = ClassMap(dataset.classes, dataset.class_aliases)
+    gt = {}
+    for image_id in list_image_ids(split_cfg.images, split_cfg.list, dataset.image_extensions):
+        ann = read_labels(dataset.format, split_cfg.labels, image_id, class_map, on_bad_object)
+        if ann is None:
+            raise FileNotFoundError(f"datasets.{dataset.name}.splits.{split}: label folder {split_cfg.labels} "
+                                    "not found; an unlabelled split cannot be evaluated (write Task1 files instead)")
+        gt[image_id] = ann
+    return gt
+
+
+def _task1_by_class(folder: Path, classes: Sequence[str]) -> dict:
+    """Task1 files -> the per-class input of :func:`evaluate_detections` (polygons, image pixels)."""
+    cols = read_task1(folder, classes)
+    by_class = {}
+    for c in classes:
+        mine = cols["class_names"] == c
+        by_class[c] = {"image_ids": cols["image_ids"][mine], "scores": cols["scores"][mine],
+                       "polygons": cols["polygons"][mine]}
+    return by_class
+
+
+def format_table(metrics: dict) -> str:
+    """A plain-text table of per-class AP (percent) and counts, then the mean."""
+    keys = [ap_key(t) for t in metrics["settings"]["iou_thresholds"]]
+    width = max(len("mean"), *(len(c) for c in metrics["classes"]))
+    head = f"{'class':<{width}}  " + "  ".join(f"{k:>6}" for k in keys) + f"  {'gt':>7}  {'dets':>8}"
+
+    def row(name: str, entry: dict, num_gt: int) -> str:
+        aps = "  ".join(f"{'n/a':>6}" if entry[k] is None else f"{100 * entry[k]:6.2f}" for k in keys)
+        return f"{name:<{width}}  {aps}  {num_gt:>7}  {entry['num_detections']:>8}"
+
+    lines = [head, "-" * len(head)]
+    lines += [row(name, e, e["num_gt"]) for name, e in metrics["classes"].items()]
+    lines += ["-" * len(head), row("mean", metrics["mean"], metrics["mean"]["num_gt"])]
+    return "\n".join(lines)
+
+
+def run(*, dataset: DatasetConfig, split: str, out_dir: Path, detections: Path | None = None,
+        task1_dir: Path | None = None, iou_thresholds: Sequence[float] = (0.5, 0.75), use_07_metric: bool = True,
+        on_bad_object: str = "error") -> dict:
+    """Evaluate one detection set on one split; write ``metrics.json`` and ``pr_curve.png`` to ``out_dir``.
+
+    Args:
+        dataset, split: the labelled split to evaluate on (every image of it counts, with or without
+            detections).
+        out_dir: output folder.
+        detections: a ``detections`` Parquet artefact in the full-image frame; or
+        task1_dir: a folder with ``Task1_<class>.txt`` for every class of the dataset (exactly one of
+            the two).
+        iou_thresholds: IoU thresholds (a match needs IoU > threshold).
+        use_07_metric: VOC07 11-point AP (DOTA) if true, else all-points AP.
+        on_bad_object: ``error`` or ``skip`` malformed label lines (skipped ones are listed in the output).
+    Returns:
+        The dict written to ``metrics.json``.
+    """
+    if (detections is None) == (task1_dir is None):
+        raise ValueError("evaluate: give exactly one of detections (Parquet) or task1_dir (Task1 files)")
+    out_dir = Path(out_dir)
+    gt = load_ground_truth(dataset, split, on_bad_object)
+    skipped = [s.to_dict() for ann in gt.values() for s in ann.skipped]
+    if detections is not None:
+        dets = read_artefact(detections, "detections")
+        frame = read_metadata(detections).get("frame")
+        if frame is not None and frame != "image":
+            raise ArtefactError(f"{detections}: detections are in the {frame!r} frame; evaluation needs full-image "
+                                "detections (frame 'image', merged across tiles)")
+        unknown = sorted(set(dets.column("id").to_pylist()) - set(gt))
+        if unknown:
+            raise ArtefactError(f"{detections}: detections on {len(unknown)} image ids that are not in split "
+                                f"{split!r} of {dataset.name}: {unknown[:5]}")
+        source = {"detections": str(detections)}
+    else:
+        dets = _task1_by_class(Path(task1_dir), dataset.classes)
+        unknown = sorted({i for d in dets.values() for i in d["image_ids"]} - set(gt))
+        if unknown:
+            raise ValueError(f"{task1_dir}: Task1 lines on {len(unknown)} image ids that are not in split "
+                             f"{split!r} of {dataset.name}: {unknown[:5]}")
+        source = {"task1_dir": str(task1_dir)}
+
+    result = evaluate_detections(gt, dets, dataset.classes, iou_thresholds=iou_thresholds, use_07_metric=use_07_metric)
+    metrics = {
+        "dataset": dataset.name,
+        "split": split,
+        **source,
+        "num_images": len(gt),
+        "settings": result["settings"],
+        "classes": result["classes"],
+        "mean": result["mean"],
+        "skipped_objects": skipped,
+        "mutdet_version": mutdet.__version__,
+        "code_version": code_version(),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "metrics.json", metrics)
+    plot_pr_curves(result, out_dir / "pr_curve.png", key=ap_key(result["settings"]["iou_thresholds"][0]),
+                   title=f"{dataset.name} {split}")
+    log.info("evaluation of %s on %s/%s (%d images, %s AP, IoU > threshold)\n%s", next(iter(source.values())),
+             dataset.name, split, len(gt), result["settings"]["ap"], format_table(metrics))
+    if skipped:
+        log.warning("%d malformed label lines skipped (listed in %s)", len(skipped), out_dir / "metrics.json")
+    return metrics
+
