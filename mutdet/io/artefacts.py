@@ -126,18 +126,23 @@ def check_schema(schema: pa.Schema, kind: str, source: str) -> None:
             raise ArtefactError(f"{source}: column {f.name!r} has type {actual}, the {kind} schema needs {f.type}")
 
 
+def read_file_schema(path: str | Path, kind: str) -> pa.Schema:
+    """The Parquet schema of an artefact file; errors name a missing or unreadable file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtefactError(f"{path}: {kind} artefact not found")
+    try:
+        return pq.read_schema(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ArtefactError(f"{path}: not a readable Parquet file: {exc}") from None
+
+
 def read_artefact(path: str | Path | list, kind: str, columns: list[str] | None = None) -> pa.Table:
     """Read one artefact file (or a list of shard files, concatenated) and check its schema."""
     paths = [Path(p) for p in path] if isinstance(path, list) else [Path(path)]
     tables = []
     for p in paths:
-        if not p.is_file():
-            raise ArtefactError(f"{p}: {kind} artefact not found")
-        try:
-            schema = pq.read_schema(p)
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise ArtefactError(f"{p}: not a readable Parquet file: {exc}") from None
-        check_schema(schema, kind, str(p))
+        check_schema(read_file_schema(p, kind), kind, str(p))
         tables.append(pq.read_table(p, columns=columns or SCHEMAS[kind].names))
     if not tables:
         return SCHEMAS[kind].empty_table() if columns is None else SCHEMAS[kind].empty_table().select(columns)

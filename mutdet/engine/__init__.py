@@ -1,0 +1,1 @@
+"""Devices and processes: the only place that decides where tensors live."""

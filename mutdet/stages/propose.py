@@ -1,0 +1,170 @@
+"""Stage ``propose``: the tiles of one shard -> ``proposals.parquet`` (class-agnostic le90 boxes).
+
+Input: ``<tiles>/tiles.parquet`` (tiles schema; ``tile_path`` relative to ``<tiles>``), from the tile stage.
+Output folder layout::
+
+    <out>/proposals.parquet                 proposals schema (mutdet.io.artefacts), tiles in input order,
+                                            best first within a tile; method column = proposals.method
+    <out>/manifest.json                     parameters, code version, counts, per-tile count summary,
+                                            tiles that failed to decode (by name)
+    <out>/parts/chunk-<k>.<hash>.parquet    proposals of tiles [k * checkpoint_every, (k + 1) * checkpoint_every)
+
+Resume inside a shard: every ``proposals.checkpoint_every`` tiles a part is written (atomically), tagged
+with a hash of the proposal parameters and of the tiling parameters; a rerun reuses every part whose
+hash and tile list match and computes only the rest (chunks holding undecodable tiles are retried, the
+tiles may have been repaired). The proposer (for SAM: checkpoint check and model load) is built only
+when some tile is left to do. The final file is written once every part exists; parts of other
+parameters or chunkings are then removed.
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pyarrow as pa
+from tqdm import tqdm
+
+from mutdet.boxes import le90_to_polygon
+from mutdet.config import Config, ConfigError
+from mutdet.io.artefacts import SCHEMAS, read_artefact, read_metadata, write_artefact
+from mutdet.io.atomic import write_json
+from mutdet.proposals import ProposalSet, Proposer, build_proposer
+from mutdet.stages.common import chunk_part_path, code_version, log, params_hash, part_metadata
+
+
+class BadTileError(RuntimeError):
+    """A tile image that is missing or cannot be decoded (``proposals.on_bad_tile: error``)."""
+
+
+def _part_is_current(path: Path, phash: str, tile_ids: list[str]) -> bool:
+    meta = part_metadata(path)
+    # A chunk with undecodable tiles is retried: the tiles may have been repaired since.
+    return (meta is not None and meta.get("params_hash") == phash and meta.get("tile_ids") == tile_ids
+            and not meta.get("bad_tiles"))
+
+
+def _read_tile(path: Path) -> tuple[np.ndarray | None, str | None]:
+    """A tile as BGR uint8 ``(H, W, 3)``, or ``(None, reason)``."""
+    if not path.is_file():
+        return None, "file not found"
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        return None, "not a decodable image"
+    return image, None
+
+
+def _columns(tile_id: str, proposals: ProposalSet, method: str) -> dict[str, pa.Array]:
+    """One tile's proposals as proposals-schema columns."""
+    n = len(proposals)
+    b = proposals.boxes
+    return {
+        "tile_id": pa.array([tile_id] * n, pa.string()),
+        "proposal_index": pa.array(np.arange(n, dtype=np.int32)),
+        "cx": pa.array(b[:, 0]), "cy": pa.array(b[:, 1]), "w": pa.array(b[:, 2]), "h": pa.array(b[:, 3]),
+        "theta": pa.array(b[:, 4]),
+        "polygon": pa.FixedSizeListArray.from_arrays(pa.array(le90_to_polygon(b).reshape(-1)), 8),
+        "score": pa.array(proposals.score, pa.float32()),
+        "predicted_iou": pa.array(proposals.predicted_iou, pa.float32(), from_pandas=True),  # NaN -> null
+        "stability_score": pa.array(proposals.stability_score, pa.float32(), from_pandas=True),
+        "area": pa.array(proposals.area, pa.float32()),
+        "method": pa.array([method] * n, pa.string()),
+    }
+
+
+def _propose_chunk(proposer: Proposer, tiles: list[dict], tiles_dir: Path, method: str, on_bad_tile: str,
+                   progress: tqdm) -> tuple[pa.Table, list[dict]]:
+    tables, bad = [], []
+    for tile in tiles:
+        path = tiles_dir / tile["tile_path"]
+        image, reason = _read_tile(path)
+        if image is None:
+            if on_bad_tile == "error":
+                raise BadTileError(f"{path}: tile {tile['tile_id']}: {reason} (proposals.on_bad_tile: error)")
+            log.warning("tile %s (%s): %s; skipped and listed in the manifest", tile["tile_id"], path, reason)
+            bad.append({"tile_id": tile["tile_id"], "tile_path": tile["tile_path"], "reason": reason})
+        else:
+            tables.append(pa.table(_columns(tile["tile_id"], proposer(image), method), schema=SCHEMAS["proposals"]))
+        progress.update()
+    table = pa.concat_tables(tables) if tables else SCHEMAS["proposals"].empty_table()
+    return table, bad
+
+
+def _count_summary(counts: np.ndarray) -> dict:
+    if len(counts) == 0:
+        return {"tiles": 0}
+    return {"tiles": int(len(counts)), "min": int(counts.min()), "median": float(np.median(counts)),
+            "mean": float(counts.mean()), "max": int(counts.max()), "tiles_without_proposals": int((counts == 0).sum())}
+
+
+def run(cfg: Config, dataset: str, split: str, shard: int, tiles_dir: str | Path, out_dir: str | Path) -> dict:
+    """Propose on every tile of ``tiles_dir`` (one shard of ``dataset``/``split``) into ``out_dir``.
+
+    Returns the manifest dict (also written to ``out_dir/manifest.json``).
+
+    Raises:
+        ConfigError: no ``proposals`` section. SamCheckpointError (mutdet.proposals.sam): a missing or
+            mismatched SAM checkpoint, before any tile is processed. BadTileError: an undecodable tile
+            with ``on_bad_tile: error``. ArtefactError: a missing or malformed ``tiles.parquet``.
+    """
+    p = cfg.proposals
+    if p is None:
+        raise ConfigError("proposals: section missing from the configuration")
+    tiles_dir, out_dir = Path(tiles_dir), Path(out_dir)
+    tiles_file = tiles_dir / "tiles.parquet"
+    tiles = read_artefact(tiles_file, "tiles", columns=["tile_id", "tile_path"]).to_pylist()
+    params = p.method_params()
+    runtime = {"device": p.sam.device, "precision": p.sam.precision} if p.method == "sam" else {}
+    # Proposals change with the method's parameters, SAM's precision and the tiles themselves.
+    phash = params_hash({"proposals": params, "precision": runtime.get("precision"),
+                         "tiles": read_metadata(tiles_file).get("params")})
+    every = p.checkpoint_every
+    chunks = [tiles[i:i + every] for i in range(0, len(tiles), every)]
+    chunk_ids = [[t["tile_id"] for t in c] for c in chunks]
+    todo = [k for k in range(len(chunks)) if not _part_is_current(chunk_part_path(out_dir, k, phash), phash, chunk_ids[k])]
+    reused = sum(len(chunks[k]) for k in range(len(chunks)) if k not in todo)
+    log.info("propose %s/%s shard %d (%s): %d tiles (%d already done) -> %s",
+             dataset, split, shard, p.method, len(tiles), reused, out_dir)
+
+    proposer = build_proposer(p) if todo else None
+    progress = tqdm(total=len(tiles), initial=reused, desc=f"propose {p.method} {dataset}/{split}/{shard}",
+                    unit="tile", mininterval=1.0)
+    start = time.perf_counter()
+    for k in todo:
+        table, bad = _propose_chunk(proposer, chunks[k], tiles_dir, p.method, p.on_bad_tile, progress)
+        write_artefact(table, chunk_part_path(out_dir, k, phash), "proposals",
+                       {"params_hash": phash, "tile_ids": chunk_ids[k], "bad_tiles": bad})
+    progress.close()
+    seconds = time.perf_counter() - start
+    computed = len(tiles) - reused
+
+    parts = [chunk_part_path(out_dir, k, phash) for k in range(len(chunks))]
+    proposals = read_artefact(parts, "proposals")
+    bad_tiles = [b for part in parts for b in read_metadata(part)["bad_tiles"]]
+    bad_ids = {b["tile_id"] for b in bad_tiles}
+    per_tile = dict.fromkeys((t["tile_id"] for t in tiles if t["tile_id"] not in bad_ids), 0)
+    per_tile.update(Counter(proposals.column("tile_id").to_pylist()))
+    manifest = {
+        "dataset": dataset, "split": split, "shard": shard, "method": p.method,
+        "params": params, "runtime": runtime, "params_hash": phash, "code_version": code_version(),
+        "tiles_file": str(tiles_file), "tiles": len(tiles), "tiles_reused": reused, "tiles_computed": computed,
+        "proposals": proposals.num_rows, "proposals_per_tile": _count_summary(np.fromiter(per_tile.values(), int)),
+        "bad_tiles": bad_tiles, "seconds": round(seconds, 3),
+        "tiles_per_second": round(computed / seconds, 3) if computed and seconds > 0 else None,
+    }
+    meta = {"params": params, "runtime": runtime, "code_version": code_version(), "dataset": dataset,
+            "split": split, "shard": shard}
+    write_artefact(proposals, out_dir / "proposals.parquet", "proposals", meta)
+    write_json(out_dir / "manifest.json", manifest)
+    current = set(parts)
+    for stale in (out_dir / "parts").glob("chunk-*.parquet"):
+        if stale not in current:
+            stale.unlink()
+    if bad_tiles:
+        log.warning("%d tile(s) could not be decoded (on_bad_tile: report); listed in %s",
+                    len(bad_tiles), out_dir / "manifest.json")
+    log.info("propose %s/%s shard %d: %d tiles -> %d proposals (%s)", dataset, split, shard, len(tiles),
+             proposals.num_rows, out_dir / "proposals.parquet")
+    return manifest

@@ -1,0 +1,209 @@
+"""Stage ``propose`` (mutdet.stages.propose): outputs, resume inside a shard, bad tiles, SAM checkpoint
+errors before any work, and the lazy dataset-level reader."""
+import json
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from mutdet.config import from_dict
+from mutdet.io.artefacts import PROPOSALS_SCHEMA, TILES_SCHEMA, ArtefactError, read_artefact, write_artefact
+from mutdet.io.proposals import read_proposals
+from mutdet.proposals import sam as sam_module
+from mutdet.proposals.sam import SamCheckpointError, build_sam_tiny
+from mutdet.stages import propose
+
+TILE = 96
+
+
+def write_tiles(folder, n=5, seed=0):
+    """``n`` synthetic tiles (bright rotated rectangles on noise) plus their ``tiles.parquet``."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        image = np.clip(rng.normal(90, 20, (TILE, TILE, 3)), 0, 255).astype(np.uint8)
+        for _ in range(3):
+            centre = tuple(float(v) for v in rng.uniform(20, TILE - 20, 2))
+            rect = (centre, (float(rng.uniform(15, 30)), float(rng.uniform(6, 12))), float(rng.uniform(0, 180)))
+            cv2.fillPoly(image, [cv2.boxPoints(rect).round().astype(np.int32)], (240, 240, 240))
+        tile_id = f"img{i // 2}__1.0__{(i % 2) * 64}___0"
+        rel = f"images/img{i // 2}/{tile_id}.png"
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(folder / rel), image)
+        rows.append({"tile_id": tile_id, "image_id": f"img{i // 2}", "source_path": f"img{i // 2}.png",
+                     "tile_path": rel, "rate": 1.0, "x": (i % 2) * 64, "y": 0, "size": TILE,
+                     "valid_width": TILE, "valid_height": TILE, "image_width": 160, "image_height": TILE})
+    write_artefact(pa.Table.from_pylist(rows, schema=TILES_SCHEMA), folder / "tiles.parquet", "tiles",
+                   {"params": {"tiling": {"size": TILE}}})
+    return rows
+
+
+def config(method="graph", **proposals):
+    section = {"method": method, "checkpoint_every": 2, "graph": {"resize": TILE, "min_size": 20}}
+    section.update(proposals)
+    return from_dict({"proposals": section})
+
+
+@pytest.fixture
+def tiles(tmp_path):
+    folder = tmp_path / "tiles"
+    return folder, write_tiles(folder)
+
+
+@pytest.fixture
+def count_calls(monkeypatch):
+    """Wrap the stage's proposer so each call is counted; ``calls["fail_at"]`` simulates a kill."""
+    calls = {"tiles": 0, "builds": 0, "fail_at": None}
+    build = propose.build_proposer
+
+    def counting_build(cfg):
+        calls["builds"] += 1
+        proposer = build(cfg)
+
+        def counted(image):
+            if calls["tiles"] == calls["fail_at"]:
+                raise KeyboardInterrupt("simulated kill")
+            calls["tiles"] += 1
+            return proposer(image)
+
+        return counted
+
+    monkeypatch.setattr(propose, "build_proposer", counting_build)
+    return calls
+
+
+def test_graph_stage_outputs_and_manifest(tiles, tmp_path):
+    folder, rows = tiles
+    out = tmp_path / "out"
+    manifest = propose.run(config(), "d", "train", 0, folder, out)
+    table = read_artefact(out / "proposals.parquet", "proposals")
+    assert pq.read_schema(out / "proposals.parquet").remove_metadata().equals(PROPOSALS_SCHEMA)
+    assert set(table.column("method").to_pylist()) == {"graph"}
+    ids = table.column("tile_id").to_pylist()
+    assert list(dict.fromkeys(ids)) == [r["tile_id"] for r in rows]  # tiles in input order
+    d = table.to_pydict()
+    for tile_id in set(ids):
+        idx = [i for i, t in enumerate(ids) if t == tile_id]
+        assert [d["proposal_index"][i] for i in idx] == list(range(len(idx)))
+        assert np.all(np.diff([d["score"][i] for i in idx]) <= 0)
+    w, h, theta = (np.asarray(d[k]) for k in ("w", "h", "theta"))
+    assert (w >= h).all() and (theta >= -np.pi / 2).all() and (theta < np.pi / 2).all()
+    assert all(v is None for v in d["predicted_iou"])
+    saved = json.loads((out / "manifest.json").read_text())
+    assert saved == json.loads(json.dumps(manifest))
+    assert manifest["params"] == config().proposals.method_params()
+    assert manifest["tiles"] == 5 and manifest["tiles_computed"] == 5 and manifest["bad_tiles"] == []
+    assert manifest["proposals"] == table.num_rows > 0
+    assert manifest["proposals_per_tile"]["tiles"] == 5
+    assert manifest["proposals_per_tile"]["max"] <= manifest["params"]["max_per_tile"]
+    assert "mutdet" in manifest["code_version"]
+    assert len(list((out / "parts").glob("chunk-*.parquet"))) == 3
+
+
+def test_resume_reuses_parts_and_recomputes_on_parameter_change(tiles, tmp_path, count_calls):
+    folder, _ = tiles
+    out = tmp_path / "out"
+    propose.run(config(), "d", "train", 0, folder, out)
+    assert count_calls == {"tiles": 5, "builds": 1, "fail_at": None}
+    first = read_artefact(out / "proposals.parquet", "proposals")
+
+    # Final file lost: everything comes back from the parts, the proposer is not even built.
+    (out / "proposals.parquet").unlink()
+    manifest = propose.run(config(), "d", "train", 0, folder, out)
+    assert count_calls["tiles"] == 5 and count_calls["builds"] == 1
+    assert manifest["tiles_reused"] == 5 and manifest["tiles_computed"] == 0
+    assert read_artefact(out / "proposals.parquet", "proposals").equals(first)
+
+    # A killed run (new parameters) keeps the chunks it finished; the rerun does only the rest.
+    count_calls.update(tiles=0, fail_at=3)
+    changed = config(max_per_tile=3)
+    with pytest.raises(KeyboardInterrupt):
+        propose.run(changed, "d", "train", 0, folder, out)
+    count_calls.update(tiles=0, fail_at=None)
+    manifest = propose.run(changed, "d", "train", 0, folder, out)
+    assert count_calls["tiles"] == 3  # chunk 0 (2 tiles) was done; chunks 1 and 2 are not
+    assert manifest["tiles_reused"] == 2 and manifest["proposals_per_tile"]["max"] <= 3
+    assert len(list((out / "parts").glob("chunk-*.parquet"))) == 3  # stale parts removed
+
+
+def test_bad_tiles_reported_by_name_or_raised(tiles, tmp_path):
+    folder, rows = tiles
+    (folder / rows[1]["tile_path"]).write_bytes(b"not a png")
+    (folder / rows[3]["tile_path"]).unlink()
+    manifest = propose.run(config(), "d", "train", 0, folder, tmp_path / "out")
+    assert [(b["tile_id"], b["reason"]) for b in manifest["bad_tiles"]] == [
+        (rows[1]["tile_id"], "not a decodable image"), (rows[3]["tile_id"], "file not found")]
+    assert manifest["proposals_per_tile"]["tiles"] == 3
+    table = read_artefact(tmp_path / "out" / "proposals.parquet", "proposals")
+    assert rows[1]["tile_id"] not in set(table.column("tile_id").to_pylist())
+    # Repaired tiles are picked up by a rerun: chunks that held bad tiles are not reused.
+    (folder / rows[1]["tile_path"]).write_bytes((folder / rows[0]["tile_path"]).read_bytes())
+    (folder / rows[3]["tile_path"]).write_bytes((folder / rows[0]["tile_path"]).read_bytes())
+    manifest = propose.run(config(), "d", "train", 0, folder, tmp_path / "out")
+    assert manifest["bad_tiles"] == [] and manifest["tiles_reused"] == 1
+    (folder / rows[1]["tile_path"]).write_bytes(b"not a png")
+    with pytest.raises(propose.BadTileError, match=rf"{rows[1]['tile_path']}: tile {rows[1]['tile_id']}: not a"):
+        propose.run(config(on_bad_tile="error"), "d", "train", 0, folder, tmp_path / "out2")
+
+
+@pytest.fixture
+def tiny_checkpoint(monkeypatch, tmp_path):
+    """The vit_b builder swapped for a tiny SAM (same loading path); a seeded checkpoint of it."""
+    monkeypatch.setitem(sam_module.SAM_BUILDERS, "vit_b", lambda: build_sam_tiny(img_size=64, embed_dim=32))
+    torch.manual_seed(0)
+    path = tmp_path / "sam_tiny.pth"
+    torch.save(build_sam_tiny(img_size=64, embed_dim=32).state_dict(), path)
+    return path
+
+
+def sam_config(checkpoint, **proposals):
+    return config("sam", max_per_tile=4, sam={
+        "model_type": "vit_b", "checkpoint": None if checkpoint is None else str(checkpoint), "device": "cpu",
+        "generator": {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0,
+                      "box_nms_thresh": 1.0}}, **proposals)
+
+
+def test_sam_stage_with_a_tiny_model(tiles, tmp_path, tiny_checkpoint):
+    folder, _ = tiles
+    manifest = propose.run(sam_config(tiny_checkpoint), "d", "train", 0, folder, tmp_path / "out")
+    table = read_artefact(tmp_path / "out" / "proposals.parquet", "proposals").to_pydict()
+    assert set(table["method"]) == {"sam"}
+    assert 0 < manifest["proposals_per_tile"]["min"] and manifest["proposals_per_tile"]["max"] <= 4
+    assert all(v is not None for v in table["predicted_iou"] + table["stability_score"])
+    assert table["score"] == table["predicted_iou"]
+    assert manifest["params"]["model_type"] == "vit_b" and manifest["runtime"]["precision"] == "fp32"
+
+
+def test_sam_checkpoint_errors_before_any_work(tiles, tmp_path, tiny_checkpoint):
+    folder, _ = tiles
+    out = tmp_path / "out"
+    with pytest.raises(SamCheckpointError, match=r"missing\.pth not found.*model_type vit_b"):
+        propose.run(sam_config(tmp_path / "missing.pth"), "d", "train", 0, folder, out)
+    with pytest.raises(SamCheckpointError, match="proposals.sam.checkpoint is not set"):
+        propose.run(sam_config(None), "d", "train", 0, folder, out)
+    assert not (out / "parts").exists()
+
+
+def test_read_proposals_concatenates_shards_lazily(tiles, tmp_path):
+    folder, _ = tiles
+    other = tmp_path / "tiles1"
+    write_tiles(other, n=3, seed=1)
+    propose.run(config(), "d", "train", 0, folder, tmp_path / "s0")
+    propose.run(config(), "d", "train", 1, other, tmp_path / "s1")
+    paths = [tmp_path / "s0" / "proposals.parquet", tmp_path / "s1" / "proposals.parquet"]
+    dataset = read_proposals(paths)
+    n0, n1 = (pq.read_metadata(p).num_rows for p in paths)
+    assert dataset.count_rows() == n0 + n1
+    assert dataset.schema.equals(PROPOSALS_SCHEMA)
+    top = dataset.to_table(columns=["tile_id"], filter=pc.field("proposal_index") == 0)
+    assert top.num_rows == 8
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"tile_id": ["x"]}), bad)
+    with pytest.raises(ArtefactError, match=r"bad\.parquet: missing column 'proposal_index'"):
+        read_proposals([paths[0], bad])
+    with pytest.raises(ArtefactError, match="nothing.parquet: proposals artefact not found"):
+        read_proposals(tmp_path / "nothing.parquet")
