@@ -1,0 +1,208 @@
+"""PCA + spherical k-means on proposal embeddings (METHOD.md step 4), persisted as plain arrays.
+
+Fit, on ``(n, D)`` raw embeddings ``X`` (the stage passes a seeded sample of the pool):
+
+1. PCA ``D -> pca_dim`` (scikit-learn, ``svd_solver="covariance_eigh"``: exact, no randomness,
+   scikit-learn's sign convention), no whitening: ``P = (X - mean) @ components.T``.
+2. ``Z = P / ||P||`` (L2 per row).
+3. Spherical k-means with ``k`` clusters on ``Z``: k-means++ seeding (squared chord distance
+   ``2 - 2 cos``), then Lloyd steps that assign each vector to the centroid of **highest cosine** and
+   move each centroid to the L2-normalised mean of its members, until no assignment changes (or
+   ``max_iter``). Fitting and assignment thus use the same cosine rule; a cluster that empties takes
+   the member worst served by its centroid (lowest cosine). Deterministic for a given seed.
+
+Too small a pool is an error, not a clamp: ``pca_dim`` and ``k`` are consumed downstream (the
+embedding width and the number of pseudo-classes of the pre-training detector), so silently changing
+them would break that contract. Requirements: ``pca_dim <= D``, ``pca_dim < n`` (centred data has rank
+``<= n - 1``), ``k <= n`` and at least ``k`` distinct normalised vectors.
+
+Persistence (:meth:`ClusterModel.save`, ``np.savez``, loadable with ``allow_pickle=False``):
+
+    pca_mean (D,) float32, pca_components (pca_dim, D) float32, pca_explained_variance (pca_dim,) float32,
+    pca_explained_variance_ratio (pca_dim,) float32, centroids (k, pca_dim) float32 (unit rows),
+    meta_json () str: fit statistics and parameters as JSON
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.decomposition import PCA
+
+from mutdet.io.atomic import atomic_path
+
+__all__ = ["ClusterFitError", "ClusterModel", "fit_pca", "fit_spherical_kmeans", "fit_cluster_model", "l2_normalize"]
+
+ARRAYS = ("pca_mean", "pca_components", "pca_explained_variance", "pca_explained_variance_ratio", "centroids")
+BLOCK_ROWS = 65536  # rows per block in projection/assignment: bounds the (rows, k) similarity matrix
+
+
+class ClusterFitError(ValueError):
+    """A pool too small (or too degenerate) for the configured ``pca_dim`` / ``k``."""
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows divided by their L2 norm (zero rows stay zero); float32."""
+    x = np.asarray(x, dtype=np.float32)
+    norm = np.linalg.norm(x, axis=-1, keepdims=True)
+    return np.divide(x, norm, out=np.zeros_like(x), where=norm > 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterModel:
+    """A fitted PCA + spherical k-means. Shapes: ``D`` embedding dim, ``d`` PCA dim, ``k`` clusters."""
+
+    pca_mean: np.ndarray  # (D,)
+    pca_components: np.ndarray  # (d, D), orthonormal rows
+    pca_explained_variance: np.ndarray  # (d,)
+    pca_explained_variance_ratio: np.ndarray  # (d,)
+    centroids: np.ndarray  # (k, d), unit rows
+    meta: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def dim(self) -> int:
+        return self.pca_components.shape[0]
+
+    @property
+    def k(self) -> int:
+        return self.centroids.shape[0]
+
+    def project(self, embeddings: np.ndarray) -> np.ndarray:
+        """Raw embeddings ``(N, D)`` (any float dtype) -> L2-normalised PCA vectors ``(N, d)`` float32."""
+        x = np.asarray(embeddings)
+        if x.ndim != 2 or x.shape[1] != self.pca_mean.shape[0]:
+            raise ValueError(f"ClusterModel.project: expected (N, {self.pca_mean.shape[0]}), got {x.shape}")
+        out = np.empty((len(x), self.dim), np.float32)
+        for s in range(0, len(x), BLOCK_ROWS):  # float32 one block at a time
+            block = x[s:s + BLOCK_ROWS].astype(np.float32)
+            out[s:s + BLOCK_ROWS] = l2_normalize((block - self.pca_mean) @ self.pca_components.T)
+        return out
+
+    def assign(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Normalised vectors ``(N, d)`` -> ``(cluster id (N,) int16, cosine to that centroid (N,) float32)``."""
+        z = np.asarray(z, dtype=np.float32)
+        ids, cos = np.empty(len(z), np.int16), np.empty(len(z), np.float32)
+        for s in range(0, len(z), BLOCK_ROWS):
+            sims = z[s:s + BLOCK_ROWS] @ self.centroids.T  # (rows, k)
+            ids[s:s + BLOCK_ROWS] = sims.argmax(axis=1)
+            cos[s:s + BLOCK_ROWS] = sims.max(axis=1)
+        return ids, cos
+
+    def save(self, path: str | Path) -> None:
+        """Write the arrays and ``meta`` (as JSON text) to an ``.npz`` atomically; no pickles."""
+        arrays = {name: getattr(self, name) for name in ARRAYS}
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, **arrays, meta_json=np.array(json.dumps(self.meta, sort_keys=True, default=str)))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ClusterModel":
+        """Read a model written by :meth:`save`; errors name the file and the array."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: cluster model (pca_kmeans.npz) not found")
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [n for n in (*ARRAYS, "meta_json") if n not in npz.files]
+            if missing:
+                raise ValueError(f"{path}: not a cluster model: missing arrays {missing}")
+            arrays = {n: npz[n] for n in ARRAYS}
+            meta = json.loads(str(npz["meta_json"]))
+        d, big_d = arrays["pca_components"].shape
+        expected = {"pca_mean": (big_d,), "pca_explained_variance": (d,), "pca_explained_variance_ratio": (d,)}
+        for name, shape in expected.items():
+            if arrays[name].shape != shape:
+                raise ValueError(f"{path}: array {name} has shape {arrays[name].shape}, expected {shape}")
+        if arrays["centroids"].ndim != 2 or arrays["centroids"].shape[1] != d:
+            raise ValueError(f"{path}: array centroids has shape {arrays['centroids'].shape}, expected (k, {d})")
+        return cls(**arrays, meta=meta)
+
+
+def fit_pca(x: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Exact PCA of ``x`` ``(n, D)``; returns float32 ``(mean (D,), components (dim, D), variance (dim,),
+    variance ratio (dim,))``. Requires ``dim <= D`` and ``dim < n`` (:class:`ClusterFitError` otherwise)."""
+    n, big_d = x.shape
+    if dim > big_d:
+        raise ClusterFitError(f"cluster.pca_dim ({dim}) exceeds the embedding dimension ({big_d}); "
+                              f"set cluster.pca_dim <= {big_d}")
+    if dim >= n:
+        raise ClusterFitError(f"cluster.pca_dim ({dim}) needs more than {dim} embeddings to fit, the fit sample "
+                              f"has {n}; lower cluster.pca_dim or embed more proposals")
+    pca = PCA(n_components=dim, svd_solver="covariance_eigh").fit(np.asarray(x, dtype=np.float32))
+    return tuple(np.asarray(a, dtype=np.float32) for a in (pca.mean_, pca.components_, pca.explained_variance_,
+                                                           pca.explained_variance_ratio_))
+
+
+def _kmeans_pp(z: torch.Tensor, k: int, rng: np.random.Generator) -> torch.Tensor:
+    """k-means++ seeding on unit vectors ``(n, d)`` with squared chord distance ``2 - 2 cos``; ``(k, d)``."""
+    n = len(z)
+    chosen = [int(rng.integers(n))]
+    dist = (2 - 2 * (z @ z[chosen[0]])).clamp_min_(0).double()  # (n,)
+    for c in range(1, k):
+        total = float(dist.sum())
+        if total <= 0:
+            raise ClusterFitError(f"cluster.k ({k}): the fit sample has only {c} distinct normalised embeddings; "
+                                  f"lower cluster.k or embed more proposals")
+        pick = int(np.searchsorted(np.cumsum(dist.numpy()), rng.random() * total, side="right"))
+        pick = min(pick, n - 1)
+        chosen.append(pick)
+        dist = torch.minimum(dist, (2 - 2 * (z @ z[pick])).clamp_min_(0).double())
+    return z[chosen].clone()
+
+
+def _assign(z: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    labels = torch.empty(len(z), dtype=torch.int64)
+    best = torch.empty(len(z), dtype=z.dtype)
+    for s in range(0, len(z), BLOCK_ROWS):
+        best[s:s + BLOCK_ROWS], labels[s:s + BLOCK_ROWS] = (z[s:s + BLOCK_ROWS] @ centroids.T).max(dim=1)
+    return labels, best
+
+
+def fit_spherical_kmeans(z: np.ndarray, k: int, *, seed: int, max_iter: int = 100) -> tuple[np.ndarray, dict]:
+    """Spherical k-means on unit rows ``z`` ``(n, d)`` (see the module docstring).
+
+    Returns:
+        ``(centroids (k, d) float32 unit rows, info)`` with ``iterations``, ``converged`` and
+        ``mean_cosine`` (mean cosine of each vector to its centroid, the objective).
+    """
+    n = len(z)
+    if k > n:
+        raise ClusterFitError(f"cluster.k ({k}) exceeds the number of embeddings in the fit sample ({n}); "
+                              f"lower cluster.k or embed more proposals")
+    rng = np.random.default_rng(seed)
+    zt = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32))
+    centroids = _kmeans_pp(zt, k, rng)
+    labels = None
+    converged = False
+    iterations = 0
+    for iterations in range(1, max_iter + 1):
+        new_labels, best = _assign(zt, centroids)
+        if labels is not None and torch.equal(new_labels, labels):
+            converged = True
+            break
+        labels = new_labels
+        sums = torch.zeros((k, zt.shape[1]), dtype=torch.float64).index_add_(0, labels, zt.double())
+        counts = torch.bincount(labels, minlength=k)
+        empty = torch.nonzero(counts == 0).flatten()
+        if len(empty):
+            # Each empty cluster restarts at a vector its old centroid serves worst (distinct vectors).
+            worst = torch.argsort(best, stable=True)[: len(empty)]
+            sums[empty] = zt[worst].double()
+        centroids = torch.from_numpy(l2_normalize(sums.numpy()))
+    labels, best = _assign(zt, centroids)
+    info = {"iterations": iterations, "converged": converged, "mean_cosine": float(best.double().mean())}
+    return centroids.numpy(), info
+
+
+def fit_cluster_model(x: np.ndarray, *, pca_dim: int, k: int, seed: int, max_iter: int = 100) -> ClusterModel:
+    """PCA then spherical k-means on ``x`` ``(n, D)`` raw embeddings -> :class:`ClusterModel`."""
+    mean, components, variance, ratio = fit_pca(x, pca_dim)
+    model = ClusterModel(pca_mean=mean, pca_components=components, pca_explained_variance=variance,
+                         pca_explained_variance_ratio=ratio, centroids=np.zeros((0, pca_dim), np.float32))
+    z = model.project(x)
+    centroids, info = fit_spherical_kmeans(z, k, seed=seed, max_iter=max_iter)
+    meta = {"fit_samples": int(len(x)), "input_dim": int(x.shape[1]), "pca_dim": pca_dim, "k": k,
+            "kmeans_seed": seed, "max_iter": max_iter, "pca_explained_variance_ratio_total": float(ratio.sum()),
+            "kmeans": info}
+    return dataclasses.replace(model, centroids=centroids, meta=meta)

@@ -1,0 +1,149 @@
+"""Stage ``cluster``: the embeddings of every shard -> PCA + k-means model and one targets file per shard.
+
+Inputs: ``embeddings.parquet`` files of the embed stage (any number of shards, of one or several
+dataset splits; all must come from the same embedding parameters).
+Outputs::
+
+    <out>/pca_kmeans.npz        the fitted model as plain arrays (mutdet.embedding.cluster.ClusterModel)
+    <out>/manifest.json         parameters, code version, pool and fit sizes, explained variance,
+                                k-means statistics, cluster sizes over the whole pool
+    <target_files[i]>           targets schema (mutdet.embedding.artefacts) for embedding_files[i]:
+                                exactly its rows and order, with O (pca_dim, L2-normalised, float16)
+                                and the cluster id (int16, cosine to the unit centroids, computed from
+                                the float32 vector before the cast)
+
+The fit sample: the whole pool when it has at most ``max_fit_samples`` rows, else
+``max_fit_samples`` rows drawn uniformly without replacement. Randomness (that draw and the k-means++
+seeding) comes from ``numpy.random.SeedSequence(seed)``: the outputs are a function of the inputs and
+the seed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from mutdet.embedding.artefacts import read_embeddings, vector_column, vector_matrix, write_targets
+from mutdet.embedding.cluster import ClusterFitError, fit_cluster_model
+from mutdet.io.artefacts import ArtefactError, read_metadata
+from mutdet.io.atomic import write_json
+from mutdet.stages.common import code_version, log
+
+
+def _embedding_params(files: list[Path]) -> dict:
+    """The embed-stage parameters shared by every file (an error names two files that disagree)."""
+    first = None
+    for path in files:
+        params = read_metadata(path).get("params")
+        if first is None:
+            first = (path, params)
+        elif params != first[1]:
+            raise ArtefactError(f"{path}: embedding parameters {params} differ from those of {first[0]} "
+                                f"({first[1]}); one cluster model needs one kind of embedding")
+    return first[1] if first else {}
+
+
+def _fit_sample(files: list[Path], counts: list[int], max_fit_samples: int, rng: np.random.Generator) -> np.ndarray:
+    """Rows of the pool (files concatenated in order) to fit on, as float32 ``(n, D)``."""
+    total = sum(counts)
+    if total <= max_fit_samples:
+        chosen = np.arange(total)
+    else:
+        chosen = np.sort(rng.choice(total, max_fit_samples, replace=False))
+    pieces, offset = [], 0
+    for path, count in zip(files, counts):
+        local = chosen[(chosen >= offset) & (chosen < offset + count)] - offset
+        if len(local):
+            pieces.append(vector_matrix(read_embeddings(path, columns=["embedding"]).column("embedding"))[local]
+                          .astype(np.float32))
+        offset += count
+    return np.concatenate(pieces)
+
+
+def run(*, embedding_files: list[str | Path], target_files: list[str | Path], out_dir: str | Path,
+        pca_dim: int = 256, k: int = 256, max_fit_samples: int = 200_000, seed: int = 42,
+        max_iter: int = 100) -> dict:
+    """Fit PCA + spherical k-means on the pool of ``embedding_files`` and write one targets file per input.
+
+    Args:
+        embedding_files: embeddings artefacts (one per shard).
+        target_files: output targets artefacts, ``target_files[i]`` for ``embedding_files[i]``.
+        out_dir: folder of ``pca_kmeans.npz`` and ``manifest.json``.
+        pca_dim: PCA output dimension (the width of the pre-training targets O).
+        k: clusters (pseudo-classes).
+        max_fit_samples: fit on a uniform sample of this many embeddings when the pool is larger.
+        seed: the global seed.
+        max_iter: Lloyd iterations at most.
+    Returns:
+        The manifest dict.
+    Raises:
+        ArtefactError: a missing or malformed embeddings file, or files of different embedding parameters.
+        ClusterFitError: a pool too small for ``pca_dim`` / ``k`` (see mutdet.embedding.cluster).
+        ValueError: bad arguments.
+    """
+    embedding_files = [Path(p) for p in embedding_files]
+    target_files = [Path(p) for p in target_files]
+    out_dir = Path(out_dir)
+    if len(embedding_files) != len(target_files):
+        raise ValueError(f"cluster: {len(embedding_files)} embedding files but {len(target_files)} target files")
+    if not embedding_files:
+        raise ValueError("cluster: no embedding files given")
+    for key, value in (("pca_dim", pca_dim), ("k", k), ("max_fit_samples", max_fit_samples), ("max_iter", max_iter)):
+        if value < 1:
+            raise ValueError(f"cluster.{key} must be >= 1, got {value}")
+    if k > np.iinfo(np.int16).max + 1:
+        raise ValueError(f"cluster.k ({k}) does not fit the int16 cluster_id column (at most 32768)")
+
+    counts = [read_embeddings(p, columns=["proposal_index"]).num_rows for p in embedding_files]
+    embedding_params = _embedding_params(embedding_files)
+    total = sum(counts)
+    if total == 0:
+        raise ClusterFitError(f"cluster: the {len(embedding_files)} embedding file(s) hold no embeddings "
+                              f"(first {embedding_files[0]})")
+    sample_seq, kmeans_seq = np.random.SeedSequence(seed).spawn(2)
+    start = time.perf_counter()
+    x = _fit_sample(embedding_files, counts, max_fit_samples, np.random.default_rng(sample_seq))
+    log.info("cluster: fitting PCA %d -> %d and k-means k=%d on %d of %d embeddings (%d files)",
+             x.shape[1], pca_dim, k, len(x), total, len(embedding_files))
+    model = fit_cluster_model(x, pca_dim=pca_dim, k=k, seed=int(kmeans_seq.generate_state(1)[0]), max_iter=max_iter)
+    del x
+    fit_seconds = time.perf_counter() - start
+    params = {"pca_dim": pca_dim, "k": k, "max_fit_samples": max_fit_samples, "seed": seed, "max_iter": max_iter}
+    model = dataclasses.replace(model, meta={**model.meta, "params": params, "embedding_params": embedding_params,
+                                             "embedding_files": [str(p) for p in embedding_files],
+                                             "code_version": code_version()})
+    model_file = out_dir / "pca_kmeans.npz"
+    model.save(model_file)
+
+    sizes = np.zeros(k, dtype=np.int64)
+    cosines = []
+    for source, target in zip(embedding_files, target_files):
+        table = read_embeddings(source)
+        z = model.project(vector_matrix(table.column("embedding")))
+        ids, cos = model.assign(z)
+        sizes += np.bincount(ids, minlength=k)
+        cosines.append(cos)
+        targets = pa.table({"tile_id": table.column("tile_id"), "proposal_index": table.column("proposal_index"),
+                            "embedding": vector_column(z), "cluster_id": pa.array(ids, pa.int16())})
+        write_targets(targets, target, {"params": params, "embedding_params": embedding_params,
+                                        "embeddings_file": str(source), "model_file": str(model_file),
+                                        "code_version": code_version()})
+    cos = np.concatenate(cosines)
+    manifest = {
+        "params": params, "embedding_params": embedding_params, "code_version": code_version(),
+        "embedding_files": [str(p) for p in embedding_files], "target_files": [str(p) for p in target_files],
+        "model_file": str(model_file), "pool": total, "fit_samples": model.meta["fit_samples"],
+        "input_dim": model.meta["input_dim"],
+        "pca_explained_variance_ratio_total": model.meta["pca_explained_variance_ratio_total"],
+        "kmeans": model.meta["kmeans"], "pool_mean_cosine": float(cos.mean()),
+        "cluster_sizes": {"min": int(sizes.min()), "median": float(np.median(sizes)), "max": int(sizes.max()),
+                          "empty": int((sizes == 0).sum())},
+        "seconds": {"fit": round(fit_seconds, 3), "total": round(time.perf_counter() - start, 3)},
+    }
+    write_json(out_dir / "manifest.json", manifest)
+    log.info("cluster: %d embeddings -> %d clusters (mean cosine %.3f, %d empty) -> %s", total, k,
+             manifest["pool_mean_cosine"], manifest["cluster_sizes"]["empty"], out_dir)
+    return manifest

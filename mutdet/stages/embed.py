@@ -1,0 +1,197 @@
+"""Stage ``embed``: the proposals of one shard -> ``embeddings.parquet`` (frozen ResNet C5, METHOD.md step 3).
+
+Inputs: ``<tiles>/tiles.parquet`` (tile images, ``tile_path`` relative to ``<tiles>``) and
+``<proposals>/proposals.parquet`` (le90 boxes in tile pixels).
+Output folder layout::
+
+    <out>/embeddings.parquet                embeddings schema (mutdet.embedding.artefacts): exactly the
+                                            proposals' rows, in the proposals' order
+    <out>/manifest.json                     parameters, runtime, code version, counts, proposals/s
+    <out>/parts/chunk-<k>.<hash>.parquet    embeddings of the tiles [k * checkpoint_every, (k + 1) * checkpoint_every)
+                                            (tiles that have proposals, in order of first appearance)
+
+Each proposal: the tile resized to ``input_size`` (longer side, ratio kept), ImageNet-normalised, the
+box enlarged ``context`` times in ``w`` and ``h``, cropped and stretched to ``crop_size`` squared by the
+rotated RoI-align, through the frozen ResNet to C5, average-pooled, stored as float16.
+
+Resume inside a shard: every ``checkpoint_every`` tiles a part is written atomically, tagged with a hash
+of the embedding parameters, the proposals' and the tiles' parameters; a rerun reuses every part whose
+hash, tile list and row count match. The weights are resolved (and the backbone built) only when some
+tile is left to do, before any tile is decoded. Parts of other parameters are removed at the end.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from tqdm import tqdm
+
+from mutdet.embedding.artefacts import (check_join, embeddings_schema, read_embeddings, vector_column,
+                                        write_embeddings)
+from mutdet.embedding.backbone import build_embedder, embedding_dim
+from mutdet.embedding.pipeline import PRECISIONS, TileImages, embed_tiles, tile_loader
+from mutdet.engine.device import resolve_device
+from mutdet.io.artefacts import ArtefactError, read_artefact, read_metadata
+from mutdet.io.atomic import write_json
+from mutdet.stages.common import chunk_part_path, code_version, log, params_hash, part_metadata
+
+
+class NonFiniteEmbeddingError(RuntimeError):
+    """An embedding that is not finite in float16 (overflow under fp16 autocast, or broken weights)."""
+
+
+def _part_is_current(path: Path, phash: str, tile_ids: list[str], rows: int) -> bool:
+    meta = part_metadata(path)
+    return meta is not None and meta.get("params_hash") == phash and meta.get("tile_ids") == tile_ids \
+        and meta.get("rows") == rows
+
+
+def _group_by_tile(tile_ids: np.ndarray) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Proposal rows grouped by tile, tiles in order of first appearance, rows stable within a tile.
+
+    Returns ``(tiles, order, bounds)``: ``order`` (N,) row indices grouped by tile, tile ``t``'s rows
+    are ``order[bounds[t]:bounds[t + 1]]``.
+    """
+    unique, first, inverse = np.unique(tile_ids, return_index=True, return_inverse=True)
+    rank = np.empty(len(unique), dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(unique))
+    row_rank = rank[inverse]
+    order = np.argsort(row_rank, kind="stable")
+    bounds = np.searchsorted(row_rank[order], np.arange(len(unique) + 1))
+    tiles = [str(t) for t in unique[np.argsort(first, kind="stable")]]
+    return tiles, order, bounds
+
+
+def run(*, tiles_dir: str | Path, proposals_dir: str | Path, out_dir: str | Path, backbone: str = "resnet50",
+        weights: str = "imagenet", batch_size: int = 256, workers: int = 4, device: str = "auto",
+        precision: str = "fp32", context: float = 1.5, input_size: int = 1024, crop_size: int = 224,
+        checkpoint_every: int = 50) -> dict:
+    """Embed every proposal of ``proposals_dir/proposals.parquet`` into ``out_dir/embeddings.parquet``.
+
+    Args:
+        tiles_dir: folder of ``tiles.parquet`` and the tile images.
+        proposals_dir: folder of ``proposals.parquet`` (proposals of the tiles of ``tiles_dir``).
+        out_dir: output folder (see the module docstring).
+        backbone: ``resnet18 | resnet34 | resnet50 | resnet101``; the embedding dimension follows it
+            (512 for resnet18/34, 2048 for resnet50/101).
+        weights: ``imagenet | none | <path to a torchvision state_dict>`` (see mutdet.embedding.backbone).
+        batch_size: crops per backbone pass. workers: tile-decoding processes (0: main process).
+        device: ``auto | cpu | cuda | cuda:N``. precision: ``fp32 | bf16 | fp16`` autocast on CUDA.
+        context: box enlargement in ``w`` and ``h``. input_size: longer tile side after resizing.
+        crop_size: crop side. checkpoint_every: tiles per resumable part.
+    Returns:
+        The manifest dict (also written to ``out_dir/manifest.json``).
+    Raises:
+        ValueError: a bad parameter (naming the ``embedding.*`` key). BackboneWeightsError: weights not
+            found (before any tile is read). ArtefactError: missing/malformed inputs, or proposals of
+            tiles that ``tiles.parquet`` does not list. TileReadError: a tile image with proposals that
+            cannot be read. NonFiniteEmbeddingError: an embedding that overflows float16.
+    """
+    tiles_dir, proposals_dir, out_dir = Path(tiles_dir), Path(proposals_dir), Path(out_dir)
+    for key, value, low in (("batch_size", batch_size, 1), ("workers", workers, 0), ("input_size", input_size, 32),
+                            ("crop_size", crop_size, 32), ("checkpoint_every", checkpoint_every, 1)):
+        if value < low:
+            raise ValueError(f"embedding.{key} must be >= {low}, got {value}")
+    if context <= 0:
+        raise ValueError(f"embedding.context must be positive, got {context}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"embedding.precision: {precision!r} is not one of {sorted(PRECISIONS)}")
+    torch_device = resolve_device(device, "embedding.device")
+    dim = embedding_dim(backbone)
+
+    tiles_file, proposals_file = tiles_dir / "tiles.parquet", proposals_dir / "proposals.parquet"
+    tile_paths = {r["tile_id"]: tiles_dir / r["tile_path"]
+                  for r in read_artefact(tiles_file, "tiles", columns=["tile_id", "tile_path"]).to_pylist()}
+    proposals = read_artefact(proposals_file, "proposals", columns=["tile_id", "proposal_index", "cx", "cy", "w",
+                                                                     "h", "theta"])
+    tile_of_row = proposals.column("tile_id").to_numpy(zero_copy_only=False).astype(str)
+    unknown = sorted(set(tile_of_row) - set(tile_paths))
+    if unknown:
+        raise ArtefactError(f"{proposals_file}: {len(unknown)} tile(s) with proposals are not listed in {tiles_file}, "
+                            f"first {unknown[:3]}")
+    boxes = np.stack([proposals.column(c).to_numpy() for c in ("cx", "cy", "w", "h", "theta")], axis=-1)
+    indices = proposals.column("proposal_index").to_numpy()
+    tiles, order, bounds = _group_by_tile(tile_of_row)
+
+    params = {"backbone": backbone, "weights": weights, "dim": dim, "context": context, "input_size": input_size,
+              "crop_size": crop_size}
+    runtime = {"device": str(torch_device), "precision": precision, "batch_size": batch_size, "workers": workers}
+    # Embeddings change with these parameters, the autocast precision, the proposals and the tiles.
+    phash = params_hash({"embedding": params, "precision": precision,
+                         "proposals": read_metadata(proposals_file).get("params"),
+                         "tiles": read_metadata(tiles_file).get("params")})
+    chunks = [range(s, min(s + checkpoint_every, len(tiles))) for s in range(0, len(tiles), checkpoint_every)]
+    chunk_ids = [[tiles[t] for t in c] for c in chunks]
+    chunk_rows = [int(bounds[c.stop] - bounds[c.start]) for c in chunks]
+    todo = [k for k in range(len(chunks))
+            if not _part_is_current(chunk_part_path(out_dir, k, phash), phash, chunk_ids[k], chunk_rows[k])]
+    reused = sum(chunk_rows[k] for k in range(len(chunks)) if k not in todo)
+    log.info("embed %s (%s, %d-d): %d proposals on %d tiles (%d already done) -> %s",
+             proposals_file, backbone, dim, proposals.num_rows, len(tiles), reused, out_dir)
+
+    start = time.perf_counter()
+    if todo:
+        embedder = build_embedder(backbone=backbone, weights=weights, crop_size=crop_size,
+                                  context=context).to(torch_device)
+        todo_tiles = [t for k in todo for t in chunks[k]]
+        dataset = TileImages([tile_paths[tiles[t]] for t in todo_tiles], [tiles[t] for t in todo_tiles],
+                             [boxes[order[bounds[t]:bounds[t + 1]]] for t in todo_tiles], input_size)
+        # One loader (its workers run ahead across chunks); a chunk's last, partly filled batch is
+        # flushed before its part is written, so a kill loses at most the chunk in progress.
+        loaded = iter(tile_loader(dataset, workers=workers, device=torch_device))
+        progress = tqdm(total=proposals.num_rows, initial=reused, desc=f"embed {backbone}", unit="box",
+                        mininterval=1.0)
+        for k in todo:
+            positions, vectors = [], []
+            for position, tile_vectors in embed_tiles(embedder, itertools.islice(loaded, len(chunks[k])),
+                                                      batch_size=batch_size, precision=precision):
+                positions.append(position)
+                vectors.append(tile_vectors.astype(np.float16))
+                progress.update(len(tile_vectors))
+            assert [todo_tiles[p] for p in positions] == list(chunks[k]), "tiles come back in input order"
+            rows = order[bounds[chunks[k].start]:bounds[chunks[k].stop]]
+            matrix = np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float16)
+            bad = ~np.isfinite(matrix).all(axis=1)
+            if bad.any():
+                raise NonFiniteEmbeddingError(
+                    f"{proposals_file}: {int(bad.sum())} embedding(s) not finite in float16 (precision "
+                    f"{precision}, weights {weights}); first at tile {tile_of_row[rows[bad][0]]!r} "
+                    f"proposal {int(indices[rows[bad][0]])}")
+            part = pa.table({"tile_id": pa.array(tile_of_row[rows], pa.string()),
+                             "proposal_index": pa.array(indices[rows], pa.int32()),
+                             "embedding": vector_column(matrix)})
+            write_embeddings(part, chunk_part_path(out_dir, k, phash),
+                             {"params_hash": phash, "tile_ids": chunk_ids[k], "rows": chunk_rows[k]})
+        progress.close()
+    seconds = time.perf_counter() - start
+    computed = proposals.num_rows - reused
+
+    parts = [chunk_part_path(out_dir, k, phash) for k in range(len(chunks))]
+    grouped = (pa.concat_tables([read_embeddings(p) for p in parts]) if parts
+               else embeddings_schema(dim).empty_table())
+    inverse = np.empty(len(order), dtype=np.int64)
+    inverse[order] = np.arange(len(order))
+    # Grouped row j is proposal row order[j]; proposal row i is grouped row inverse[i].
+    embeddings = grouped if np.array_equal(order, np.arange(len(order))) else grouped.take(pa.array(inverse))
+    check_join(embeddings, proposals, path=out_dir / "embeddings.parquet", proposals_path=proposals_file)
+    manifest = {
+        "params": params, "runtime": runtime, "params_hash": phash, "code_version": code_version(),
+        "tiles_file": str(tiles_file), "proposals_file": str(proposals_file),
+        "tiles_with_proposals": len(tiles), "proposals": proposals.num_rows, "proposals_reused": reused,
+        "proposals_computed": computed, "seconds": round(seconds, 3),
+        "proposals_per_second": round(computed / seconds, 3) if computed and seconds > 0 else None,
+    }
+    meta = {"params": params, "runtime": runtime, "code_version": code_version(), "proposals_file": str(proposals_file)}
+    write_embeddings(embeddings, out_dir / "embeddings.parquet", meta)
+    write_json(out_dir / "manifest.json", manifest)
+    current = set(parts)
+    for stale in (out_dir / "parts").glob("chunk-*.parquet"):
+        if stale not in current:
+            stale.unlink()
+    log.info("embed: %d proposals -> %s (%d computed, %.1f proposals/s)", proposals.num_rows,
+             out_dir / "embeddings.parquet", computed, manifest["proposals_per_second"] or 0.0)
+    return manifest
+
