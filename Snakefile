@@ -13,6 +13,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/tile.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/pretrain_data.smk"
 
 
 rule all:
@@ -20,3 +21,4 @@ rule all:
     input:
         all_tiles(),
         all_fractions(),
+        pretrain_shard_files("targets") if CONFIG.proposals.datasets else [],

@@ -40,6 +40,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output folder of this shard")
     p.add_argument("--threads", type=int, default=_default_threads(), help="worker processes")
 
+    p = sub.add_parser("propose", help="class-agnostic oriented proposals on one tiled shard (sam | selective_search | graph)")
+    _add_config(p)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--split", required=True)
+    p.add_argument("--shard", type=int, default=0)
+    p.add_argument("--tiles", required=True, type=Path, help="tiles folder of that shard (tiles.parquet + images)")
+    p.add_argument("--out", required=True, type=Path, help="output folder (proposals.parquet, manifest.json)")
+
+    p = sub.add_parser("embed", help="frozen-ResNet embeddings of every proposal of one shard")
+    _add_config(p)
+    p.add_argument("--tiles", required=True, type=Path, help="tiles folder of the shard")
+    p.add_argument("--proposals", required=True, type=Path, help="proposals folder of the shard")
+    p.add_argument("--out", required=True, type=Path, help="output folder (embeddings.parquet, manifest.json)")
+    p.add_argument("--device", help="override embedding.device")
+    p.add_argument("--workers", type=int, help="override embedding.workers")
+
+    p = sub.add_parser("cluster", help="PCA + spherical k-means over all shards' embeddings -> targets per shard")
+    _add_config(p)
+    p.add_argument("--embeddings", required=True, nargs="+", type=Path, help="embeddings.parquet of every shard")
+    p.add_argument("--targets", required=True, nargs="+", type=Path, help="targets.parquet to write, one per input")
+    p.add_argument("--out", required=True, type=Path, help="folder of pca_kmeans.npz and manifest.json")
+
     p = sub.add_parser("merge", help="map tile detections back to full images (rotated NMS)")
     p.add_argument("--detections", required=True, type=Path, help="detections Parquet, id = tile id")
     p.add_argument("--tiles", required=True, nargs="+", type=Path, help="tiles.parquet file(s) of those tiles")
@@ -79,10 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     from mutdet.stages.common import log, setup_logging
 
     setup_logging(args.verbose)
-    from mutdet.config import ConfigError, load_config
-    from mutdet.io.annotations import AnnotationError
-    from mutdet.io.artefacts import ArtefactError
-    from mutdet.io.task1 import Task1FormatError
+    from mutdet.config import load_config
 
     try:
         if args.command == "demo-data":
@@ -93,6 +112,26 @@ def main(argv: list[str] | None = None) -> int:
             from mutdet.stages import tile
 
             tile.run(load_config(args.config), args.dataset, args.split, args.shard, args.out, args.threads)
+        elif args.command == "propose":
+            from mutdet.stages import propose
+
+            propose.run(load_config(args.config), args.dataset, args.split, args.shard, args.tiles, args.out)
+        elif args.command == "embed":
+            import dataclasses
+
+            from mutdet.stages import embed
+
+            params = dataclasses.asdict(load_config(args.config).embedding)
+            params.update({k: v for k, v in (("device", args.device), ("workers", args.workers)) if v is not None})
+            embed.run(tiles_dir=args.tiles, proposals_dir=args.proposals, out_dir=args.out, **params)
+        elif args.command == "cluster":
+            import dataclasses
+
+            from mutdet.stages import cluster
+
+            cfg = load_config(args.config)
+            cluster.run(embedding_files=args.embeddings, target_files=args.targets, out_dir=args.out,
+                        seed=cfg.seed, **dataclasses.asdict(cfg.cluster))
         elif args.command == "merge":
             from mutdet.stages import merge
 
@@ -116,8 +155,12 @@ def main(argv: list[str] | None = None) -> int:
             from mutdet.stages import outputs
 
             print(outputs.describe(load_config(args.config)))
-    except (ConfigError, AnnotationError, ArtefactError, Task1FormatError, FileNotFoundError) as exc:
-        log.error("%s", exc)
+    except Exception as exc:
+        # mutdet's own errors (bad config, labels, artefacts, weights, tiles) and bad values/paths are
+        # the user's to fix: one clear line (the traceback with --verbose). Anything else is a bug.
+        if not (type(exc).__module__.startswith("mutdet") or isinstance(exc, (ValueError, FileNotFoundError))):
+            raise
+        log.error("%s: %s", type(exc).__name__, exc, exc_info=args.verbose)
         return 2
     return 0
 

@@ -168,6 +168,28 @@ class ProposalsConfig:
 
 
 @dataclass(frozen=True)
+class EmbeddingConfig:
+    backbone: str
+    weights: str  # imagenet | none | path
+    batch_size: int
+    workers: int
+    device: str
+    precision: str
+    context: float
+    input_size: int
+    crop_size: int
+    checkpoint_every: int
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    pca_dim: int
+    k: int
+    max_fit_samples: int
+    max_iter: int
+
+
+@dataclass(frozen=True)
 class FractionsConfig:
     datasets: tuple[tuple[str, str], ...]  # (dataset, split) pairs
     values: tuple[float, ...]
@@ -182,6 +204,8 @@ class Config:
     datasets: Mapping[str, DatasetConfig] = field(default_factory=dict)
     proposals: ProposalsConfig | None = None
     fractions: FractionsConfig | None = None
+    embedding: EmbeddingConfig | None = None
+    cluster: ClusterConfig | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def dataset(self, name: str) -> DatasetConfig:
@@ -268,6 +292,8 @@ def from_dict(raw: Mapping[str, Any] | None, source: str = "config") -> Config:
         fractions=FractionsConfig(datasets=_split_refs(d["fractions"]["datasets"], "fractions.datasets", datasets),
                                   values=tuple(float(v) for v in d["fractions"]["values"]),
                                   nested=d["fractions"]["nested"]),
+        embedding=EmbeddingConfig(**d["embedding"]),
+        cluster=ClusterConfig(**d["cluster"]),
         raw=MappingProxyType(d),
     )
 

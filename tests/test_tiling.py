@@ -1,6 +1,5 @@
 import os
 import json
-import math
 
 import cv2
 import numpy as np

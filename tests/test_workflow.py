@@ -30,13 +30,16 @@ def test_lint_is_clean():
     assert "Congratulations" in proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("configfile", [None, TEST_CONFIG])
-def test_dry_run(configfile, tmp_path):
-    args = ["-n", "-d", str(tmp_path)] + (["--configfile", str(configfile)] if configfile else [])
-    if configfile is None:
-        args = ["-n"]  # the default config.yaml of the repository
-    proc = snakemake(*args)
-    assert "tile" in proc.stdout
+@pytest.mark.parametrize("configfile", [REPO / "config.yaml", TEST_CONFIG])
+def test_dry_run_shows_one_job_per_shard(configfile, tmp_path):
+    raw = yaml.safe_load(configfile.read_text())
+    proc = snakemake("-n", "-d", str(tmp_path), "--configfile", str(configfile))
+    counts = dict(line.split() for line in proc.stdout.split("Job stats:")[1].splitlines()[3:]
+                  if len(line.split()) == 2 and line.split()[1].isdigit())
+    splits = sum(ds["shards"] * len(ds["splits"]) for ds in raw["datasets"].values())
+    assert int(counts["tile"]) == splits
+    proposal_shards = sum(raw["datasets"][ref.split("/")[0]]["shards"] for ref in raw["proposals"]["datasets"])
+    assert int(counts["propose"]) == int(counts["embed"]) == proposal_shards and int(counts["cluster"]) == 1
 
 
 def test_bad_config_key_fails_dry_run_naming_the_key(tmp_path):
@@ -68,6 +71,10 @@ def test_tiny_end_to_end_run_and_nothing_to_redo(tmp_path):
         lines = (results / "tiny" / "fractions" / "train" / f"frac~{fraction}.txt").read_text().splitlines()
         ids = [l for l in lines if not l.startswith("#")]
         assert len(ids) == round(fraction * syn["num_train"]) and "# seed: 42" in lines
+    manifest = json.loads(next((results / "targets").rglob("manifest.json")).read_text())
+    assert manifest["params"]["k"] == raw["cluster"]["k"] and manifest["pool"] > 0
+    targets = sorted((results / "tiny" / "targets").rglob("targets.parquet"))
+    assert len(targets) == raw["datasets"]["tiny"]["shards"]
     again = snakemake("-n", "--cores", "2", "-d", str(tmp_path), "--configfile", str(TEST_CONFIG))
     assert "Nothing to be done" in again.stdout + again.stderr
 

@@ -29,7 +29,7 @@ from mutdet.io.annotations import AnnotationError, ClassMap
 from mutdet.io.artefacts import SCHEMAS, read_artefact, read_metadata, write_artefact
 from mutdet.io.atomic import write_bytes, write_json
 from mutdet.io.datasets import find_image, list_image_ids, read_labels, shard_ids
-from mutdet.stages.common import code_version, log, params_hash
+from mutdet.stages.common import code_version, log, params_hash, part_metadata
 from mutdet.tiling import TilingParams, iter_tiles
 
 # Lossless PNG, fast: level 1 with Huffman-only coding encodes ~35% faster than OpenCV's default
@@ -58,12 +58,8 @@ def _part_paths(out_dir: Path, image_id: str) -> tuple[Path, Path]:
 
 def _part_is_current(out_dir: Path, image_id: str, phash: str) -> bool:
     objects_part, tiles_part = _part_paths(out_dir, image_id)
-    if not (tiles_part.is_file() and objects_part.is_file()):
-        return False
-    try:
-        return read_metadata(tiles_part).get("params_hash") == phash
-    except Exception:  # an unreadable part is simply recomputed
-        return False
+    meta = part_metadata(tiles_part)
+    return objects_part.is_file() and meta is not None and meta.get("params_hash") == phash
 
 
 def _tile_one(job: _Job) -> dict:

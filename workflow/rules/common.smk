@@ -3,6 +3,7 @@ import json
 import sys
 
 from mutdet.config import from_dict
+from mutdet.stages.common import params_hash
 from mutdet.stages.layout import LOGS_DIR, TILES_DIR
 
 # Validates against workflow/schemas/config.schema.yaml and fills defaults; a wrong key or type stops
@@ -18,6 +19,10 @@ MUTDET = (
 )
 
 NAME = r"[A-Za-z0-9][A-Za-z0-9_-]*"
+# Tags of the parameters that determine proposals and embeddings (folder names; see pretrain_data.smk).
+PROPOSALS_TAG = f"{CONFIG.proposals.method}-{params_hash(CONFIG.proposals.method_params())[:8]}"
+_EMBED_KEYS = ("backbone", "weights", "context", "input_size", "crop_size", "precision")
+EMBED_TAG = f"{CONFIG.embedding.backbone}-{params_hash({k: CONFIG.raw['embedding'][k] for k in _EMBED_KEYS})[:8]}"
 
 
 wildcard_constraints:
@@ -26,6 +31,8 @@ wildcard_constraints:
     shard=r"\d+",
     fraction=r"(0?\.\d+|1\.0|1)",
     run=r"[A-Za-z0-9][A-Za-z0-9_~.=/-]*",
+    ptag=NAME,
+    etag=NAME,
 
 
 def dataset_config_json(name, seed=False):
@@ -35,6 +42,28 @@ def dataset_config_json(name, seed=False):
     if seed:
         part["seed"] = raw["seed"]
     return json.dumps(part, sort_keys=True)
+
+
+def pretrain_config_json(name):
+    """Config part of the per-shard pre-training data jobs of one dataset."""
+    raw = CONFIG.raw
+    part = json.loads(dataset_config_json(name))
+    part.update(proposals=raw["proposals"], embedding=raw["embedding"])
+    return json.dumps(part, sort_keys=True)
+
+
+def pretrain_shard_files(kind):
+    """Per-shard files of every `proposals.datasets` split: kind is proposals | embeddings | targets."""
+    folder = {
+        "proposals": f"proposals/{PROPOSALS_TAG}",
+        "embeddings": f"embeddings/{PROPOSALS_TAG}/{EMBED_TAG}",
+        "targets": f"targets/{PROPOSALS_TAG}/{EMBED_TAG}",
+    }[kind]
+    return [
+        f"{RESULTS}/{name}/{folder}/{split}/shard-{shard}/{kind}.parquet"
+        for name, split in CONFIG.proposals.datasets
+        for shard in range(CONFIG.dataset(name).shards)
+    ]
 
 
 def dataset_inputs(name, split=None):
