@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.mutdet-installed
 CORES  ?= all
 
-.PHONY: install demo test lint dryrun bench clean-demo
+.PHONY: install demo test lint dryrun bench
 
 # (Re)install whenever the pinned requirements or the package metadata change.
 $(STAMP): requirements.txt pyproject.toml
@@ -32,5 +32,6 @@ lint: $(STAMP)
 dryrun: $(STAMP)
 	$(VENV)/bin/snakemake -n
 
+# Every benchmark, each against a baseline measured in the same run (several minutes on 2 cores).
 bench: $(STAMP)
-	$(PY) benchmarks/tiling.py
+	for b in tiling evaluation proposals embeddings model overfit; do $(PY) benchmarks/$$b.py || exit 1; done

@@ -161,7 +161,7 @@ class ProposalsConfig:
         params = {"method": self.method, "max_per_tile": self.max_per_tile}
         if self.method == "sam":
             params.update(model_type=self.sam.model_type, checkpoint=str(self.sam.checkpoint),
-                          generator=dict(self.sam.generator))
+                          precision=self.sam.precision, generator=dict(self.sam.generator))
         else:
             params.update(vars(getattr(self, self.method)))
         return params

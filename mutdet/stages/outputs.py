@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 from mutdet.config import Config
-from mutdet.stages.layout import tiles_dir
+from mutdet.stages.layout import embedding_tag, pretrain_dir, proposals_tag, tiles_dir
 
 
 def describe(cfg: Config) -> str:
@@ -21,4 +21,14 @@ def describe(cfg: Config) -> str:
             where = tiles_dir(cfg.results, name, split, "*")
             state = f"{images} images -> {tiles} tiles, {objects} objects" if done else "not produced yet"
             lines.append(f"  tiles  {name}/{split}: {state}  [{done}/{ds.shards} shards]  {where}/")
+    for name, split in cfg.proposals.datasets:
+        ds = cfg.dataset(name)
+        for kind, manifest in (("proposals", "manifest.json"), ("embeddings", "manifest.json"), ("targets", "targets.parquet")):
+            done = sum((pretrain_dir(cfg.results, kind, name, split, k, cfg) / manifest).is_file() for k in range(ds.shards))
+            where = pretrain_dir(cfg.results, kind, name, split, "*", cfg)
+            lines.append(f"  {kind:<10} {name}/{split}: [{done}/{ds.shards} shards]  {where}/")
+    model = cfg.results / "targets" / proposals_tag(cfg) / embedding_tag(cfg) / "pca_kmeans.npz"
+    lines.append(f"  clusters   {'fitted' if model.is_file() else 'not fitted yet'}: {model}")
+    for name, split in cfg.fractions.datasets:
+        lines.append(f"  fractions  {name}/{split}: {cfg.results / name / 'fractions' / split}/frac~<p>.txt")
     return "\n".join(lines)

@@ -3,8 +3,7 @@ import json
 import sys
 
 from mutdet.config import from_dict
-from mutdet.stages.common import params_hash
-from mutdet.stages.layout import LOGS_DIR, TILES_DIR
+from mutdet.stages.layout import LOGS_DIR, TILES_DIR, embedding_tag, pretrain_dir, proposals_tag
 
 # Validates against workflow/schemas/config.schema.yaml and fills defaults; a wrong key or type stops
 # here (also under `snakemake -n`) with a message naming the key.
@@ -20,9 +19,8 @@ MUTDET = (
 
 NAME = r"[A-Za-z0-9][A-Za-z0-9_-]*"
 # Tags of the parameters that determine proposals and embeddings (folder names; see pretrain_data.smk).
-PROPOSALS_TAG = f"{CONFIG.proposals.method}-{params_hash(CONFIG.proposals.method_params())[:8]}"
-_EMBED_KEYS = ("backbone", "weights", "context", "input_size", "crop_size", "precision")
-EMBED_TAG = f"{CONFIG.embedding.backbone}-{params_hash({k: CONFIG.raw['embedding'][k] for k in _EMBED_KEYS})[:8]}"
+PROPOSALS_TAG = proposals_tag(CONFIG)
+EMBED_TAG = embedding_tag(CONFIG)
 
 
 wildcard_constraints:
@@ -54,13 +52,8 @@ def pretrain_config_json(name):
 
 def pretrain_shard_files(kind):
     """Per-shard files of every `proposals.datasets` split: kind is proposals | embeddings | targets."""
-    folder = {
-        "proposals": f"proposals/{PROPOSALS_TAG}",
-        "embeddings": f"embeddings/{PROPOSALS_TAG}/{EMBED_TAG}",
-        "targets": f"targets/{PROPOSALS_TAG}/{EMBED_TAG}",
-    }[kind]
     return [
-        f"{RESULTS}/{name}/{folder}/{split}/shard-{shard}/{kind}.parquet"
+        str(pretrain_dir(RESULTS, kind, name, split, shard, CONFIG) / f"{kind}.parquet")
         for name, split in CONFIG.proposals.datasets
         for shard in range(CONFIG.dataset(name).shards)
     ]
