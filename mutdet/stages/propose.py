@@ -117,9 +117,8 @@ def run(cfg: Config, dataset: str, split: str, shard: int, tiles_dir: str | Path
     tiles = read_artefact(tiles_file, "tiles", columns=["tile_id", "tile_path"]).to_pylist()
     params = p.method_params()
     runtime = {"device": p.sam.device, "precision": p.sam.precision} if p.method == "sam" else {}
-    # Proposals change with the method's parameters, SAM's precision and the tiles themselves.
-    phash = params_hash({"proposals": params, "precision": runtime.get("precision"),
-                         "tiles": read_metadata(tiles_file).get("params")})
+    # Proposals change with the method's parameters (SAM's precision included) and the tiles themselves.
+    phash = params_hash({"proposals": params, "tiles": read_metadata(tiles_file).get("params")})
     every = p.checkpoint_every
     chunks = [tiles[i:i + every] for i in range(0, len(tiles), every)]
     chunk_ids = [[t["tile_id"] for t in c] for c in chunks]
