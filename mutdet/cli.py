@@ -22,6 +22,11 @@ def _default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def _add_threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=_default_threads(),
+                   help="CPU threads for torch (the job's share of the machine; default: all cores)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mutdet", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"mutdet {__version__}")
@@ -47,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", type=int, default=0)
     p.add_argument("--tiles", required=True, type=Path, help="tiles folder of that shard (tiles.parquet + images)")
     p.add_argument("--out", required=True, type=Path, help="output folder (proposals.parquet, manifest.json)")
+    _add_threads(p)
 
     p = sub.add_parser("embed", help="frozen-ResNet embeddings of every proposal of one shard")
     _add_config(p)
@@ -55,12 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output folder (embeddings.parquet, manifest.json)")
     p.add_argument("--device", help="override embedding.device")
     p.add_argument("--workers", type=int, help="override embedding.workers")
+    _add_threads(p)
 
     p = sub.add_parser("cluster", help="PCA + spherical k-means over all shards' embeddings -> targets per shard")
     _add_config(p)
     p.add_argument("--embeddings", required=True, nargs="+", type=Path, help="embeddings.parquet of every shard")
     p.add_argument("--targets", required=True, nargs="+", type=Path, help="targets.parquet to write, one per input")
     p.add_argument("--out", required=True, type=Path, help="folder of pca_kmeans.npz and manifest.json")
+    _add_threads(p)
 
     p = sub.add_parser("merge", help="map tile detections back to full images (rotated NMS)")
     p.add_argument("--detections", required=True, type=Path, help="detections Parquet, id = tile id")
@@ -103,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     from mutdet.config import load_config
 
+    if getattr(args, "threads", None) and args.command in ("propose", "embed", "cluster"):
+        import torch
+
+        torch.set_num_threads(max(1, args.threads))  # oversubscribed cores slow torch down many times
     try:
         if args.command == "demo-data":
             from mutdet.stages import demo_data

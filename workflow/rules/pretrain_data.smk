@@ -21,7 +21,7 @@ rule propose:
         "../../envs/mutdet.yaml"
     shell:
         "{params.mutdet} propose --config {params.config:q} --dataset {wildcards.dataset} --split {wildcards.split}"
-        " --shard {wildcards.shard} --tiles {params.tiles:q} --out {params.out:q} > {log:q} 2>&1"
+        " --shard {wildcards.shard} --tiles {params.tiles:q} --out {params.out:q} --threads {threads} > {log:q} 2>&1"
 
 
 rule embed:
@@ -43,7 +43,7 @@ rule embed:
         "../../envs/mutdet.yaml"
     shell:
         "{params.mutdet} embed --config {params.config:q} --tiles {params.tiles:q} --proposals {params.proposals:q}"
-        " --out {params.out:q} > {log:q} 2>&1"
+        " --out {params.out:q} --threads {threads} > {log:q} 2>&1"
 
 
 rule cluster:
@@ -64,4 +64,4 @@ rule cluster:
         "../../envs/mutdet.yaml"
     shell:
         "{params.mutdet} cluster --config {params.config:q} --embeddings {input.embeddings:q}"
-        " --targets {output.targets:q} --out {params.out:q} > {log:q} 2>&1"
+        " --targets {output.targets:q} --out {params.out:q} --threads {threads} > {log:q} 2>&1"
