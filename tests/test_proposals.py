@@ -16,6 +16,8 @@ from mutdet.proposals.graph import GraphProposer
 from mutdet.proposals.sam import SamCheckpointError, SamProposer, build_sam_tiny, decode_rle, load_sam
 from mutdet.proposals.selective_search import SelectiveSearchProposer
 
+from conftest import tiny_sam_checkpoint
+
 # Bright rotated rectangles (le90, tile pixels) drawn on a textured background.
 RECTS = np.array([
     [60.0, 60.0, 60.0, 24.0, math.radians(30)],
@@ -160,11 +162,7 @@ def test_graph_drops_background_and_small_segments():
 @pytest.fixture
 def tiny_sam(monkeypatch, tmp_path):
     """Register the ``tiny`` model type and save a seeded checkpoint of it; returns its path."""
-    monkeypatch.setitem(sam_module.SAM_BUILDERS, "tiny", lambda: build_sam_tiny(img_size=64, embed_dim=32))
-    torch.manual_seed(0)
-    path = tmp_path / "sam_tiny.pth"
-    torch.save(build_sam_tiny(img_size=64, embed_dim=32).state_dict(), path)
-    return path
+    return tiny_sam_checkpoint(monkeypatch, tmp_path, "tiny")
 
 
 def test_load_sam_reads_the_checkpoint_weights(tiny_sam):

@@ -8,14 +8,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from mutdet.config import from_dict
 from mutdet.io.artefacts import PROPOSALS_SCHEMA, TILES_SCHEMA, ArtefactError, read_artefact, write_artefact
 from mutdet.io.proposals import read_proposals
-from mutdet.proposals import sam as sam_module
-from mutdet.proposals.sam import SamCheckpointError, build_sam_tiny
+from mutdet.proposals.sam import SamCheckpointError
 from mutdet.stages import propose
+
+from conftest import tiny_sam_checkpoint
 
 TILE = 96
 
@@ -153,11 +153,7 @@ def test_bad_tiles_reported_by_name_or_raised(tiles, tmp_path):
 @pytest.fixture
 def tiny_checkpoint(monkeypatch, tmp_path):
     """The vit_b builder swapped for a tiny SAM (same loading path); a seeded checkpoint of it."""
-    monkeypatch.setitem(sam_module.SAM_BUILDERS, "vit_b", lambda: build_sam_tiny(img_size=64, embed_dim=32))
-    torch.manual_seed(0)
-    path = tmp_path / "sam_tiny.pth"
-    torch.save(build_sam_tiny(img_size=64, embed_dim=32).state_dict(), path)
-    return path
+    return tiny_sam_checkpoint(monkeypatch, tmp_path, "vit_b")
 
 
 def sam_config(checkpoint, **proposals):
