@@ -115,8 +115,10 @@ class DetectionTransform:
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                  generator: random.Random | None = None):
         steps = []
+        self.flip = None
         if flip_probabilities and any(p > 0 for p in flip_probabilities.values()):
-            steps.append(RandomOrientedFlip(flip_probabilities, generator))
+            self.flip = RandomOrientedFlip(flip_probabilities, generator)
+            steps.append(self.flip)
         if input_size is not None:
             if input_size < 1:
                 raise ValueError(f"input_size must be >= 1, got {input_size}")
@@ -124,8 +126,13 @@ class DetectionTransform:
         steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
         self.pipeline = v2.Compose(steps)
 
-    def __call__(self, image: torch.Tensor, target: Mapping) -> tuple[torch.Tensor, dict]:
+    def __call__(self, image: torch.Tensor, target: Mapping,
+                 generator: random.Random | None = None) -> tuple[torch.Tensor, dict]:
+        """Transform one image and its target; ``generator`` (optional) replaces the random source of
+        the flips for this call (a per-item seeded generator makes augmentation reproducible)."""
         height, width = image.shape[-2:]
+        if generator is not None and self.flip is not None:
+            self.flip.generator = generator
         boxes = to_tv_boxes(target["boxes"], (height, width))
         out_image, out_boxes = self.pipeline(tv_tensors.Image(image), boxes)
         new_h, new_w = out_image.shape[-2:]

@@ -1,0 +1,317 @@
+"""The training loop: short enough to read in one sitting (nanoGPT-style), DETR-style stop on a
+non-finite loss.
+
+One optimiser step per ``accumulation_steps`` micro-batches (the last, shorter group of an epoch
+steps too). Per step: forward (bf16 autocast on CUDA only) -> criterion (fp32) -> weighted sum with
+``criterion.weight_dict`` -> backward -> L2 grad clip -> AdamW step -> lr schedule step.
+
+Exact resume: the data order is a permutation seeded by ``(seed, epoch)``, augmentation draws from
+a ``random.Random`` seeded by ``(seed, epoch, index)`` (see :class:`SeededItems`), the DataLoader
+gets its own generator (it never touches the global RNG), and the checkpoint stores the global RNG
+states (dropout, denoising noise). A run resumed from ``<out_dir>/checkpoints/last.pt`` therefore
+computes the same losses and parameters as an uninterrupted one (up to float non-determinism of the
+device).
+
+Files (rank 0 only): ``<out_dir>/checkpoints/last.pt`` (resume state, every
+``checkpoint_every_iterations`` steps and/or ``checkpoint_every_epochs`` epochs, and at the end),
+``<out_dir>/metrics.jsonl`` (one line per logged step: ``epoch``, ``step``, ``lr``, ``loss`` (the
+weighted total) and every unweighted loss term, averaged over the step's micro-batches and ranks).
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from mutdet.data.datasets import collate
+from mutdet.engine import dist
+from mutdet.engine.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
+from mutdet.engine.optim import LOW_LR_NAMES, build_optimizer, build_scheduler
+from mutdet.engine.tracking import Tracker
+
+__all__ = ["TrainConfig", "Trainer", "NonFiniteLossError", "EpochSampler", "SeededItems", "move_targets"]
+
+log = logging.getLogger("mutdet")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training settings (defaults: the paper's fine-tuning recipe, batch 2 per GPU).
+
+    ``max_iterations`` caps the total optimiser steps (None: ``epochs`` full epochs);
+    ``lr_decay_epochs`` are converted to iterations with the number of steps per epoch.
+    ``amp``: ``auto`` (bf16 autocast on CUDA, none on CPU), ``bf16`` (CUDA only) or ``none``.
+    """
+
+    epochs: int = 36
+    max_iterations: int | None = None
+    batch_size: int = 2
+    accumulation_steps: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 1e-5
+    lr_multiplier: float = 0.1
+    low_lr_names: tuple[str, ...] = LOW_LR_NAMES
+    warmup_iterations: int = 500
+    warmup_ratio: float = 1 / 3
+    lr_decay_epochs: tuple[int, ...] = (32,)
+    lr_decay_gamma: float = 0.1
+    grad_clip: float = 35.0
+    num_workers: int = 2
+    log_every: int = 20
+    checkpoint_every_iterations: int = 0
+    checkpoint_every_epochs: int = 1
+    amp: str = "auto"
+    seed: int = 0
+    progress: bool = True
+
+    @classmethod
+    def from_dict(cls, values: Mapping | None) -> "TrainConfig":
+        """Build from a config dict; unknown keys raise naming them."""
+        values = dict(values or {})
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown training setting(s) {unknown}; known: {sorted(known)}")
+        for key in ("low_lr_names", "lr_decay_epochs"):
+            if key in values:
+                values[key] = tuple(values[key])
+        return cls(**values)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss became NaN or infinite; the message names the term(s), the step and the last good checkpoint."""
+
+
+class EpochSampler(Sampler[int]):
+    """Indices of one epoch: a permutation seeded by ``(seed, epoch)`` (or ``0..n-1``), this rank's
+    share (``rank::world_size``, padded by wrapping so all ranks see as many), from ``start`` on."""
+
+    def __init__(self, size: int, *, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1):
+        self.size, self.seed, self.shuffle, self.rank, self.world_size = size, seed, shuffle, rank, world_size
+        self.epoch, self.start = 0, 0
+
+    def indices(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.size, generator=g).tolist()
+        else:
+            order = list(range(self.size))
+        per_rank = math.ceil(self.size / self.world_size)
+        order = (order * self.world_size)[:per_rank * self.world_size]
+        return order[self.rank::self.world_size]
+
+    def __iter__(self):
+        return iter(self.indices()[self.start:])
+
+    def __len__(self) -> int:
+        return max(0, math.ceil(self.size / self.world_size) - self.start)
+
+
+class SeededItems(Dataset):
+    """Wrap a dataset whose ``transform`` accepts ``generator=``: item ``i`` of epoch ``e`` draws its
+    augmentation from ``random.Random(f"{seed}-{e}-{i}")`` -- the same in every process and on resume."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        return self.dataset.__getitem__(index, generator=random.Random(f"{self.seed}-{self.epoch}-{index}"))
+
+
+def move_targets(targets: Sequence[Mapping], device: torch.device) -> list[dict]:
+    """Tensors of each target dict to ``device`` (other values unchanged)."""
+    return [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+
+
+def _float32(x):
+    """Outputs of a bf16 forward back to fp32 for the criterion (dicts, lists, tensors)."""
+    if torch.is_tensor(x):
+        return x.float() if x.is_floating_point() else x
+    if isinstance(x, dict):
+        return {k: _float32(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_float32(v) for v in x)
+    return x
+
+
+class Trainer:
+    """Train ``model`` with ``criterion`` on ``dataset``.
+
+    Args:
+        model: the detector (``model(images, targets, padding_mask=...)`` -> output dict).
+        criterion: returns a dict of unweighted scalar losses; its ``weight_dict`` weights them
+            (losses without a weight are logged but not optimised).
+        dataset: items ``(image, target)``; if it accepts ``generator=`` in ``__getitem__`` the
+            augmentation is made resumable (:class:`SeededItems`).
+        config: :class:`TrainConfig`.
+        out_dir: where ``checkpoints/`` and ``metrics.jsonl`` go.
+        device: torch device of this process.
+        run_config: the resolved configuration stored in checkpoints (JSON-like).
+        wandb_mode: see :mod:`mutdet.engine.tracking`.
+        collate_fn: batch builder returning ``(images, padding_mask, targets)``.
+    """
+
+    def __init__(self, *, model: nn.Module, criterion: nn.Module, dataset: Dataset, config: TrainConfig,
+                 out_dir: str | Path, device: torch.device, run_config: Mapping | None = None,
+                 wandb_mode: str | None = None, collate_fn: Callable = collate):
+        self.config, self.device = config, device
+        self.out_dir = Path(out_dir)
+        self.last_path = self.out_dir / "checkpoints" / "last.pt"
+        self.run_config = dict(run_config or {})
+        self.run_config.setdefault("train", asdict(config))
+        self.wandb_mode = wandb_mode
+        self.model = model.to(device)
+        self.criterion = criterion.to(device)
+        self.optimizer = build_optimizer(model, lr=config.lr, weight_decay=config.weight_decay,
+                                         lr_multiplier=config.lr_multiplier, low_lr_names=config.low_lr_names)
+        seeded = "generator" in inspect.signature(dataset.__getitem__).parameters
+        self.items = SeededItems(dataset, config.seed) if seeded else dataset
+        self.sampler = EpochSampler(len(dataset), seed=config.seed, rank=dist.get_rank(),
+                                    world_size=dist.get_world_size())
+        self.loader = DataLoader(self.items, batch_size=config.batch_size, sampler=self.sampler,
+                                 num_workers=config.num_workers, collate_fn=collate_fn,
+                                 generator=torch.Generator(), pin_memory=device.type == "cuda")
+        batches = math.ceil(math.ceil(len(dataset) / dist.get_world_size()) / config.batch_size)
+        self.steps_per_epoch = math.ceil(batches / config.accumulation_steps)
+        if self.steps_per_epoch == 0:
+            raise ValueError("Trainer: the training set is empty")
+        self.total_steps = config.epochs * self.steps_per_epoch
+        if config.max_iterations is not None:
+            self.total_steps = min(self.total_steps, config.max_iterations) if config.epochs else config.max_iterations
+        self.scheduler = build_scheduler(self.optimizer, warmup_iterations=config.warmup_iterations,
+                                         warmup_ratio=config.warmup_ratio, gamma=config.lr_decay_gamma,
+                                         milestones=[e * self.steps_per_epoch for e in config.lr_decay_epochs])
+        if config.amp not in ("auto", "bf16", "none"):
+            raise ValueError(f"amp: {config.amp!r} (expected auto | bf16 | none)")
+        if config.amp == "bf16" and device.type != "cuda":
+            raise ValueError("amp: bf16 autocast is for CUDA runs only")
+        self.autocast = device.type == "cuda" and config.amp != "none"
+        self.wrapped = dist.wrap_model(self.model, device)
+        self.epoch, self.batch, self.step = 0, 0, 0
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+    def save(self, path: Path | None = None, finished: bool = False) -> None:
+        if dist.is_main_process():
+            save_checkpoint(path or self.last_path, model=self.model, optimizer=self.optimizer,
+                            scheduler=self.scheduler, epoch=self.epoch, batch=self.batch, step=self.step,
+                            config=self.run_config, meta={"finished": finished, "total_steps": self.total_steps})
+        dist.barrier()
+
+    def resume(self, path: str | Path | None = None) -> bool:
+        """Load the training state from ``path`` (default ``checkpoints/last.pt``); False if absent."""
+        path = Path(path) if path is not None else self.last_path
+        if not path.is_file():
+            return False
+        ckpt = load_checkpoint(path, map_location=self.device)
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.epoch, self.batch, self.step = ckpt["epoch"], ckpt["batch"], ckpt["step"]
+        set_rng_state(ckpt["rng"])
+        log.info("resumed from %s at epoch %d, batch %d, step %d", path, self.epoch, self.batch, self.step)
+        return True
+
+    # -- one optimiser step --------------------------------------------------------------------------
+    def _micro_step(self, images, padding_mask, targets, scale: float, sync: bool) -> dict[str, float]:
+        images = images.to(self.device, non_blocking=True)
+        padding_mask = padding_mask.to(self.device, non_blocking=True)
+        targets = move_targets(targets, self.device)
+        sync_ctx = contextlib.nullcontext() if sync or not hasattr(self.wrapped, "no_sync") else self.wrapped.no_sync()
+        with sync_ctx:
+            with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                outputs = self.wrapped(images, targets, padding_mask=padding_mask)
+            losses = self.criterion(_float32(outputs), targets)
+            weights = self.criterion.weight_dict
+            loss = sum(losses[k] * weights[k] for k in losses if k in weights)
+            if not dist.all_ranks_true(bool(torch.isfinite(loss)), self.device):  # every rank stops together
+                bad = {k: float(v.detach()) for k, v in losses.items() if not torch.isfinite(v)}
+                if torch.isfinite(loss):
+                    bad = {"(on another rank)": float("nan")}
+                elif not bad:
+                    bad = {"loss (weighted sum)": float(loss.detach())}
+                raise NonFiniteLossError(
+                    f"non-finite loss {bad} at epoch {self.epoch}, "
+                    f"step {self.step + 1}; training stopped, the last good checkpoint "
+                    f"is {self.last_path if self.last_path.is_file() else 'none (none was written yet)'}")
+            (loss * scale).backward()
+        values = torch.stack([loss.detach(), *(v.detach().float() for v in losses.values())]).tolist()  # one sync
+        return dict(zip(["loss", *losses], values))
+
+    def _optimizer_step(self) -> None:
+        if self.config.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+    # -- the loop ------------------------------------------------------------------------------------
+    def fit(self, *, resume: bool = True, stop_after: int | None = None) -> dict:
+        """Train until ``total_steps`` (or ``stop_after`` steps of this call: an interruption, for tests).
+
+        Returns ``{"step", "epoch", "finished", "last_record"}``.
+        """
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        resumed = self.resume() if resume else False
+        tracker = Tracker(self.out_dir / "metrics.jsonl", enabled=dist.is_main_process(), wandb_mode=self.wandb_mode,
+                          name=self.out_dir.name, config=self.run_config, resume_step=self.step if resumed else None)
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not (cfg.progress and dist.is_main_process()),
+                   dynamic_ncols=True, desc="train")
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        done_here, record = 0, None
+        try:
+            while self.step < self.total_steps and (stop_after is None or done_here < stop_after):
+                self.sampler.epoch = self.epoch
+                self.sampler.start = self.batch * cfg.batch_size
+                if isinstance(self.items, SeededItems):
+                    self.items.epoch = self.epoch
+                batches = iter(self.loader)
+                remaining = len(self.loader)
+                while remaining > 0 and self.step < self.total_steps and (stop_after is None or done_here < stop_after):
+                    group = min(cfg.accumulation_steps, remaining)
+                    sums: dict[str, float] = {}
+                    for k in range(group):
+                        images, mask, targets = next(batches)
+                        values = self._micro_step(images, mask, targets, 1.0 / group, sync=k == group - 1)
+                        for key, v in values.items():
+                            sums[key] = sums.get(key, 0.0) + v / group
+                    remaining -= group
+                    self.batch += group
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    self._optimizer_step()
+                    self.step += 1
+                    done_here += 1
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{sums['loss']:.3f}", epoch=self.epoch)
+                    if self.step % cfg.log_every == 0 or self.step == self.total_steps or self.step == 1:
+                        record = {"epoch": self.epoch, "step": self.step, "lr": lr, "time": time.time(),
+                                  **dist.reduce_mean(sums, self.device)}
+                        tracker.log(record)
+                    if remaining == 0:
+                        self.epoch, self.batch = self.epoch + 1, 0
+                        if cfg.checkpoint_every_epochs and self.epoch % cfg.checkpoint_every_epochs == 0:
+                            self.save()
+                    elif cfg.checkpoint_every_iterations and self.step % cfg.checkpoint_every_iterations == 0:
+                        self.save()
+                del batches
+            finished = self.step >= self.total_steps
+            self.save(finished=finished)
+        finally:
+            bar.close()
+            tracker.close()
+        return {"step": self.step, "epoch": self.epoch, "finished": finished, "last_record": record}

@@ -1,0 +1,139 @@
+"""Stage finetune end to end: DOTA-format images -> tile stage -> finetune (2-3 iterations) ->
+tile and merged detections -> evaluation; rerun resumes; init from a checkpoint."""
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from mutdet.boxes import le90_to_polygon
+from mutdet.config import from_dict
+from mutdet.engine.checkpoint import load_checkpoint, save_checkpoint
+from mutdet.engine.transfer import transfer_state_dict
+from mutdet.engine.tracking import read_jsonl
+from mutdet.io.artefacts import read_artefact, read_metadata
+from mutdet.stages import finetune, tile
+
+CLASSES = ["plane", "ship"]
+TINY = dict(backbone="light", frozen_stages=-1, frozen_bn=False, embed_dim=32, num_heads=4, num_levels=2,
+            num_points=2, num_encoder_layers=1, num_decoder_layers=1, ffn_dim=64, dropout=0.0, num_queries=10,
+            num_denoising_queries=6, norm_groups=8)
+TRAIN = dict(epochs=1, max_iterations=3, batch_size=2, lr=1e-4, warmup_iterations=2, lr_decay_epochs=[],
+             num_workers=0, log_every=1, checkpoint_every_iterations=2, progress=False)
+
+
+@pytest.fixture(autouse=True)
+def _env(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    torch.set_num_threads(1)
+
+
+def write_dota(root, ids):
+    (root / "images").mkdir(parents=True)
+    (root / "labelTxt").mkdir()
+    rng = np.random.default_rng(1)
+    for image_id in ids:
+        img = np.full((96, 112, 3), 30, np.uint8)
+        boxes = np.column_stack([[25, 75], rng.uniform(25, 70, 2), [20, 24], [10, 8], rng.uniform(-1.4, 1.4, 2)])
+        lines = ["imagesource:test", "gsd:1"]
+        for k, poly in enumerate(le90_to_polygon(boxes)):
+            cv2.fillPoly(img, [poly.reshape(4, 2).round().astype(np.int32)], (250, 250 - 150 * k, 100))
+            lines.append(" ".join(f"{v:.2f}" for v in poly) + f" {CLASSES[k]} 0")
+        cv2.imwrite(str(root / "images" / f"{image_id}.png"), img)
+        (root / "labelTxt" / f"{image_id}.txt").write_text("\n".join(lines) + "\n")
+    (root / "train.txt").write_text("\n".join(ids[:3]) + "\n")
+    (root / "test.txt").write_text("\n".join(ids[3:]) + "\n")
+
+
+def test_finetune_end_to_end_and_resume(tmp_path):
+    root = tmp_path / "data"
+    write_dota(root, ["a", "b", "c", "d"])
+    cfg = from_dict({"results": str(tmp_path / "results"), "datasets": {"d": {
+        "root": str(root), "format": "dota", "classes": CLASSES, "tiling": {"size": 64, "gap": 16},
+        "splits": {"train": {"list": "train.txt"}, "test": {"list": "test.txt"}}}}})
+    tile.run(cfg, "d", "train", 0, tmp_path / "tiles_train")
+    tile.run(cfg, "d", "test", 0, tmp_path / "tiles_test")
+    out = tmp_path / "ft"
+    kwargs = dict(tiles_dirs=[tmp_path / "tiles_train"], test_tiles_dirs=[tmp_path / "tiles_test"], out_dir=out,
+                  model_kwargs=TINY, train_kwargs=TRAIN, image_ids=["a", "b"], seed=0, classes=CLASSES,
+                  input_size=64, num_select=20, dataset=cfg.dataset("d"), test_split="test")
+    result = finetune.run(**kwargs)
+    assert result["train"]["step"] == 3 and result["train"]["finished"]
+    records = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in records)
+    params = json.loads((out / "config.json").read_text())
+    assert params["image_ids"] == ["a", "b"] and params["classes"] == CLASSES
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    assert ckpt["config"]["model"]["embed_dim"] == 32 and ckpt["meta"]["finished"]
+    tiles_dets = read_artefact(out / "detections_tiles.parquet", "detections")
+    merged = read_artefact(out / "detections.parquet", "detections")
+    assert read_metadata(out / "detections_tiles.parquet")["frame"] == "tile"
+    assert read_metadata(out / "detections.parquet")["frame"] == "image"
+    assert tiles_dets.num_rows > 0 and set(tiles_dets.column("id").to_pylist()) <= set(
+        read_artefact(tmp_path / "tiles_test" / "tiles.parquet", "tiles").column("tile_id").to_pylist())
+    assert set(merged.column("id").to_pylist()) == {"d"} and 0 < merged.num_rows <= tiles_dets.num_rows
+    metrics = json.loads((out / "evaluation" / "metrics.json").read_text())
+    assert metrics["split"] == "test" and "AP50" in metrics["mean"]
+    # rerun with a longer schedule: resumes at step 3 and continues to 4
+    before = (out / "metrics.jsonl").read_text()
+    again = finetune.run(**{**kwargs, "train_kwargs": {**TRAIN, "max_iterations": 4}})
+    assert again["train"]["step"] == 4
+    assert (out / "metrics.jsonl").read_text().startswith(before)
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+def test_init_from_pretrained_checkpoint_reports_dropped_keys(tmp_path):
+    from mutdet.models import build_detector
+
+    torch.manual_seed(0)
+    pre = build_detector(num_classes=7, **TINY)  # e.g. pseudo-classes
+    state = dict(pre.state_dict())
+    state["mutual_enhancement.layers.0.weight"] = torch.zeros(3)
+    path = save_checkpoint(tmp_path / "pre.pt", model=state, config={"model": TINY})
+    torch.manual_seed(1)
+    ft = build_detector(num_classes=2, **TINY)
+    kept, report = transfer_state_dict(load_checkpoint(path)["model"], ft.state_dict())
+    assert report["dropped"]["mutual_enhancement.layers.0.weight"] == "pretraining-only"
+    assert report["dropped"]["class_heads.0.weight"] == "pretraining-only"
+    assert report["dropped"]["label_embed.weight"] == "pretraining-only"
+    assert "class_heads.0.weight" in report["missing"] and "encoder.layers.0.norm.weight" in report["loaded"]
+    from mutdet.engine.transfer import load_pretrained
+
+    info = load_pretrained(ft, path)
+    torch.testing.assert_close(ft.state_dict()["query_embed.weight"], pre.state_dict()["query_embed.weight"])
+    assert info["source"] == str(path)
+
+
+def test_detect_stage_on_a_large_image(tmp_path):
+    from mutdet.engine.checkpoint import save_checkpoint
+    from mutdet.io.artefacts import read_artefact
+    from mutdet.models import build_detector
+    from mutdet.stages import detect
+
+    torch.manual_seed(0)
+    model = build_detector(num_classes=2, **TINY)
+    ckpt = save_checkpoint(tmp_path / "checkpoint.pt", model=model,
+                           config={"model": TINY, "classes": CLASSES, "input_size": 64})
+    images = tmp_path / "images"
+    images.mkdir()
+    cv2.imwrite(str(images / "big.png"), np.full((150, 170, 3), 40, np.uint8))
+    cv2.imwrite(str(images / "small.jpg"), np.full((40, 50, 3), 40, np.uint8))
+    merged = detect.run(checkpoint=ckpt, images=[images], out_dir=tmp_path / "out", tile_size=64, gap=16,
+                        device="cpu", num_select=5, score_threshold=0.0, preview_score=0.0)
+    table = read_artefact(tmp_path / "out" / "detections.parquet", "detections")
+    assert table.num_rows == merged.num_rows > 0 and set(table.column("id").to_pylist()) <= {"big", "small"}
+    big = table.filter(pa_equal(table, "big"))
+    cx = np.asarray(big.column("cx"))
+    assert cx.max() > 64 and cx.max() <= 170 + 64  # image frame: tiles start at x = 0, 48, 96, 106
+    assert sorted(p.name for p in (tmp_path / "out" / "task1").iterdir()) == [f"Task1_{c}.txt" for c in CLASSES]
+    preview = cv2.imread(str(tmp_path / "out" / "previews" / "big.png"))
+    assert preview.shape == (150, 170, 3) and (preview != 40).any()
+
+
+def pa_equal(table, value):
+    import pyarrow.compute as pc
+
+    return pc.equal(table.column("id"), value)
