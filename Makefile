@@ -34,4 +34,4 @@ dryrun: $(STAMP)
 
 # Every benchmark, each against a baseline measured in the same run (several minutes on 2 cores).
 bench: $(STAMP)
-	for b in tiling evaluation proposals embeddings model overfit; do $(PY) benchmarks/$$b.py || exit 1; done
+	for b in tiling evaluation proposals embeddings model train overfit; do $(PY) benchmarks/$$b.py || exit 1; done

@@ -14,6 +14,7 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/tile.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/pretrain_data.smk"
+include: "workflow/rules/finetune.smk"
 
 
 rule all:
@@ -22,3 +23,4 @@ rule all:
         all_tiles(),
         all_fractions(),
         pretrain_shard_files("targets") if CONFIG.proposals.datasets else [],
+        all_finetune_metrics(),

@@ -70,6 +70,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="folder of pca_kmeans.npz and manifest.json")
     _add_threads(p)
 
+    p = sub.add_parser("finetune", help="fine-tune the oriented DETR on a split's tiles, detect on the test tiles")
+    _add_config(p)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--tiles", required=True, nargs="+", type=Path, help="training tiles folders (every shard)")
+    p.add_argument("--test-tiles", nargs="+", type=Path, help="tiles folders to detect on after training")
+    p.add_argument("--image-ids", type=Path, help="list file of training image ids (a data-fraction subset)")
+    p.add_argument("--init", default="none", help="none, or a pre-training checkpoint")
+    p.add_argument("--epochs", type=int, required=True)
+    p.add_argument("--out", required=True, type=Path)
+    _add_threads(p)
+
+    p = sub.add_parser("detect", help="run a fine-tuned checkpoint on images of any size (tiled on the fly)")
+    p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint.pt written by mutdet finetune")
+    p.add_argument("--images", required=True, nargs="+", type=Path, help="image files or folders")
+    p.add_argument("--out", required=True, type=Path, help="detections.parquet, task1/, previews/")
+    p.add_argument("--tile-size", type=int, default=1024)
+    p.add_argument("--gap", type=int, default=200)
+    p.add_argument("--rates", type=float, nargs="+", default=[1.0])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--score-threshold", type=float, default=0.05)
+    p.add_argument("--no-previews", action="store_true", help="skip the PNG previews")
+    _add_threads(p)
+
     p = sub.add_parser("merge", help="map tile detections back to full images (rotated NMS)")
     p.add_argument("--detections", required=True, type=Path, help="detections Parquet, id = tile id")
     p.add_argument("--tiles", required=True, nargs="+", type=Path, help="tiles.parquet file(s) of those tiles")
@@ -111,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     from mutdet.config import load_config
 
-    if getattr(args, "threads", None) and args.command in ("propose", "embed", "cluster"):
+    if getattr(args, "threads", None) and args.command in ("propose", "embed", "cluster", "finetune", "detect"):
         import torch
 
         torch.set_num_threads(max(1, args.threads))  # oversubscribed cores slow torch down many times
@@ -144,6 +167,26 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(args.config)
             cluster.run(embedding_files=args.embeddings, target_files=args.targets, out_dir=args.out,
                         seed=cfg.seed, **dataclasses.asdict(cfg.cluster))
+        elif args.command == "finetune":
+            from mutdet.io.datasets import list_image_ids
+            from mutdet.stages import finetune
+
+            cfg = load_config(args.config)
+            ft, ds = cfg.finetune, cfg.dataset(args.dataset)
+            finetune.run(
+                tiles_dirs=args.tiles, test_tiles_dirs=args.test_tiles, out_dir=args.out,
+                model_kwargs=dict(ft.model), train_kwargs=ft.train_kwargs(args.epochs),
+                image_ids=None if args.image_ids is None else list_image_ids(Path(), args.image_ids, ds.image_extensions),
+                init=args.init, seed=cfg.seed, classes=list(ds.classes), input_size=ft.input_size,
+                flip_probability=ft.flip_probability, loss_kwargs=dict(ft.loss), device=ft.device,
+                wandb_mode=ft.wandb_mode, merge_iou=ft.merge_iou, num_select=ft.num_select,
+                score_threshold=ft.score_threshold, eval_batch_size=ft.eval_batch_size)
+        elif args.command == "detect":
+            from mutdet.stages import detect
+
+            detect.run(checkpoint=args.checkpoint, images=args.images, out_dir=args.out, tile_size=args.tile_size,
+                       gap=args.gap, rates=tuple(args.rates), device=args.device,
+                       score_threshold=args.score_threshold, previews=not args.no_previews)
         elif args.command == "merge":
             from mutdet.stages import merge
 

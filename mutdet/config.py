@@ -190,6 +190,39 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True)
+class FinetuneRun:
+    dataset: str
+    train_split: str
+    test_split: str
+    inits: tuple[str, ...]
+    fractions: tuple[float, ...]
+    epochs: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    runs: tuple[FinetuneRun, ...]
+    input_size: int | None
+    flip_probability: float
+    device: str
+    wandb_mode: str | None
+    merge_iou: float
+    num_select: int
+    score_threshold: float
+    eval_batch_size: int
+    model: Mapping[str, Any]  # build_detector keywords
+    train: Mapping[str, Any]  # TrainConfig fields (without epochs and seed)
+    loss: Mapping[str, Any]  # build_criterion keywords
+
+    def train_kwargs(self, epochs: int) -> dict:
+        """TrainConfig fields for a run of ``epochs`` (lr decay at 8/9 of the schedule unless configured)."""
+        kwargs = dict(self.train)
+        if kwargs.get("lr_decay_epochs") is None:
+            kwargs["lr_decay_epochs"] = [round(epochs * 8 / 9)]
+        return {**kwargs, "epochs": epochs}
+
+
+@dataclass(frozen=True)
 class FractionsConfig:
     datasets: tuple[tuple[str, str], ...]  # (dataset, split) pairs
     values: tuple[float, ...]
@@ -206,6 +239,7 @@ class Config:
     fractions: FractionsConfig | None = None
     embedding: EmbeddingConfig | None = None
     cluster: ClusterConfig | None = None
+    finetune: FinetuneConfig | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def dataset(self, name: str) -> DatasetConfig:
@@ -279,6 +313,25 @@ def _proposals(p: dict, datasets: Mapping[str, DatasetConfig]) -> ProposalsConfi
     )
 
 
+def _finetune(f: dict, datasets: Mapping[str, DatasetConfig]) -> FinetuneConfig:
+    runs = []
+    for k, r in enumerate(f["runs"]):
+        if r["dataset"] in {run.dataset for run in runs}:
+            raise ConfigError(f"finetune.runs.{k}.dataset: {r['dataset']!r} has a run already (one run per dataset)")
+        if r["dataset"] not in datasets:
+            raise ConfigError(f"finetune.runs.{k}.dataset: {r['dataset']!r} names no dataset (have {sorted(datasets)})")
+        for key in ("train_split", "test_split"):
+            if r[key] not in datasets[r["dataset"]].splits:
+                raise ConfigError(f"finetune.runs.{k}.{key}: dataset {r['dataset']!r} has no split {r[key]!r}")
+        runs.append(FinetuneRun(dataset=r["dataset"], train_split=r["train_split"], test_split=r["test_split"],
+                                inits=tuple(r["inits"]), fractions=tuple(float(v) for v in r["fractions"]),
+                                epochs=tuple(r["epochs"])))
+    scalars = {k: f[k] for k in ("input_size", "flip_probability", "device", "wandb_mode", "merge_iou",
+                                 "num_select", "score_threshold", "eval_batch_size")}
+    return FinetuneConfig(runs=tuple(runs), **scalars, model=MappingProxyType(dict(f["model"])),
+                          train=MappingProxyType(dict(f["train"])), loss=MappingProxyType(dict(f["loss"])))
+
+
 def from_dict(raw: Mapping[str, Any] | None, source: str = "config") -> Config:
     """Validate a config mapping and build the frozen :class:`Config`."""
     d = validate_config(raw, source)
@@ -294,6 +347,7 @@ def from_dict(raw: Mapping[str, Any] | None, source: str = "config") -> Config:
                                   nested=d["fractions"]["nested"]),
         embedding=EmbeddingConfig(**d["embedding"]),
         cluster=ClusterConfig(**d["cluster"]),
+        finetune=_finetune(d["finetune"], datasets),
         raw=MappingProxyType(d),
     )
 

@@ -152,3 +152,20 @@ def test_dataset_with_training_transform_and_collate(tmp_path):
     for t in targets:
         assert t["size"].tolist() == [96, 96]
         assert (t["boxes"][:, :2] >= 0).all() and (t["boxes"][:, :2] <= 96).all()
+
+
+@pytest.mark.parametrize("direction", ["horizontal", "vertical", "diagonal"])
+def test_flipped_boxes_stay_on_the_drawn_objects(direction):
+    """A filled rotated rectangle drawn in the image stays under its box after the flip (and resize)."""
+    box = normalize_le90(np.array([70.0, 40.0, 50.0, 18.0, 0.5]))
+    canvas = np.zeros((100, 160), np.uint8)
+    cv2.fillPoly(canvas, [le90_to_polygon(box).reshape(4, 2).round().astype(np.int32)], 255)
+    image = torch.from_numpy(np.repeat(canvas[None], 3, axis=0))
+    t = DetectionTransform(flip_probabilities={direction: 1.0}, input_size=120)
+    out, target = t(image, {"boxes": torch.tensor(box[None], dtype=torch.float32)})
+    drawn = (out[0] > out[0].mean()).numpy()
+    expected = np.zeros_like(drawn, dtype=np.uint8)
+    poly = le90_to_polygon(target["boxes"].double().numpy()[0]).reshape(4, 2)
+    cv2.fillPoly(expected, [poly.round().astype(np.int32)], 1)
+    inter, union = (drawn & (expected > 0)).sum(), (drawn | (expected > 0)).sum()
+    assert inter / union > 0.85

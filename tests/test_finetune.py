@@ -77,6 +77,20 @@ def test_finetune_end_to_end_and_resume(tmp_path):
     assert set(merged.column("id").to_pylist()) == {"d"} and 0 < merged.num_rows <= tiles_dets.num_rows
     metrics = json.loads((out / "evaluation" / "metrics.json").read_text())
     assert metrics["split"] == "test" and "AP50" in metrics["mean"]
+    # the checkpoint alone rebuilds the same detector: identical outputs on the same input
+    from mutdet.engine.inference import load_detector
+    from mutdet.models import build_detector
+
+    rebuilt, config = load_detector(out / "checkpoint.pt", torch.device("cpu"))
+    reference = build_detector(num_classes=len(CLASSES), **TINY)
+    reference.load_state_dict(load_checkpoint(out / "checkpoint.pt")["model"])
+    reference.eval()
+    image = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = rebuilt(image), reference(image)
+    for key in ("pred_logits", "pred_boxes", "pred_angle_logits"):
+        torch.testing.assert_close(a[key], b[key])
+    assert not torch.equal(a["pred_logits"], build_detector(num_classes=len(CLASSES), **TINY).eval()(image)["pred_logits"])
     # rerun with a longer schedule: resumes at step 3 and continues to 4
     before = (out / "metrics.jsonl").read_text()
     again = finetune.run(**{**kwargs, "train_kwargs": {**TRAIN, "max_iterations": 4}})

@@ -40,6 +40,9 @@ def test_dry_run_shows_one_job_per_shard(configfile, tmp_path):
     assert int(counts["tile"]) == splits
     proposal_shards = sum(raw["datasets"][ref.split("/")[0]]["shards"] for ref in raw["proposals"]["datasets"])
     assert int(counts["propose"]) == int(counts["embed"]) == proposal_shards and int(counts["cluster"]) == 1
+    runs = raw["finetune"]["runs"]
+    jobs = sum(len(r.get("inits", ["none"])) * len(r.get("fractions", [1.0])) * len(r.get("epochs", [36])) for r in runs)
+    assert int(counts["finetune"]) == int(counts["evaluate"]) == jobs
 
 
 def test_bad_config_key_fails_dry_run_naming_the_key(tmp_path):
@@ -71,6 +74,11 @@ def test_tiny_end_to_end_run_and_nothing_to_redo(tmp_path):
         lines = (results / "tiny" / "fractions" / "train" / f"frac~{fraction}.txt").read_text().splitlines()
         ids = [l for l in lines if not l.startswith("#")]
         assert len(ids) == round(fraction * syn["num_train"]) and "# seed: 42" in lines
+    run = raw["finetune"]["runs"][0]
+    finetuned = results / "finetune" / "init~none" / "frac~1.0" / f"epochs~{run['epochs'][0]}" / "tiny" / "test"
+    metrics = json.loads((finetuned / "metrics.json").read_text())
+    assert set(metrics["mean"]) >= {"AP50", "AP75"} and metrics["num_images"] == syn["num_test"]
+    assert (finetuned / "checkpoint.pt").is_file() and (finetuned / "metrics.jsonl").is_file()
     manifest = json.loads(next((results / "targets").rglob("manifest.json")).read_text())
     assert manifest["params"]["k"] == raw["cluster"]["k"] and manifest["pool"] > 0
     targets = sorted((results / "tiny" / "targets").rglob("targets.parquet"))

@@ -19,6 +19,7 @@ MUTDET = (
 
 NAME = r"[A-Za-z0-9][A-Za-z0-9_-]*"
 # Tags of the parameters that determine proposals and embeddings (folder names; see pretrain_data.smk).
+FINETUNE_DIR = "finetune/init~{init}/frac~{fraction}/epochs~{epochs}/{dataset}/{split}"
 PROPOSALS_TAG = proposals_tag(CONFIG)
 EMBED_TAG = embedding_tag(CONFIG)
 
@@ -30,6 +31,8 @@ wildcard_constraints:
     fraction=r"(0?\.\d+|1\.0|1)",
     run=r"[A-Za-z0-9][A-Za-z0-9_~.=/-]*",
     ptag=NAME,
+    init=NAME,
+    epochs=r"\d+",
     etag=NAME,
 
 
@@ -87,4 +90,34 @@ def all_fractions():
         f"{RESULTS}/{name}/fractions/{split}/frac~{value}.txt"
         for name, split in CONFIG.fractions.datasets
         for value in CONFIG.fractions.values
+    ]
+
+
+def finetune_run(dataset):
+    """The `finetune.runs` entry of a dataset."""
+    return next(r for r in CONFIG.finetune.runs if r.dataset == dataset)
+
+
+def finetune_tiles(dataset, split):
+    return [tiles_path(dataset, split, shard, "tiles.parquet") for shard in range(CONFIG.dataset(dataset).shards)]
+
+
+def finetune_config_json(name):
+    """Config part of one dataset's fine-tuning jobs."""
+    part = json.loads(dataset_config_json(name, seed=True))
+    part["finetune"] = CONFIG.raw["finetune"]
+    return json.dumps(part, sort_keys=True)
+
+
+def finetune_dir(run, init, fraction, epochs):
+    return FINETUNE_DIR.format(init=init, fraction=fraction, epochs=epochs, dataset=run.dataset, split=run.test_split)
+
+
+def all_finetune_metrics():
+    return [
+        f"{RESULTS}/{finetune_dir(r, init, fraction, epochs)}/metrics.json"
+        for r in CONFIG.finetune.runs
+        for init in r.inits
+        for fraction in r.fractions
+        for epochs in r.epochs
     ]
