@@ -10,6 +10,7 @@ from mutdet.config import Config
 from mutdet.stages.common import params_hash
 
 TILES_DIR = "{dataset}/tiles/{split}/shard-{shard}"
+FINETUNE_DIR = "finetune/init~{init}/frac~{fraction}/epochs~{epochs}/{dataset}/{split}"
 LOGS_DIR = "logs"
 # Parameters that determine the embeddings (batch size, workers and device do not).
 EMBEDDING_KEYS = ("backbone", "weights", "context", "input_size", "crop_size", "precision")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 from mutdet.config import Config
-from mutdet.stages.layout import embedding_tag, pretrain_dir, proposals_tag, tiles_dir
+from mutdet.stages.layout import FINETUNE_DIR, embedding_tag, pretrain_dir, proposals_tag, tiles_dir
 
 
 def describe(cfg: Config) -> str:
@@ -31,4 +31,16 @@ def describe(cfg: Config) -> str:
     lines.append(f"  clusters   {'fitted' if model.is_file() else 'not fitted yet'}: {model}")
     for name, split in cfg.fractions.datasets:
         lines.append(f"  fractions  {name}/{split}: {cfg.results / name / 'fractions' / split}/frac~<p>.txt")
+    for run in cfg.finetune.runs:
+        for init in run.inits:
+            for fraction in run.fractions:
+                for epochs in run.epochs:
+                    folder = cfg.results / FINETUNE_DIR.format(init=init, fraction=fraction, epochs=epochs,
+                                                               dataset=run.dataset, split=run.test_split)
+                    state = "not produced yet"
+                    if (folder / "metrics.json").is_file():
+                        mean = json.loads((folder / "metrics.json").read_text())["mean"]
+                        state = "  ".join(f"{k} {100 * mean[k]:.1f}" for k in ("AP50", "AP75") if mean.get(k) is not None)
+                    lines.append(f"  finetune   {run.dataset}/{run.test_split} init {init}, fraction {fraction}, "
+                                 f"{epochs} epochs: {state}  {folder}/")
     return "\n".join(lines)

@@ -3,7 +3,7 @@ import json
 import sys
 
 from mutdet.config import from_dict
-from mutdet.stages.layout import LOGS_DIR, TILES_DIR, embedding_tag, pretrain_dir, proposals_tag
+from mutdet.stages.layout import FINETUNE_DIR, LOGS_DIR, TILES_DIR, embedding_tag, pretrain_dir, proposals_tag
 
 # Validates against workflow/schemas/config.schema.yaml and fills defaults; a wrong key or type stops
 # here (also under `snakemake -n`) with a message naming the key.
@@ -19,7 +19,6 @@ MUTDET = (
 
 NAME = r"[A-Za-z0-9][A-Za-z0-9_-]*"
 # Tags of the parameters that determine proposals and embeddings (folder names; see pretrain_data.smk).
-FINETUNE_DIR = "finetune/init~{init}/frac~{fraction}/epochs~{epochs}/{dataset}/{split}"
 PROPOSALS_TAG = proposals_tag(CONFIG)
 EMBED_TAG = embedding_tag(CONFIG)
 
