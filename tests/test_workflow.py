@@ -79,6 +79,11 @@ def test_tiny_end_to_end_run_and_nothing_to_redo(tmp_path):
     metrics = json.loads((finetuned / "metrics.json").read_text())
     assert set(metrics["mean"]) >= {"AP50", "AP75"} and metrics["num_images"] == syn["num_test"]
     assert (finetuned / "checkpoint.pt").is_file() and (finetuned / "metrics.jsonl").is_file()
+    from mutdet.config import from_dict
+    from mutdet.stages.outputs import describe
+
+    listing = describe(from_dict({**raw, "results": str(results)}))
+    assert "AP50" in listing and "not produced yet" not in listing and "not fitted yet" not in listing
     manifest = json.loads(next((results / "targets").rglob("manifest.json")).read_text())
     assert manifest["params"]["k"] == raw["cluster"]["k"] and manifest["pool"] > 0
     targets = sorted((results / "tiny" / "targets").rglob("targets.parquet"))
