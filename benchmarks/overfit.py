@@ -36,9 +36,8 @@ from mutdet.io.annotations import ImageAnnotations
 from mutdet.io.artefacts import read_artefact
 from mutdet.losses import build_criterion
 from mutdet.models import PostProcess, build_detector
+from mutdet.models.backbone import IMAGENET_MEAN, IMAGENET_STD
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406])
-IMAGENET_STD = np.array([0.229, 0.224, 0.225])
 
 
 def select_tiles(objects: dict, min_objects: int, max_objects: int, num_tiles: int) -> list[str]:
@@ -74,7 +73,7 @@ def load(folder: Path, tile_ids: list[str] | None, args) -> tuple:
             raise FileNotFoundError(f"cannot read tile image {folder / path_of[tile_id]}")
         factor = args.size / float(size_of[tile_id])
         image = cv2.resize(image, (args.size, args.size), interpolation=cv2.INTER_AREA)
-        rgb = (image[:, :, ::-1] / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+        rgb = (image[:, :, ::-1] / 255.0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
         images.append(torch.from_numpy(rgb.transpose(2, 0, 1).copy()).float())
         rows = objects["tile_id"] == tile_id
         boxes = np.stack([objects[k][rows] for k in ("cx", "cy", "w", "h", "theta")], 1)

@@ -29,12 +29,11 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from mutdet.boxes import cxcywhr_to_le90, le90_to_cxcywhr
+from mutdet.models.backbone import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "RandomOrientedFlip", "DetectionTransform", "build_transforms",
            "FLIP_DIRECTIONS"]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 FLIP_DIRECTIONS = ("horizontal", "vertical", "diagonal")
 
 

@@ -28,15 +28,13 @@ import torchvision
 from torch import nn
 
 from mutdet.embedding.rotated_crop import rotated_roi_align
-from mutdet.models.backbone import RESNET_DEPTHS, build_backbone
+from mutdet.models.backbone import IMAGENET_MEAN, IMAGENET_STD, RESNET_DEPTHS, build_backbone
 
 __all__ = ["BackboneWeightsError", "IMAGENET_MEAN", "IMAGENET_STD", "EMBEDDING_BACKBONES", "imagenet_checkpoint",
            "resolve_weights", "embedding_dim", "ProposalEmbedder", "build_embedder"]
 
 log = logging.getLogger("mutdet.embedding")
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # RGB, for images scaled to [0, 1]
-IMAGENET_STD = (0.229, 0.224, 0.225)
 EMBEDDING_BACKBONES = tuple(RESNET_DEPTHS[d] for d in sorted(RESNET_DEPTHS))  # resnet18 ... resnet101
 RANDOM_WEIGHTS_SEED = 0  # weights "none": a fixed random init, so every shard embeds with the same network
 DOWNLOAD_SOCKET_TIMEOUT_S = 30.0  # per socket operation while trying the one download

@@ -15,9 +15,13 @@ import torchvision
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
-__all__ = ["Backbone", "ResNetBackbone", "LightBackbone", "build_backbone", "RESNET_DEPTHS"]
+__all__ = ["Backbone", "ResNetBackbone", "LightBackbone", "build_backbone", "RESNET_DEPTHS", "IMAGENET_MEAN",
+           "IMAGENET_STD"]
 
 RESNET_DEPTHS = {18: "resnet18", 34: "resnet34", 50: "resnet50", 101: "resnet101"}
+# The normalisation every torchvision ImageNet backbone expects: RGB, for images scaled to [0, 1].
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class Backbone(nn.Module):
