@@ -127,9 +127,7 @@ def run(cfg: Config, dataset: str, split: str, shard: int, out_dir: str | Path, 
     ds = cfg.dataset(dataset)
     sp = ds.split(split)
     out_dir = Path(out_dir)
-    t = ds.tiling
-    tiling = TilingParams(size=t.size, gap=t.gap, rates=t.rates, iof_threshold=t.iof_threshold,
-                          img_rate_threshold=t.img_rate_threshold, pad_value=t.pad_value, enabled=t.enabled)
+    tiling = TilingParams(**dataclasses.asdict(ds.tiling))
     params = {
         "dataset": dataset, "split": split, "shard": shard, "num_shards": ds.shards, "format": ds.format,
         "classes": list(ds.classes), "class_aliases": dict(ds.class_aliases),
