@@ -14,6 +14,7 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/tile.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/pretrain_data.smk"
+include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/finetune.smk"
 
 
@@ -23,4 +24,6 @@ rule all:
         all_tiles(),
         all_fractions(),
         pretrain_shard_files("targets") if CONFIG.proposals.datasets else [],
+        [pretrain_checkpoint(v) for v in all_pretrain_variants()],
+        loss_curves_figure(),
         all_finetune_metrics(),

@@ -70,6 +70,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="folder of pca_kmeans.npz and manifest.json")
     _add_threads(p)
 
+    p = sub.add_parser("pretrain", help="pre-train the oriented DETR (MutDet, DETReg or a configured variant)")
+    _add_config(p)
+    p.add_argument("--method", required=True, help="a pretrain.variants name (mutdet, detreg, an ablation variant)")
+    p.add_argument("--tiles", required=True, nargs="+", type=Path, help="tiles folder of every shard")
+    p.add_argument("--proposals", required=True, nargs="+", type=Path, help="proposals.parquet of the same shards")
+    p.add_argument("--targets", required=True, nargs="+", type=Path, help="targets.parquet of the same shards")
+    p.add_argument("--out", required=True, type=Path)
+    _add_threads(p)
+
+    p = sub.add_parser("loss-curves", help="plot pre-training losses of several runs (the paper's Figure 4)")
+    p.add_argument("--run", required=True, nargs=2, action="append", metavar=("LABEL", "METRICS_JSONL"),
+                   help="a run's legend label and its metrics.jsonl (repeat for each run)")
+    p.add_argument("--out", required=True, type=Path, help="PNG to write")
+    p.add_argument("--title", help="figure title")
+
+    p = sub.add_parser("tables", help="the paper's tables (md/csv/tex), AP50-vs-fraction plot, detection grid")
+    _add_config(p)
+    p.add_argument("--metrics", required=True, nargs="+", type=Path, help="metrics.json of every fine-tuning run")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+
     p = sub.add_parser("finetune", help="fine-tune the oriented DETR on a split's tiles, detect on the test tiles")
     _add_config(p)
     p.add_argument("--dataset", required=True)
@@ -134,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     from mutdet.config import load_config
 
-    if getattr(args, "threads", None) and args.command in ("propose", "embed", "cluster", "finetune", "detect"):
+    if getattr(args, "threads", None) and args.command in ("propose", "embed", "cluster", "pretrain", "finetune", "detect"):
         import torch
 
         torch.set_num_threads(max(1, args.threads))  # oversubscribed cores slow torch down many times
@@ -167,6 +187,30 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(args.config)
             cluster.run(embedding_files=args.embeddings, target_files=args.targets, out_dir=args.out,
                         seed=cfg.seed, **dataclasses.asdict(cfg.cluster))
+        elif args.command == "pretrain":
+            from mutdet.stages import pretrain
+
+            cfg = load_config(args.config)
+            pt = cfg.pretrain
+            if args.method not in pt.variants:
+                raise ValueError(f"--method {args.method!r}: not a pretrain.variants name (have {sorted(pt.variants)})")
+            pretrain.run(
+                variant=pt.variants[args.method], tiles_dirs=args.tiles, proposals_files=args.proposals,
+                targets_files=args.targets, out_dir=args.out, model_kwargs=dict(cfg.finetune.model),
+                train_kwargs=pt.train_kwargs(), seed=cfg.seed, input_size=pt.input_size,
+                flip_probability=pt.flip_probability, max_boxes=pt.max_boxes, enhancement=dict(pt.enhancement),
+                encoder_head_hidden=pt.encoder_head_hidden, freeze_backbone=pt.freeze_backbone,
+                temperature=pt.temperature, align_weight=pt.align_weight, loss_kwargs=dict(pt.loss),
+                device=pt.device, wandb_mode=pt.wandb_mode)
+        elif args.command == "loss-curves":
+            from mutdet.stages.loss_curves import plot_loss_curves
+
+            plot_loss_curves({label: Path(path) for label, path in args.run}, args.out, title=args.title)
+        elif args.command == "tables":
+            from mutdet.stages import tables
+
+            cfg = load_config(args.config)
+            tables.run(metrics=args.metrics, out_dir=args.out, **cfg.tables_kwargs())
         elif args.command == "finetune":
             from mutdet.io.datasets import list_image_ids
             from mutdet.stages import finetune

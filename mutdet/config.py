@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -223,6 +224,32 @@ class FinetuneConfig:
 
 
 @dataclass(frozen=True)
+class PretrainConfig:
+    variants: Mapping[str, Any]  # name -> mutdet.variants.PretrainVariant
+    epochs: int
+    input_size: int | None
+    max_boxes: int | None
+    flip_probability: float
+    freeze_backbone: bool
+    temperature: float
+    align_weight: float
+    enhancement: Mapping[str, Any]
+    encoder_head_hidden: int
+    device: str
+    wandb_mode: str | None
+    loss_curves: Mapping[str, str | None]
+    train: Mapping[str, Any]
+    loss: Mapping[str, Any]
+
+    def train_kwargs(self) -> dict:
+        """TrainConfig fields (lr decay at 8/9 of the schedule unless configured)."""
+        kwargs = dict(self.train)
+        if kwargs.get("lr_decay_epochs") is None:
+            kwargs["lr_decay_epochs"] = [round(self.epochs * 8 / 9)]
+        return {**kwargs, "epochs": self.epochs}
+
+
+@dataclass(frozen=True)
 class FractionsConfig:
     datasets: tuple[tuple[str, str], ...]  # (dataset, split) pairs
     values: tuple[float, ...]
@@ -240,6 +267,7 @@ class Config:
     embedding: EmbeddingConfig | None = None
     cluster: ClusterConfig | None = None
     finetune: FinetuneConfig | None = None
+    pretrain: PretrainConfig | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def dataset(self, name: str) -> DatasetConfig:
@@ -332,10 +360,39 @@ def _finetune(f: dict, datasets: Mapping[str, DatasetConfig]) -> FinetuneConfig:
                           train=MappingProxyType(dict(f["train"])), loss=MappingProxyType(dict(f["loss"])))
 
 
+def _pretrain(p: dict, finetune: FinetuneConfig) -> PretrainConfig:
+    from mutdet.variants import variant_from_dict
+
+    variants = {}
+    for name, flags in p["variants"].items():
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name) or name == "none":
+            raise ConfigError(f"pretrain.variants.{name}: a variant name is letters, digits, '_' and '-', not 'none'")
+        try:
+            variants[name] = variant_from_dict(name, flags)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    for k, run in enumerate(finetune.runs):
+        for init in run.inits:
+            if init != "none" and init not in variants:
+                raise ConfigError(f"finetune.runs.{k}.inits: {init!r} is neither `none` nor a pretrain.variants name "
+                                  f"(have {sorted(variants)})")
+    for key, name in p["loss_curves"].items():
+        if name is not None and name not in variants:
+            raise ConfigError(f"pretrain.loss_curves.{key}: {name!r} is not a pretrain.variants name "
+                              f"(have {sorted(variants)})")
+    scalars = {k: p[k] for k in ("epochs", "input_size", "max_boxes", "flip_probability", "freeze_backbone",
+                                 "temperature", "align_weight", "encoder_head_hidden", "device", "wandb_mode")}
+    return PretrainConfig(variants=MappingProxyType(variants), **scalars,
+                          enhancement=MappingProxyType(dict(p["enhancement"])),
+                          loss_curves=MappingProxyType(dict(p["loss_curves"])),
+                          train=MappingProxyType(dict(p["train"])), loss=MappingProxyType(dict(p["loss"])))
+
+
 def from_dict(raw: Mapping[str, Any] | None, source: str = "config") -> Config:
     """Validate a config mapping and build the frozen :class:`Config`."""
     d = validate_config(raw, source)
     datasets = MappingProxyType({name: _dataset(name, ds) for name, ds in d["datasets"].items()})
+    finetune = _finetune(d["finetune"], datasets)
     return Config(
         results=Path(d["results"]),
         seed=d["seed"],
@@ -347,7 +404,8 @@ def from_dict(raw: Mapping[str, Any] | None, source: str = "config") -> Config:
                                   nested=d["fractions"]["nested"]),
         embedding=EmbeddingConfig(**d["embedding"]),
         cluster=ClusterConfig(**d["cluster"]),
-        finetune=_finetune(d["finetune"], datasets),
+        finetune=finetune,
+        pretrain=_pretrain(d["pretrain"], finetune),
         raw=MappingProxyType(d),
     )
 

@@ -1,9 +1,27 @@
 """Metrics tracking: a JSON-lines file (always) and Weights & Biases (optional, never required).
 
 wandb mode: the ``wandb_mode`` argument if given, else the ``WANDB_MODE`` environment variable, else
-``offline`` (runs land in ``<out_dir>/wandb`` for a later ``wandb sync``). ``disabled`` (what the
-tests use) or a missing ``wandb`` package means JSON lines only. Only rank 0 should build a tracker
-that writes (the trainer passes ``enabled=False`` elsewhere).
+``offline`` (runs land in ``<out_dir>/wandb``, no network needed: compute nodes are often offline).
+``disabled`` (what the tests use) or a missing ``wandb`` package means JSON lines only. Only rank 0
+should build a tracker that writes (the trainer passes ``enabled=False`` elsewhere).
+
+One wandb run per job (per output folder): its id is kept in ``<out_dir>/wandb/mutdet-run-id``; a job
+resumed after pre-emption (``resume_step`` given) logs to the same run id, a job started from scratch
+gets a new one. Runs of one experiment share a ``group`` (the ``group`` argument, else
+``$MUTDET_WANDB_GROUP``, e.g. ``export MUTDET_WANDB_GROUP=mutdet-dota-r50`` before ``snakemake``) so the
+wandb UI shows them together; the run's name is ``$MUTDET_WANDB_NAME`` if set (a rule can set it to
+its wildcards), else the ``name`` argument. The project is the ``project`` argument, else
+``$WANDB_PROJECT``, else ``mutdet``.
+
+Uploading offline runs later (from a machine with network; ``wandb login`` once)::
+
+    wandb sync --append results/finetune/init~none/frac~1.0/epochs~36/dota/test/wandb/offline-run-*
+    # every run below results/ that is not synced yet:
+    find results -type d -name 'offline-run-*' | sort | xargs -r wandb sync --append
+
+``--append`` merges the pieces of a job that was pre-empted and resumed (one offline folder per
+attempt, the same run id) into one run; steps already uploaded are skipped by wandb. ``wandb sync``
+marks what it uploaded (``--include-synced`` to redo).
 """
 from __future__ import annotations
 
@@ -11,10 +29,11 @@ import json
 import logging
 import math
 import os
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
-__all__ = ["Tracker", "read_jsonl", "resolve_wandb_mode"]
+__all__ = ["Tracker", "read_jsonl", "resolve_wandb_mode", "wandb_run_id"]
 
 log = logging.getLogger("mutdet")
 WANDB_MODES = ("online", "offline", "disabled")
@@ -27,6 +46,18 @@ def resolve_wandb_mode(mode: str | None) -> str:
     if mode not in WANDB_MODES:
         raise ValueError(f"wandb mode {mode!r}: expected one of {WANDB_MODES}")
     return mode
+
+
+def wandb_run_id(out_dir: str | Path, resume: bool) -> str:
+    """The wandb run id of the job writing to ``out_dir``: the stored one when resuming (if any), else a
+    new one, stored in ``<out_dir>/wandb/mutdet-run-id``."""
+    path = Path(out_dir) / "wandb" / "mutdet-run-id"
+    if resume and path.is_file() and path.read_text().strip():
+        return path.read_text().strip()
+    run_id = uuid.uuid4().hex[:12]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(run_id + "\n")
+    return run_id
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -49,14 +80,16 @@ class Tracker:
     Args:
         metrics_path: the JSON-lines file.
         enabled: False on ranks other than 0 (nothing is written).
-        wandb_mode: see the module docstring. project, name, config: passed to ``wandb.init``.
+        wandb_mode, project, group, name: see the module docstring. config, job_type, tags: passed to
+            ``wandb.init`` (``job_type``, e.g. the stage, filters runs in the UI).
         resume_step: on resume, records with ``step`` greater than this are dropped from the file
             first (they belong to the interrupted part that is being redone).
     """
 
     def __init__(self, metrics_path: str | Path, *, enabled: bool = True, wandb_mode: str | None = None,
-                 project: str = "mutdet", name: str | None = None, config: Mapping | None = None,
-                 resume_step: int | None = None):
+                 project: str | None = None, name: str | None = None, config: Mapping | None = None,
+                 resume_step: int | None = None, group: str | None = None, job_type: str | None = None,
+                 tags: list[str] | None = None):
         self.path = Path(metrics_path)
         self.enabled = enabled
         self.run = None
@@ -75,8 +108,17 @@ class Tracker:
             except ImportError:
                 log.warning("wandb is not installed: metrics go to %s only", self.path)
             else:
-                self.run = wandb.init(project=project, name=name, mode=mode, dir=str(self.path.parent),
-                                      config=dict(config or {}), resume="allow")
+                run_id = wandb_run_id(self.path.parent, resume=resume_step is not None)
+                slurm = {k: os.environ[k] for k in ("SLURM_JOB_ID", "SLURM_JOB_NAME", "SLURM_RESTART_COUNT")
+                         if k in os.environ}
+                self.run = wandb.init(
+                    project=project or os.environ.get("WANDB_PROJECT") or "mutdet",
+                    group=group or os.environ.get("MUTDET_WANDB_GROUP") or None,
+                    name=os.environ.get("MUTDET_WANDB_NAME") or name, job_type=job_type, tags=tags,
+                    id=run_id, mode=mode, dir=str(self.path.parent),
+                    config={**dict(config or {}), **({"slurm": slurm} if slurm else {})},
+                    # offline runs cannot resume (wandb warns); `wandb sync --append` joins them later
+                    resume="allow" if mode == "online" else None)
 
     def log(self, record: Mapping) -> None:
         """Write one record (a flat dict of JSON scalars; ``step`` is used as the wandb step)."""

@@ -163,7 +163,8 @@ class OrientedDeformableDETR(nn.Module):
                 "level_start_index": level_start_index, "valid_ratios": valid_ratios}
 
     def decode(self, encoded: Mapping[str, torch.Tensor], targets: Sequence[Mapping[str, torch.Tensor]] | None = None,
-               memory: torch.Tensor | None = None, proposal_scores: torch.Tensor | None = None) -> dict:
+               memory: torch.Tensor | None = None, proposal_scores: torch.Tensor | None = None,
+               proposal_score_fn=None) -> dict:
         """Two-stage query selection, decoder and heads.
 
         Args:
@@ -172,12 +173,18 @@ class OrientedDeformableDETR(nn.Module):
                 training and some image has a target.
             memory: ``(B, S, C)`` replaces ``encoded["memory"]`` (proposals and cross-attention use it).
             proposal_scores: ``(B, S)`` replaces the objectness logits for ranking the proposals.
+            proposal_score_fn: ``enc_outputs -> (B, S)`` scores computed from this pass's proposal head
+                (e.g. MutDet's similarity x objectness); mutually exclusive with ``proposal_scores``.
         Returns:
             the output dict of the module docstring.
         """
         memory = encoded["memory"] if memory is None else memory
         padding, shapes = encoded["memory_padding_mask"], encoded["spatial_shapes"]
         enc = self.proposal_head(memory, padding, shapes)
+        if proposal_scores is not None and proposal_score_fn is not None:
+            raise ValueError("decode: give proposal_scores or proposal_score_fn, not both")
+        if proposal_score_fn is not None:
+            proposal_scores = proposal_score_fn(enc)
         scores = enc["pred_logits"][..., 0] if proposal_scores is None else proposal_scores
         topk = select_top_proposals(scores.detach(), enc["valid"], self.num_queries)
         enc["topk_indices"] = topk

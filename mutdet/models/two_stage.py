@@ -59,6 +59,14 @@ class EncoderProposalHead(nn.Module):
         self.box_head = MLP(input_dim=embed_dim, hidden_dim=embed_dim, output_dim=4, num_layers=3)
         self.angle_head = nn.Linear(embed_dim, num_angle_bins)
 
+    def project(self, memory: torch.Tensor, memory_padding_mask: torch.Tensor,
+                spatial_shapes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The heads' input without the heads: ``features`` ``(B, S, C)`` (Linear + LayerNorm of the
+        memory, invalid tokens zeroed; MutDet's ``F``), ``anchors`` ``(B, S, 4)``, ``valid`` ``(B, S)``."""
+        anchors, valid = token_anchors(memory_padding_mask, spatial_shapes)
+        features = self.output_norm(self.output_proj(memory)).masked_fill(~valid[..., None], 0.0)
+        return features, anchors, valid
+
     def forward(self, memory: torch.Tensor, memory_padding_mask: torch.Tensor,
                 spatial_shapes: torch.Tensor) -> dict[str, torch.Tensor]:
         """Proposals of all tokens.
@@ -70,8 +78,7 @@ class EncoderProposalHead(nn.Module):
             ``"pred_angle_logits": (B, S, num_bins)``, ``"features": (B, S, C)`` (Linear + LayerNorm of the
             memory, invalid tokens zeroed: the heads' input), ``"valid": (B, S)`` bool}.
         """
-        anchors, valid = token_anchors(memory_padding_mask, spatial_shapes)
-        features = self.output_norm(self.output_proj(memory)).masked_fill(~valid[..., None], 0.0)
+        features, anchors, valid = self.project(memory, memory_padding_mask, spatial_shapes)
         boxes = (self.box_head(features) + inverse_sigmoid(anchors)).sigmoid()
         return {"pred_logits": self.class_head(features), "pred_boxes": boxes,
                 "pred_angle_logits": self.angle_head(features), "features": features, "valid": valid}

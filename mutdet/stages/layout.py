@@ -11,6 +11,9 @@ from mutdet.stages.common import params_hash
 
 TILES_DIR = "{dataset}/tiles/{split}/shard-{shard}"
 FINETUNE_DIR = "finetune/init~{init}/frac~{fraction}/epochs~{epochs}/{dataset}/{split}"
+# One pre-training run per variant, under the tags of the proposals and embeddings it learned from.
+PRETRAIN_RUN_DIR = "pretrain/{ptag}/{etag}/{variant}"
+TABLES_DIR = "tables"
 LOGS_DIR = "logs"
 # Parameters that determine the embeddings (batch size, workers and device do not).
 EMBEDDING_KEYS = ("backbone", "weights", "context", "input_size", "crop_size", "precision")

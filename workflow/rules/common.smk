@@ -1,9 +1,19 @@
 # Shared set-up: validated config, the mutdet command, output layout, targets.
 import json
+import shlex
 import sys
 
 from mutdet.config import from_dict
-from mutdet.stages.layout import FINETUNE_DIR, LOGS_DIR, TILES_DIR, embedding_tag, pretrain_dir, proposals_tag
+from mutdet.stages.layout import (
+    FINETUNE_DIR,
+    LOGS_DIR,
+    PRETRAIN_RUN_DIR,
+    TABLES_DIR,
+    TILES_DIR,
+    embedding_tag,
+    pretrain_dir,
+    proposals_tag,
+)
 
 # Validates against workflow/schemas/config.schema.yaml and fills defaults; a wrong key or type stops
 # here (also under `snakemake -n`) with a message naming the key.
@@ -33,6 +43,7 @@ wildcard_constraints:
     init=NAME,
     epochs=r"\d+",
     etag=NAME,
+    variant=NAME,
 
 
 def dataset_config_json(name, seed=False):
@@ -102,10 +113,59 @@ def finetune_tiles(dataset, split):
 
 
 def finetune_config_json(name):
-    """Config part of one dataset's fine-tuning jobs."""
+    """Config part of one dataset's fine-tuning jobs: not the sweep itself (`runs`), so adding a
+    fraction, an init or a schedule leaves the other jobs' parameters unchanged."""
     part = json.loads(dataset_config_json(name, seed=True))
-    part["finetune"] = CONFIG.raw["finetune"]
+    part["finetune"] = {**CONFIG.raw["finetune"], "runs": []}
     return json.dumps(part, sort_keys=True)
+
+
+def pretrain_run_dir(variant):
+    run_dir = PRETRAIN_RUN_DIR.format(ptag=PROPOSALS_TAG, etag=EMBED_TAG, variant=variant)
+    return f"{RESULTS}/{run_dir}"
+
+
+def pretrain_checkpoint(variant):
+    return f"{pretrain_run_dir(variant)}/checkpoint.pt"
+
+
+def pretrain_variant_json(variant):
+    """Config part of one variant's pre-training job: its own flags, the shared settings and the
+    detector shape (`finetune.model`); other variants and the sweep do not enter."""
+    raw = CONFIG.raw
+    if variant not in raw["pretrain"]["variants"]:
+        raise ValueError(f"pretrain: no variant {variant!r} in pretrain.variants (have {sorted(raw['pretrain']['variants'])})")
+    pretrain = {**raw["pretrain"], "variants": {variant: raw["pretrain"]["variants"][variant]},
+                "loss_curves": {"with": None, "without": None}}
+    part = {"seed": raw["seed"], "finetune": {"model": raw["finetune"]["model"]}, "pretrain": pretrain}
+    return json.dumps(part, sort_keys=True)
+
+
+def pretrain_tiles():
+    """Tiles folders' `tiles.parquet` of every pre-training shard (the order of pretrain_shard_files)."""
+    return [
+        tiles_path(name, split, shard, "tiles.parquet")
+        for name, split in CONFIG.proposals.datasets
+        for shard in range(CONFIG.dataset(name).shards)
+    ]
+
+
+def finetune_init_inputs(init):
+    return [] if init == "none" else [pretrain_checkpoint(init)]
+
+
+def all_pretrain_variants():
+    """Variants the sweep fine-tunes from, plus those of the loss-curve figure."""
+    names = {i for r in CONFIG.finetune.runs for i in r.inits if i != "none"}
+    names |= {v for v in CONFIG.pretrain.loss_curves.values() if v is not None}
+    return sorted(names)
+
+
+def loss_curves_figure():
+    lc = CONFIG.pretrain.loss_curves
+    if lc["with"] is None or not CONFIG.proposals.datasets:
+        return []
+    return [f"{RESULTS}/pretrain/{PROPOSALS_TAG}/{EMBED_TAG}/loss_curves.png"]
 
 
 def finetune_dir(run, init, fraction, epochs):

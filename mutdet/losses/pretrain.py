@@ -1,0 +1,105 @@
+"""Losses of MutDet / DETReg pre-training: the detection losses of the main branch (and of the siamese
+pass), plus the alignment losses between predicted and target embeddings.
+
+Keys (unweighted; :attr:`PretrainCriterion.weight_dict` weights them):
+
+* every key of :class:`mutdet.losses.criterion.SetCriterion` for the main branch, and the same keys
+  with ``_siam`` appended for the siamese pass;
+* ``loss_align``: the last decoder layer's embeddings of the Hungarian-matched queries against their
+  proposals' targets: :func:`contrastive_alignment_loss` (MutDet) or :func:`l1_alignment_loss` (DETReg);
+* contrastive alignment only: ``loss_align_dn`` (the positive queries of the *first* denoising group:
+  query ``j`` of group 0 reconstructs target ``j``), ``loss_align_enc`` (``Z_enc`` of the encoder tokens
+  matched by the ``_enc`` branch; when the encoder head is on), ``loss_align_siam`` (the siamese pass's
+  last layer, matched by its own matcher);
+* ``align_pos_cosine`` / ``align_neg_cosine``: mean cosine of the matched and of the unmatched pairs of
+  the last decoder layer (logged, not optimised; the negative one only when there are two pairs or more).
+
+All alignment losses have the weight ``align_weight`` (1 in the paper). Negatives of the contrastive
+loss are all other matched pairs of the batch, across images; the targets are not detached.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from mutdet.losses.contrastive import alignment_stats, contrastive_alignment_loss, gather_matched, l1_alignment_loss
+from mutdet.losses.criterion import SetCriterion
+from mutdet.models.pretrain import PretrainVariant
+
+__all__ = ["PretrainCriterion", "first_group_indices"]
+
+
+def first_group_indices(counts: Sequence[int], device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Positive queries of denoising group 0 and their targets: per image ``(arange(n), arange(n))``
+    (see the layout in :mod:`mutdet.models.denoising`)."""
+    return [(torch.arange(n, device=device), torch.arange(n, device=device)) for n in counts]
+
+
+class PretrainCriterion(nn.Module):
+    """Detection losses + alignment losses of a :class:`mutdet.models.pretrain.PretrainModel` output.
+
+    Args:
+        detection: the detector's set criterion (classes = pseudo-classes or 1).
+        variant: which losses exist (see :mod:`mutdet.models.pretrain`).
+        temperature: ``tau`` of the contrastive loss (0.2).
+        align_weight: weight of every alignment loss (1.0).
+    """
+
+    def __init__(self, *, detection: SetCriterion, variant: PretrainVariant, temperature: float = 0.2,
+                 align_weight: float = 1.0):
+        super().__init__()
+        self.detection, self.variant, self.temperature = detection, variant, temperature
+        weights = dict(detection.weight_dict)
+        if variant.siamese:
+            weights.update({f"{k}_siam": v for k, v in detection.weight_dict.items()})
+        align_keys = ["loss_align"]
+        if variant.alignment == "contrastive":
+            align_keys.append("loss_align_dn")
+            if variant.encoder_embedding_loss:
+                align_keys.append("loss_align_enc")
+            if variant.siamese:
+                align_keys.append("loss_align_siam")
+        weights.update({k: align_weight for k in align_keys})
+        self.weight_dict = weights
+
+    def _align(self, z: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        if self.variant.alignment == "contrastive":
+            return contrastive_alignment_loss(z, o, self.temperature)
+        return l1_alignment_loss(z, o)
+
+    def forward(self, outputs: Mapping, targets: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        variant = self.variant
+        align_targets = outputs["align_targets"]
+        indices = self.detection.match(outputs, targets)
+        losses = self.detection(outputs, targets, indices)
+
+        z, o = gather_matched(outputs["pred_embed"], align_targets, indices[""])
+        losses["loss_align"] = self._align(z, o)
+        stats = alignment_stats(z, o)
+        for key, value in stats.items():
+            if value == value:  # not NaN
+                losses[f"align_{key}"] = torch.tensor(value, device=z.device)
+
+        if variant.alignment == "contrastive":
+            dn = outputs.get("dn_outputs")
+            if dn is not None:
+                counts = [len(t["embeddings"]) for t in targets]
+                group0 = first_group_indices(counts, dn["pred_embed"].device)
+                losses["loss_align_dn"] = self._align(*gather_matched(dn["pred_embed"], align_targets, group0))
+            else:  # no target in the batch: keep the key (zero) so that logs stay aligned
+                losses["loss_align_dn"] = 0.0 * outputs["pred_embed"].sum()
+            if variant.encoder_embedding_loss:
+                z_enc = outputs["enc_outputs"]["pred_embed"]
+                losses["loss_align_enc"] = self._align(*gather_matched(z_enc, align_targets, indices["_enc"]))
+
+        siamese = outputs.get("siamese")
+        if variant.siamese and siamese is not None:
+            siam_indices = self.detection.match(siamese, targets)
+            for key, value in self.detection(siamese, targets, siam_indices).items():
+                losses[f"{key}_siam"] = value
+            if variant.alignment == "contrastive":
+                losses["loss_align_siam"] = self._align(
+                    *gather_matched(siamese["pred_embed"], align_targets, siam_indices[""]))
+        return losses

@@ -1,0 +1,132 @@
+"""Stage ``pretrain``: MutDet / DETReg / ablation-variant pre-training on tiles + proposals + targets.
+
+Outputs in ``out_dir``:
+
+=========================  =====================================================================
+``config.json``            the resolved parameters of this run (variant flags included) + code version
+``metrics.jsonl``          training log: every loss term, ``align_pos_cosine`` / ``align_neg_cosine``
+``checkpoints/last.pt``    resume state (rerunning the stage resumes from it)
+``checkpoint.pt``          final weights of the whole pre-training model (``detector.*`` and the
+                           pre-training-only parts); :func:`mutdet.engine.transfer.load_pretrained`
+                           takes what fine-tuning can use
+``loss_curves.png``        this run's four losses against the step
+=========================  =====================================================================
+
+Logic lives in :mod:`mutdet.models.pretrain`, :mod:`mutdet.losses.pretrain`, :mod:`mutdet.data.pretrain`
+and :mod:`mutdet.engine`; this module wires them.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from mutdet.data.pretrain import ProposalTileDataset
+from mutdet.data.transforms import build_transforms
+from mutdet.engine import dist
+from mutdet.engine.checkpoint import json_safe, save_checkpoint
+from mutdet.engine.device import resolve_device
+from mutdet.engine.trainer import TrainConfig, Trainer
+from mutdet.io.atomic import write_json
+from mutdet.losses import build_criterion
+from mutdet.losses.pretrain import PretrainCriterion
+from mutdet.models import build_detector
+from mutdet.models.pretrain import PretrainModel
+from mutdet.stages.common import code_version, log
+from mutdet.variants import PretrainVariant
+
+__all__ = ["run", "build_pretrain_model"]
+
+
+def build_pretrain_model(*, variant: PretrainVariant, num_classes: int, model_kwargs: Mapping,
+                         enhancement: Mapping | None = None, encoder_head_hidden: int = 1024,
+                         freeze_backbone: bool = True, temperature: float = 0.2, align_weight: float = 1.0,
+                         loss_kwargs: Mapping | None = None) -> tuple[PretrainModel, PretrainCriterion]:
+    """The pre-training model and its criterion (``num_classes``: k pseudo-classes, or 1 for ``agnostic``)."""
+    classes = 1 if variant.classes == "agnostic" else num_classes
+    detector = build_detector(num_classes=classes, **model_kwargs)
+    enhancement = dict(enhancement or {})
+    model = PretrainModel(detector=detector, variant=variant,
+                          enhancement_layers=enhancement.get("num_layers", 3),
+                          enhancement_heads=enhancement.get("num_heads", 8),
+                          enhancement_mlp_dim=enhancement.get("mlp_dim", 2048),
+                          encoder_head_hidden=encoder_head_hidden, freeze_backbone=freeze_backbone)
+    shared = {k: model_kwargs[k] for k in ("num_angle_bins", "angle_radius") if k in model_kwargs}
+    detection = build_criterion(num_classes=classes, num_decoder_layers=len(detector.decoder.layers), **shared,
+                                **dict(loss_kwargs or {}))
+    criterion = PretrainCriterion(detection=detection, variant=variant, temperature=temperature,
+                                  align_weight=align_weight)
+    return model, criterion
+
+
+def run(*, variant: PretrainVariant, tiles_dirs: Sequence[Path], proposals_files: Sequence[Path],
+        targets_files: Sequence[Path], out_dir: Path, model_kwargs: Mapping, train_kwargs: Mapping, seed: int = 0,
+        input_size: int | None = None, flip_probability: float = 0.25, max_boxes: int | None = None,
+        enhancement: Mapping | None = None, encoder_head_hidden: int = 1024, freeze_backbone: bool = True,
+        temperature: float = 0.2, align_weight: float = 1.0, loss_kwargs: Mapping | None = None,
+        device: str = "auto", wandb_mode: str | None = None) -> dict:
+    """Pre-train one variant.
+
+    Args:
+        variant: the flags (:mod:`mutdet.variants`).
+        tiles_dirs, proposals_files, targets_files: one entry per shard, in the same order.
+        out_dir: output folder (module docstring).
+        model_kwargs: keywords of :func:`mutdet.models.build_detector` except ``num_classes`` (the
+            fine-tuning model's, so that the weights transfer).
+        train_kwargs: fields of :class:`mutdet.engine.trainer.TrainConfig` (``seed`` set from ``seed``).
+        seed: model initialisation, data order, augmentation.
+        input_size, flip_probability, max_boxes: data (see :class:`mutdet.data.pretrain.ProposalTileDataset`).
+        enhancement, encoder_head_hidden, freeze_backbone, temperature, align_weight, loss_kwargs: model
+            and losses (:func:`build_pretrain_model`).
+        device, wandb_mode: as for fine-tuning.
+    Returns:
+        ``{"train": trainer result, "checkpoint": path}``.
+    """
+    out_dir = Path(out_dir)
+    torch_device = dist.init_distributed(resolve_device(device, "pretrain.device"))
+    torch.manual_seed(seed)
+    train_config = TrainConfig.from_dict({**train_kwargs, "seed": seed})
+    dataset = ProposalTileDataset(tiles_dirs, proposals_files, targets_files,
+                                  class_agnostic=variant.classes == "agnostic", max_boxes=max_boxes,
+                                  transform=build_transforms(train=True, input_size=input_size,
+                                                             flip_probability=flip_probability))
+    if len(dataset) == 0:
+        raise ValueError(f"pretrain: no tile with proposals in {[str(p) for p in proposals_files]}")
+    model, criterion = build_pretrain_model(
+        variant=variant, num_classes=dataset.num_classes, model_kwargs=model_kwargs, enhancement=enhancement,
+        encoder_head_hidden=encoder_head_hidden, freeze_backbone=freeze_backbone, temperature=temperature,
+        align_weight=align_weight, loss_kwargs=loss_kwargs)
+    params = json_safe({
+        "kind": "pretrain", "variant": asdict(variant), "num_classes": dataset.num_classes,
+        "embedding_dim": dataset.dim, "model": dict(model_kwargs), "train": asdict(train_config),
+        "loss": dict(loss_kwargs or {}), "enhancement": dict(enhancement or {}),
+        "encoder_head_hidden": encoder_head_hidden, "freeze_backbone": freeze_backbone,
+        "temperature": temperature, "align_weight": align_weight, "input_size": input_size,
+        "flip_probability": flip_probability, "max_boxes": max_boxes, "seed": seed,
+        "tiles_dirs": list(tiles_dirs), "proposals_files": list(proposals_files),
+        "targets_files": list(targets_files), "num_tiles": len(dataset), "code_version": code_version(),
+    })
+    if dist.is_main_process():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(out_dir / "config.json", params)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("pretrain %s: %d tiles, %d %s, %.2fM trainable parameters, flags %s -> %s", variant.name, len(dataset),
+             dataset.num_classes, "pseudo-classes" if variant.classes == "pseudo" else "class (agnostic)",
+             trainable / 1e6, {k: v for k, v in asdict(variant).items() if k != "name"}, out_dir)
+
+    trainer = Trainer(model=model, criterion=criterion, dataset=dataset, config=train_config, out_dir=out_dir,
+                      device=torch_device, run_config=params, wandb_mode=wandb_mode)
+    result = trainer.fit()
+    if not dist.is_main_process():
+        return {"train": result, "checkpoint": None}
+    checkpoint = out_dir / "checkpoint.pt"
+    save_checkpoint(checkpoint, model=trainer.model, epoch=trainer.epoch, step=trainer.step, config=params,
+                    meta={"finished": result["finished"], "kind": "pretrain", "variant": variant.name})
+    from mutdet.stages.loss_curves import plot_loss_curves
+
+    plot_loss_curves({variant.name: out_dir / "metrics.jsonl"}, out_dir / "loss_curves.png",
+                     title=f"pre-training losses: {variant.name}")
+    log.info("pretrain %s: %d steps -> %s", variant.name, trainer.step, checkpoint)
+    return {"train": result, "checkpoint": checkpoint}

@@ -1,0 +1,227 @@
+"""MutDet / DETReg pre-training model and criterion: variants, siamese weight sharing, what each ablation
+flag changes, gradients into the enhancement module, padding objects changing nothing."""
+import pytest
+import torch
+
+from mutdet.losses import build_criterion
+from mutdet.losses.pretrain import PretrainCriterion
+from mutdet.models import build_detector
+from mutdet.models.pretrain import PRESETS, PretrainModel, variant_from_dict, with_flags
+
+DIM = 32
+TINY = dict(backbone="light", light_width=16, frozen_stages=-1, embed_dim=DIM, num_heads=4, num_levels=2,
+            num_points=2, num_encoder_layers=1, num_decoder_layers=2, ffn_dim=64, num_queries=12, norm_groups=8,
+            num_denoising_queries=6, dropout=0.0)
+K = 5
+
+
+def _targets(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in (3, 2):
+        xy = torch.rand(n, 2, generator=g) * 60 + 20
+        wh = torch.rand(n, 2, generator=g) * 20 + 8
+        wh = torch.stack([wh.max(1).values, wh.min(1).values], 1)
+        theta = torch.rand(n, 1, generator=g) * 3.0 - 1.5
+        out.append({"labels": torch.randint(K, (n,), generator=g), "boxes": torch.cat([xy, wh, theta], 1),
+                    "embeddings": torch.nn.functional.normalize(torch.randn(n, DIM, generator=g), dim=1),
+                    "size": torch.tensor([96, 96])})
+    return out
+
+
+def _build(variant, seed=0):
+    torch.manual_seed(seed)
+    classes = 1 if variant.classes == "agnostic" else K
+    detector = build_detector(num_classes=classes, **TINY)
+    model = PretrainModel(detector=detector, variant=variant, enhancement_layers=2, enhancement_heads=4,
+                          enhancement_mlp_dim=64, encoder_head_hidden=64, freeze_backbone=True).train()
+    criterion = PretrainCriterion(detection=build_criterion(num_classes=classes, num_decoder_layers=2),
+                                  variant=variant)
+    return model, criterion
+
+
+def _losses(model, criterion, targets, seed=1):
+    if model.variant.classes == "agnostic":  # as the dataset gives them
+        targets = [dict(t, labels=torch.zeros_like(t["labels"])) for t in targets]
+    torch.manual_seed(seed)  # denoising noise
+    images = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(3))
+    return criterion(model(images, targets), targets)
+
+
+def _copy_common(src, dst):
+    state = src.state_dict()
+    dst.load_state_dict({k: v for k, v in state.items() if k in dst.state_dict()}, strict=False)
+
+
+MUTDET = variant_from_dict("mutdet")
+
+
+def test_presets_and_validation():
+    detreg = variant_from_dict("detreg")
+    assert (detreg.classes, detreg.alignment, detreg.siamese, detreg.uses_enhancement) == ("agnostic", "l1", False, False)
+    assert MUTDET.uses_enhancement and MUTDET.siamese and MUTDET.proposal_selection == "similarity"
+    custom = variant_from_dict("contrastive", {"base": "detreg", "alignment": "contrastive"})
+    assert custom.alignment == "contrastive" and custom.classes == "agnostic"
+    with pytest.raises(ValueError, match="siamese"):
+        variant_from_dict("x", {"base": "detreg", "siamese": True})
+    with pytest.raises(ValueError, match="unknown flag"):
+        variant_from_dict("x", {"base": "mutdet", "sieamese": True})
+    with pytest.raises(ValueError, match="base"):
+        variant_from_dict("x", {"alignment": "l1"})
+    with pytest.raises(ValueError, match="similarity"):
+        variant_from_dict("x", {"base": "mutdet", "encoder_embedding_loss": False})
+
+
+def test_mutdet_losses_backward_and_gradient_reaches_enhancement():
+    model, criterion = _build(MUTDET)
+    targets = _targets()
+    losses = _losses(model, criterion, targets)
+    for key in ("loss_align", "loss_align_dn", "loss_align_enc", "loss_align_siam", "loss_cls_siam", "loss_cls_enc",
+                "align_pos_cosine", "align_neg_cosine"):
+        assert key in losses, key
+    assert set(criterion.weight_dict) <= set(losses)
+    total = sum(losses[k] * w for k, w in criterion.weight_dict.items())
+    assert torch.isfinite(total)
+    total.backward()
+    enh = model.mutual_enhancement
+    assert enh.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0  # through O_enh (target not detached)
+    assert model.encoder_embedding_head.mlp.layers[0].weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.detector.backbone.parameters())  # frozen
+
+
+def test_target_o_enh_is_not_detached():
+    model, criterion = _build(MUTDET)
+    targets = _targets()
+    model.zero_grad()
+    losses = _losses(model, criterion, targets)
+    losses["loss_align"].backward()  # only the decoder alignment loss: reaches the module through O_enh
+    grad = model.mutual_enhancement.layers[-1].mlp.linear2.weight.grad  # FeedForward of the last layer
+    assert grad is not None and grad.abs().sum() > 0
+
+
+def test_siamese_pass_shares_the_decoder():
+    model, criterion = _build(MUTDET)
+    names = [n for n, _ in model.named_parameters()]
+    assert len(names) == len(set(names))
+    assert not any("siam" in n for n in names)  # one parameter set ...
+    calls = []
+    handle = model.detector.decoder.register_forward_hook(lambda m, i, o: calls.append(i[3].data_ptr()))
+    targets = _targets()
+    torch.manual_seed(0)
+    out = model(torch.randn(2, 3, 96, 96), targets)
+    handle.remove()
+    assert len(calls) == 2 and calls[0] != calls[1]  # ... two forward passes, on F_enh then on the plain memory
+    assert out["siamese"]["memory"].data_ptr() == calls[1]
+    no_siam, _ = _build(with_flags(MUTDET, siamese=False))
+    assert [n for n, _ in no_siam.named_parameters()] == names  # the siamese head adds no parameter
+    # the siamese gradient reaches the shared decoder weights
+    model.zero_grad()
+    losses = _losses(model, criterion, targets)
+    losses["loss_cls_siam"].backward()
+    assert model.detector.class_heads[-1].weight.grad.abs().sum() > 0
+
+
+def _detection_keys(losses):
+    return {k for k in losses if k.startswith("loss_") and "align" not in k and not k.endswith("_siam")}
+
+
+def test_flag_alignment_changes_only_the_alignment_loss():
+    base = variant_from_dict("a", {"base": "detreg"})
+    other = with_flags(base, alignment="contrastive")
+    m1, c1 = _build(base)
+    m2, c2 = _build(other)
+    _copy_common(m1, m2)
+    targets = _targets()
+    l1, l2 = _losses(m1, c1, targets), _losses(m2, c2, targets)
+    for key in _detection_keys(l1):
+        torch.testing.assert_close(l1[key], l2[key])
+    assert not torch.allclose(l1["loss_align"], l2["loss_align"])
+    assert "loss_align_dn" in l2 and "loss_align_dn" not in l1
+
+
+def test_flag_target_changes_only_the_target():
+    base = with_flags(MUTDET, target="raw")
+    m1, c1 = _build(MUTDET)
+    m2, c2 = _build(base)
+    _copy_common(m1, m2)
+    targets = _targets()
+    torch.manual_seed(0)
+    out1 = m1(torch.zeros(2, 3, 96, 96), targets)
+    torch.manual_seed(0)
+    out2 = m2(torch.zeros(2, 3, 96, 96), targets)
+    torch.testing.assert_close(out1["pred_logits"], out2["pred_logits"])  # same features, same detections
+    torch.testing.assert_close(out2["align_targets"][0], targets[0]["embeddings"])  # raw O
+    assert not torch.allclose(out1["align_targets"][0], targets[0]["embeddings"])  # O_enh
+
+
+def test_flag_decoder_features_changes_the_decoder_input():
+    plain = variant_from_dict("p", {"base": "mutdet", "decoder_features": "plain", "siamese": False,
+                                    "proposal_selection": "objectness"})
+    enhanced = with_flags(plain, decoder_features="enhanced")
+    m1, _ = _build(plain)
+    m2, _ = _build(enhanced)
+    _copy_common(m1, m2)
+    targets = _targets()
+    images = torch.randn(2, 3, 96, 96)
+    torch.manual_seed(0)
+    out1 = m1(images, targets)
+    torch.manual_seed(0)
+    out2 = m2(images, targets)
+    enc = m1.detector.encode(images)
+    torch.testing.assert_close(out1["memory"], enc["memory"])
+    assert not torch.allclose(out2["memory"], enc["memory"])
+    torch.testing.assert_close(out1["align_targets"][0], out2["align_targets"][0])  # same O_enh
+
+
+def test_flag_encoder_loss_and_siamese_add_exactly_their_terms():
+    full_keys = set(PretrainCriterion(detection=build_criterion(num_classes=K, num_decoder_layers=2),
+                                      variant=MUTDET).weight_dict)
+    no_enc = with_flags(MUTDET, encoder_embedding_loss=False, proposal_selection="objectness")
+    no_siam = with_flags(MUTDET, siamese=False)
+    keys = {v: set(PretrainCriterion(detection=build_criterion(num_classes=K, num_decoder_layers=2),
+                                     variant=v).weight_dict) for v in (no_enc, no_siam)}
+    assert full_keys - keys[no_enc] == {"loss_align_enc"}
+    assert all(k.endswith("_siam") for k in full_keys - keys[no_siam]) and "loss_cls_siam" in full_keys
+    model, _ = _build(no_enc)
+    assert model.encoder_embedding_head is None
+    model, criterion = _build(no_siam)
+    losses = _losses(model, criterion, _targets())
+    assert not any(k.endswith("_siam") for k in losses)
+
+
+def test_proposal_selection_similarity_changes_the_queries():
+    objectness = with_flags(MUTDET, proposal_selection="objectness")
+    m1, _ = _build(MUTDET)
+    m2, _ = _build(objectness)
+    _copy_common(m1, m2)
+    targets = _targets()
+    images = torch.randn(2, 3, 96, 96)
+    torch.manual_seed(0)
+    top1 = m1(images, targets)["enc_outputs"]["topk_indices"]
+    torch.manual_seed(0)
+    out2 = m2(images, targets)
+    top2 = out2["enc_outputs"]["topk_indices"]
+    expected = out2["enc_outputs"]["pred_logits"][..., 0].masked_fill(~out2["enc_outputs"]["valid"], -1e9)
+    assert torch.equal(top2, expected.topk(top2.shape[1], dim=1).indices)
+    assert not torch.equal(top1, top2)
+
+
+def test_padding_objects_change_nothing():
+    model, criterion = _build(MUTDET)
+    model.eval()  # no denoising noise, no dropout
+    targets = _targets()
+    images = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        together = model(images, targets)  # image 1 (2 objects) is padded to 3
+        alone = model(images[1:], targets[1:])
+    torch.testing.assert_close(together["pred_logits"][1], alone["pred_logits"][0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(together["align_targets"][1], alone["align_targets"][0], atol=1e-5, rtol=1e-4)
+
+
+def test_detreg_model_has_no_mutdet_parts():
+    model, criterion = _build(variant_from_dict("detreg"))
+    assert model.mutual_enhancement is None and model.encoder_embedding_head is None
+    assert model.detector.class_heads[0].out_features == 1
+    losses = _losses(model, criterion, _targets())
+    assert set(k for k in criterion.weight_dict if "align" in k) == {"loss_align"}
+    assert losses["loss_align"] > 0 and set(PRESETS) == {"detreg", "mutdet"}
