@@ -16,6 +16,7 @@ include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/pretrain_data.smk"
 include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/finetune.smk"
+include: "workflow/rules/tables.smk"
 
 
 rule all:
@@ -27,3 +28,5 @@ rule all:
         [pretrain_checkpoint(v) for v in all_pretrain_variants()],
         loss_curves_figure(),
         all_finetune_metrics(),
+        [f"{RESULTS}/{TABLES_DIR}/index.md"] if CONFIG.finetune.runs else [],
+        f"{RESULTS}/config.resolved.yaml",

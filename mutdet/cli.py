@@ -6,6 +6,7 @@ Every Snakemake rule calls one of these subcommands; they are equally usable by 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -142,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="default: the config's seed")
     p.add_argument("--nested", action="store_true", help="prefixes of one permutation (see mutdet.data.fractions)")
 
+    p = sub.add_parser("config", help="print (or write) the config with every default filled in, after validation")
+    _add_config(p)
+    p.add_argument("--out", type=Path, help="YAML file to write (default: print)")
+
     p = sub.add_parser("outputs", help="list the artefacts a config's run has produced")
     _add_config(p)
     return parser
@@ -210,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
             from mutdet.stages import tables
 
             cfg = load_config(args.config)
-            tables.run(metrics=args.metrics, out_dir=args.out, **cfg.tables_kwargs())
+            written = tables.run(metrics=args.metrics, out_dir=args.out, **tables.kwargs_from_config(cfg))
+            print(f"tables and figures: {written['index']}")
         elif args.command == "finetune":
             from mutdet.io.datasets import list_image_ids
             from mutdet.stages import finetune
@@ -250,6 +256,17 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(args.config)
             subset.run(cfg, args.dataset, args.split, args.fraction, args.out,
                        seed=cfg.seed if args.seed is None else args.seed, nested=args.nested)
+        elif args.command == "config":
+            import yaml
+
+            from mutdet.io.atomic import write_text
+
+            text = yaml.safe_dump(json.loads(json.dumps(dict(load_config(args.config).raw), default=str)),
+                                  sort_keys=False)
+            if args.out is None:
+                print(text, end="")
+            else:
+                write_text(args.out, text)
         elif args.command == "outputs":
             from mutdet.stages import outputs
 

@@ -134,6 +134,13 @@ def test_claimed_devices_reach_the_child_and_exit_codes_pass_through(tmp_path, c
     assert L.launch([PY, "-c", "raise SystemExit(3)"], gpus=0) == 3
     assert L.launch([PY, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"], gpus=0) == 128 + 9
     assert L.candidate_devices({"MUTDET_GPUS": " 0, 2 ,"}) == ["0", "2"]
+    # no GPU on the machine: CPU, with a warning, and no torchrun for --gpus 2
+    out = tmp_path / "none.txt"
+    assert L.launch([PY, str(child), str(out)], gpus=2, torchrun=True, lock_dir=tmp_path / "l",
+                    env=_env(MUTDET_GPUS="")) == 0
+    assert out.read_text() == "''"
+    with pytest.raises(ValueError, match="only 1 device"):
+        L.launch([PY, str(child), str(out)], gpus=2, lock_dir=tmp_path / "l", env=_env(MUTDET_GPUS="0"))
     assert L.preset_devices({"CUDA_VISIBLE_DEVICES": ""}) == "" and L.preset_devices({}) is None
 
 

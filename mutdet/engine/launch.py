@@ -10,6 +10,8 @@ Which GPUs:
 * ``CUDA_VISIBLE_DEVICES`` already set (SLURM sets it for a job with GPUs; a user may set it): kept.
   Without it, SLURM's ``SLURM_STEP_GPUS`` / ``SLURM_JOB_GPUS`` / ``GPU_DEVICE_ORDINAL`` become
   ``CUDA_VISIBLE_DEVICES``.
+* No GPU on the machine at all (nothing listed): a warning, and the job runs on the CPU as with
+  ``--gpus 0`` (so GPU rules that ask for ``gpu=1`` still run on a laptop or a CPU-only CI).
 * Otherwise (a workstation: Snakemake's ``--resources gpu=N`` limits how many GPU jobs run at once but
   never says which GPU a job gets) the launcher claims ``--gpus`` free devices among ``MUTDET_GPUS``
   (e.g. ``0,1,2,3``), else the devices ``nvidia-smi -L`` lists, else ``torch.cuda.device_count()``,
@@ -73,15 +75,18 @@ def _split(devices: str) -> list[str]:
 
 
 def candidate_devices(env: Mapping[str, str] | None = None) -> list[str]:
-    """Devices a workstation job may claim: ``MUTDET_GPUS``, else ``nvidia-smi -L``, else torch's count."""
+    """Devices a workstation job may claim: ``MUTDET_GPUS``, else ``nvidia-smi -L``, else (only when
+    GPU device files exist, importing torch takes seconds) ``torch.cuda.device_count()``."""
     env = os.environ if env is None else env
     if env.get("MUTDET_GPUS") is not None:
         return _split(env["MUTDET_GPUS"])
     try:
         out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=60, check=True).stdout
-        return [str(i) for i, line in enumerate(l for l in out.splitlines() if l.startswith("GPU "))]
+        return [str(i) for i, _ in enumerate(l for l in out.splitlines() if l.startswith("GPU "))]
     except (OSError, subprocess.SubprocessError):
         pass
+    if not (Path("/dev/nvidia0").exists() or Path("/dev/kfd").exists()):
+        return []
     try:
         import torch
 
@@ -192,9 +197,15 @@ def launch(command: Sequence[str], *, gpus: int, lock_dir: str | Path | None = N
                 log.warning("CUDA_VISIBLE_DEVICES=%r from the environment has %d device(s), %d requested: kept",
                             preset, len(_split(preset)), gpus)
         else:
-            lock_dir = default_lock_dir(env) if lock_dir is None else Path(lock_dir)
-            held = claim_devices(gpus, candidate_devices(env), lock_dir, poll=poll, timeout=wait_timeout)
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(held)
+            devices = candidate_devices(env)
+            if devices:
+                lock_dir = default_lock_dir(env) if lock_dir is None else Path(lock_dir)
+                held = claim_devices(gpus, devices, lock_dir, poll=poll, timeout=wait_timeout)
+                env["CUDA_VISIBLE_DEVICES"] = ",".join(held)
+            else:
+                log.warning("%d GPU(s) requested but this machine has none: running on the CPU", gpus)
+                env["CUDA_VISIBLE_DEVICES"] = ""
+                gpus = 0
     nproc = nproc if nproc is not None else gpus
     argv = build_command(command, nproc=nproc, torchrun=torchrun)
     log.info("CUDA_VISIBLE_DEVICES=%r: %s", env["CUDA_VISIBLE_DEVICES"], " ".join(argv))

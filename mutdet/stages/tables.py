@@ -45,7 +45,8 @@ from mutdet.io.artefacts import read_artefact, read_metadata
 from mutdet.io.atomic import atomic_path, write_bytes, write_text
 from mutdet.stages.common import log
 
-__all__ = ["MISSING", "NO_PAPER", "FinetuneRun", "Table", "load_runs", "parse_metrics_path", "run"]
+__all__ = ["MISSING", "NO_PAPER", "FinetuneRun", "Table", "load_runs", "parse_metrics_path", "run",
+           "kwargs_from_config"]
 
 MISSING = "n/a"
 NO_PAPER = "—"
@@ -514,6 +515,22 @@ def detection_grid(ds: _Dataset, methods: Mapping[str, str], tiles_dirs: Sequenc
 
 
 # ---------------------------------------------------------------------------------------------- stage
+
+
+def kwargs_from_config(cfg) -> dict:
+    """Keywords of :func:`run` other than ``metrics`` and ``out_dir`` from a :class:`mutdet.config.Config`:
+    the ``tables`` section, each dataset's class order, and the test tiles of every fine-tuned dataset."""
+    from mutdet.stages.layout import tiles_dir
+
+    t = cfg.raw["tables"]
+    tiles = {r.dataset: [tiles_dir(cfg.results, r.dataset, r.test_split, k) for k in range(cfg.dataset(r.dataset).shards)]
+             for r in cfg.finetune.runs}
+    order = {label: k for k, label in enumerate(paper.MAIN_METHODS)}  # the paper's row order, others after
+    methods = dict(sorted(t["methods"].items(), key=lambda item: order.get(item[1], len(order))))
+    return {"methods": methods, "ablation": list(t["ablation"]), "compare": dict(t["compare"]),
+            "paper_epochs": {int(k): int(v) for k, v in t["paper_epochs"].items()},
+            "class_names": {name: list(ds.classes) for name, ds in cfg.datasets.items()},
+            "test_tiles_dirs": tiles, "num_tiles": t["num_tiles"], "score_threshold": t["score_threshold"]}
 
 
 def run(*, metrics: Sequence[str | Path], out_dir: str | Path, methods: Mapping[str, str] | None = None,

@@ -180,3 +180,34 @@ def all_finetune_metrics():
         for fraction in r.fractions
         for epochs in r.epochs
     ]
+
+
+def table_outputs():
+    names = {}
+    for r in CONFIG.finetune.runs:
+        d = r.dataset
+        for table in ("main", "low_data", "ablation"):
+            names[f"{table}_{d}"] = report(
+                f"{RESULTS}/{TABLES_DIR}/{table}_{d}.csv",
+                caption=f"../report/{table}.rst",
+                category="Tables",
+                subcategory=d,
+                labels={"table": table, "dataset": d},
+            )
+            names[f"{table}_{d}_md"] = f"{RESULTS}/{TABLES_DIR}/{table}_{d}.md"
+            names[f"{table}_{d}_tex"] = f"{RESULTS}/{TABLES_DIR}/{table}_{d}.tex"
+        names[f"ap50_vs_fraction_{d}"] = report(
+            f"{RESULTS}/{TABLES_DIR}/ap50_vs_fraction_{d}.png",
+            caption="../report/ap50_vs_fraction.rst",
+            category="Figures",
+            subcategory=d,
+            labels={"figure": "AP50 vs data fraction", "dataset": d},
+        )
+        names[f"detections_{d}"] = report(
+            f"{RESULTS}/{TABLES_DIR}/detections_{d}.png",
+            caption="../report/detections.rst",
+            category="Figures",
+            subcategory=d,
+            labels={"figure": "detections", "dataset": d},
+        )
+    return names
