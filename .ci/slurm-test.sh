@@ -10,7 +10,11 @@
 #    snakemake-executor-plugin-slurm with workflow/profiles/slurm (GPU requests zeroed: no GPUs here);
 # 4. preemption: starts a longer fine-tuning job (checkpoint every step), `scancel`s it once
 #    checkpoints/last.pt exists, lets the profile's `retries` resubmit it and checks from the job log
-#    that training "resumed from ... step N" with N > 0 and that the workflow then completes.
+#    that training "resumed from ... step N" with N > 0 and that the workflow then completes;
+# 5. submits `python -m mutdet.engine.launch --gpus 1 -- <sleeper>` with sbatch, signals only the
+#    batch step's main process (scancel --batch) and checks the launcher forwarded SIGTERM.
+#
+# Takes about 6 minutes on 2 cores (plus apt-get the first time).
 #
 # Prints "SKIPPED: ..." and exits 0 when installing/starting SLURM is impossible here (not root, no
 # apt-get, no network); any other failure exits non-zero. Daemons are stopped on exit.
@@ -175,8 +179,9 @@ dr.update(slurm_partition="debug", mem_mb=3000, cpus_per_task=1, runtime=30)
 cfg["default-resources"] = dr
 sr = {}
 for rule, res in (cfg.get("set-resources") or {}).items():
+    gpu_rule = any(k in res for k in ("gpu", "gres", "gpu_model"))
     res = {k: v for k, v in res.items() if k not in ("gpu", "gres", "gpu_model", "slurm_partition", "slurm_account")}
-    res.update(mem_mb=3000, cpus_per_task=1, runtime=30)
+    res.update(mem_mb=3000, cpus_per_task=1, runtime=30, **({"gpu": 0} if gpu_rule else {}))
     sr[rule] = res
 cfg["set-resources"] = sr
 cfg["set-threads"] = {rule: 1 for rule in cfg.get("set-threads") or {}}
@@ -196,11 +201,11 @@ for f in results/tiny/tiles/train/shard-0/tiles.parquet results/tiny/tiles/test/
     [ -s "$f" ] || { tail -n 40 "$T/run1.log"; die "missing output $f"; }
 done
 ls results/targets/*/*/pca_kmeans.npz >/dev/null || die "missing the clustering output"
-grep -q "rule_finetune" "$T/run1.log" || grep -q "sbatch" "$T/run1.log" || true
-grep -Eq "Submitted (batch )?job|SLURM run ID" "$T/run1.log" || { tail -n 40 "$T/run1.log"; die "jobs were not submitted through SLURM"; }
+SUBMITTED=$(grep -c "has been submitted with SLURM jobid" "$T/run1.log" || true)
+[ "$SUBMITTED" -ge 10 ] || { tail -n 40 "$T/run1.log"; die "only $SUBMITTED jobs were submitted through SLURM"; }
 "$PY" -m snakemake --profile ci-profile --executor slurm --configfile .test/config.yaml -n 2>&1 | grep -q "Nothing to be done" \
     || die "a second dry run still has jobs to do"
-log "pipeline OK: $(grep -c 'Submitted' "$T/run1.log" || true) submissions; final outputs present; nothing left to do"
+log "pipeline OK: $SUBMITTED SLURM jobs; final outputs present; nothing left to do"
 
 # ---- 4. preemption: scancel a fine-tuning job, the retry resumes from checkpoints/last.pt ---------
 "$PY" - <<'EOF'
@@ -234,5 +239,27 @@ line=$(grep -E "resumed from .*checkpoints/last\.pt at epoch [0-9]+, batch [0-9]
 step=$(sed -E 's/.*step ([0-9]+).*/\1/' <<<"$line")
 [ "$step" -gt 0 ] || die "resumed at step $step"
 [ -s "$PFT/metrics.json" ] || die "missing $PFT/metrics.json after the resumed run"
+"$PY" -m snakemake --profile ci-profile --executor slurm --configfile preempt.yaml -n 2>&1 | grep -q "Nothing to be done" \
+    || die "after the resumed run a dry run still has jobs to do"
 log "preemption OK: $line"
+
+# ---- 5. the GPU-job launcher under SLURM: a SIGTERM to the batch step's main process (the launcher)
+#         must reach the command; no GPU here, so --gpus 1 falls back to the CPU.
+cat > "$T/sleeper.py" <<'EOF'
+import signal, sys, time
+from pathlib import Path
+out = Path(sys.argv[1])
+signal.signal(signal.SIGTERM, lambda s, f: (out.write_text("SIGTERM"), sys.exit(43)))
+Path(str(out) + ".started").write_text("")
+time.sleep(300)
+EOF
+LJOB=$(sbatch --parsable -p debug -c 1 --mem 500 -t 5 -o "$T/launch-%j.out" \
+    --wrap "exec $PY -m mutdet.engine.launch --gpus 1 --torchrun -- $PY $T/sleeper.py $T/launch.sig")
+for _ in $(seq 60); do [ -e "$T/launch.sig.started" ] && break; sleep 1; done
+[ -e "$T/launch.sig.started" ] || { cat "$T/launch-$LJOB.out"; die "launcher job $LJOB did not start its command"; }
+scancel --batch --signal=TERM "$LJOB"   # only the batch step's main process, i.e. the launcher
+for _ in $(seq 60); do squeue -h -j "$LJOB" -o %T 2>/dev/null | grep -Eq "RUNNING|COMPLETING" || break; sleep 1; done
+[ "$(cat "$T/launch.sig" 2>/dev/null)" = SIGTERM ] || { cat "$T/launch-$LJOB.out"; die "SIGTERM was not forwarded by the launcher"; }
+grep -q "running on the CPU" "$T/launch-$LJOB.out" || { cat "$T/launch-$LJOB.out"; die "the launcher did not fall back to the CPU"; }
+log "launcher OK: job $LJOB ended $(squeue -h --states=all -j "$LJOB" -o '%T' | head -n1), SIGTERM forwarded to the command"
 log "PASSED in $(( $(date +%s) - START )) s"

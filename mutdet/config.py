@@ -344,13 +344,16 @@ def _proposals(p: dict, datasets: Mapping[str, DatasetConfig]) -> ProposalsConfi
 def _finetune(f: dict, datasets: Mapping[str, DatasetConfig]) -> FinetuneConfig:
     runs = []
     for k, r in enumerate(f["runs"]):
-        if r["dataset"] in {run.dataset for run in runs}:
-            raise ConfigError(f"finetune.runs.{k}.dataset: {r['dataset']!r} has a run already (one run per dataset)")
         if r["dataset"] not in datasets:
             raise ConfigError(f"finetune.runs.{k}.dataset: {r['dataset']!r} names no dataset (have {sorted(datasets)})")
         for key in ("train_split", "test_split"):
             if r[key] not in datasets[r["dataset"]].splits:
                 raise ConfigError(f"finetune.runs.{k}.{key}: dataset {r['dataset']!r} has no split {r[key]!r}")
+        earlier = next((run for run in runs if run.dataset == r["dataset"]), None)
+        if earlier is not None and (earlier.train_split, earlier.test_split) != (r["train_split"], r["test_split"]):
+            raise ConfigError(f"finetune.runs.{k}: dataset {r['dataset']!r} is fine-tuned on {earlier.train_split!r} and "
+                              f"tested on {earlier.test_split!r} by an earlier entry; entries of one dataset (several "
+                              f"sweeps whose union is run) must use the same splits")
         runs.append(FinetuneRun(dataset=r["dataset"], train_split=r["train_split"], test_split=r["test_split"],
                                 inits=tuple(r["inits"]), fractions=tuple(float(v) for v in r["fractions"]),
                                 epochs=tuple(r["epochs"])))

@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 
 from mutdet.data.datasets import read_tile_image
 from mutdet.embedding.artefacts import read_targets, vector_matrix
-from mutdet.io.artefacts import read_artefact
+from mutdet.io.artefacts import read_artefact, read_metadata
 
 __all__ = ["ProposalTileDataset"]
 
@@ -45,7 +45,8 @@ class ProposalTileDataset(Dataset):
         transform: ``(image, target) -> (image, target)``; must keep the boxes' order and number (flips
             and resizing do), since ``labels`` and ``embeddings`` are not passed through it.
     Attributes:
-        tile_ids, num_classes (``k`` of the targets, or 1), dim (``D``).
+        tile_ids, num_classes (``k`` of the cluster stage, from the targets' metadata, else the largest
+        cluster id + 1; 1 when ``class_agnostic``), dim (``D``).
     """
 
     def __init__(self, tiles_dirs: Sequence[str | Path], proposals_files: Sequence[str | Path],
@@ -80,7 +81,11 @@ class ProposalTileDataset(Dataset):
                 raise ValueError(f"{tgt_file}: embeddings of dimension {vectors.shape[1]}, other shards have {dim}")
             dim = vectors.shape[1]
             labels = targets.column("cluster_id").to_numpy().astype(np.int64)
-            num_classes = max(num_classes, int(labels.max()) + 1 if len(labels) else 0)
+            k = (read_metadata(tgt_file).get("params") or {}).get("k")  # the cluster stage's k
+            seen = int(labels.max()) + 1 if len(labels) else 0
+            if k is not None and seen > k:
+                raise ValueError(f"{tgt_file}: cluster ids up to {seen - 1} for k = {k}")
+            num_classes = max(num_classes, seen if k is None else int(k))
             boxes = np.stack([proposals.column(c).to_numpy() for c in ("cx", "cy", "w", "h", "theta")], 1)
             ids = np.asarray(proposals.column("tile_id").to_pylist(), dtype=object)
             rank = proposals.column("proposal_index").to_numpy()

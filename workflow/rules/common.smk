@@ -173,19 +173,24 @@ def finetune_dir(run, init, fraction, epochs):
 
 
 def all_finetune_metrics():
-    return [
+    """Every job of the sweep: the union of the `finetune.runs` entries (shared jobs once)."""
+    paths = [
         f"{RESULTS}/{finetune_dir(r, init, fraction, epochs)}/metrics.json"
         for r in CONFIG.finetune.runs
         for init in r.inits
         for fraction in r.fractions
         for epochs in r.epochs
     ]
+    return list(dict.fromkeys(paths))
+
+
+def finetuned_datasets():
+    return list(dict.fromkeys(r.dataset for r in CONFIG.finetune.runs))
 
 
 def table_outputs():
     names = {}
-    for r in CONFIG.finetune.runs:
-        d = r.dataset
+    for d in finetuned_datasets():
         for table in ("main", "low_data", "ablation"):
             names[f"{table}_{d}"] = report(
                 f"{RESULTS}/{TABLES_DIR}/{table}_{d}.csv",

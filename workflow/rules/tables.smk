@@ -5,7 +5,7 @@
 rule tables:
     input:
         metrics=all_finetune_metrics(),
-        tiles=[t for r in CONFIG.finetune.runs for t in finetune_tiles(r.dataset, r.test_split)],
+        tiles=[t for d in finetuned_datasets() for t in finetune_tiles(d, finetune_run(d).test_split)],
     output:
         index=f"{RESULTS}/{TABLES_DIR}/index.md",
         **table_outputs(),
