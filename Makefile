@@ -21,6 +21,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/snakemake --cores $(CORES)
+	$(VENV)/bin/snakemake --report results/report.html
 	@$(PY) -m mutdet outputs --config config.yaml
 
 test: $(STAMP)
@@ -34,4 +35,4 @@ dryrun: $(STAMP)
 
 # Every benchmark, each against a baseline measured in the same run (several minutes on 2 cores).
 bench: $(STAMP)
-	for b in tiling evaluation proposals embeddings model train overfit; do $(PY) benchmarks/$$b.py || exit 1; done
+	for b in tiling evaluation proposals embeddings model train pretrain overfit; do $(PY) benchmarks/$$b.py || exit 1; done

@@ -73,3 +73,13 @@ def test_inline_json_and_file_errors(tmp_path):
     bad.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(bad)
+
+
+@pytest.mark.parametrize("name", ["dior-r", "dota", "ohd-sjtu"])
+def test_paper_configs_validate_and_follow_the_protocol(name):
+    cfg = load_config(REPO / "config" / "paper" / f"{name}.yaml")
+    assert cfg.proposals.method == "sam" and cfg.proposals.sam.model_type == "vit_h"
+    assert (cfg.embedding.backbone, cfg.embedding.weights) == ("resnet50", "imagenet")
+    assert (cfg.cluster.pca_dim, cfg.cluster.k) == (256, 256) and cfg.finetune.model["backbone"] == "resnet50"
+    assert {"none", "detreg", "mutdet"} <= {i for r in cfg.finetune.runs for i in r.inits}
+    assert cfg.dataset("dota").tiling.size == 800 and cfg.dataset("dota").tiling.gap == 200

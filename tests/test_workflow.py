@@ -41,8 +41,12 @@ def test_dry_run_shows_one_job_per_shard(configfile, tmp_path):
     proposal_shards = sum(raw["datasets"][ref.split("/")[0]]["shards"] for ref in raw["proposals"]["datasets"])
     assert int(counts["propose"]) == int(counts["embed"]) == proposal_shards and int(counts["cluster"]) == 1
     runs = raw["finetune"]["runs"]
-    jobs = sum(len(r.get("inits", ["none"])) * len(r.get("fractions", [1.0])) * len(r.get("epochs", [36])) for r in runs)
-    assert int(counts["finetune"]) == int(counts["evaluate"]) == jobs
+    jobs = {(r["dataset"], i, f, e) for r in runs for i in r.get("inits", ["none"]) for f in r.get("fractions", [1.0])
+            for e in r.get("epochs", [36])}  # entries of one dataset share their common jobs
+    assert int(counts["finetune"]) == int(counts["evaluate"]) == len(jobs)
+    variants = {i for (_, i, _, _) in jobs if i != "none"} | {
+        v for v in raw.get("pretrain", {}).get("loss_curves", {"with": "mutdet"}).values() if v}
+    assert int(counts["pretrain"]) == len(variants) and int(counts["tables"]) == 1
 
 
 def test_bad_config_key_fails_dry_run_naming_the_key(tmp_path):
@@ -79,6 +83,18 @@ def test_tiny_end_to_end_run_and_nothing_to_redo(tmp_path):
     metrics = json.loads((finetuned / "metrics.json").read_text())
     assert set(metrics["mean"]) >= {"AP50", "AP75"} and metrics["num_images"] == syn["num_test"]
     assert (finetuned / "checkpoint.pt").is_file() and (finetuned / "metrics.jsonl").is_file()
+    pretrained = results / "pretrain"
+    assert {p.parent.name for p in pretrained.rglob("checkpoint.pt")} == {"detreg", "mutdet"}
+    assert next(pretrained.rglob("loss_curves.png")).stat().st_size > 0
+    init = json.loads((results / "finetune" / "init~mutdet" / "frac~1.0" / f"epochs~{run['epochs'][0]}" / "tiny" / "test"
+                       / "init.json").read_text())
+    assert init["variant"] == "mutdet" and any(k.startswith("mutual_enhancement.") for k in init["dropped"])
+    tables = results / "tables"
+    assert (tables / "index.md").is_file() and (tables / "detections_tiny.png").stat().st_size > 0
+    header = (tables / "low_data_tiny.csv").read_text().splitlines()[0]
+    assert header.startswith("data fraction") and "DETReg" in header and "MutDet" in header
+    snakemake("-d", str(tmp_path), "--configfile", str(TEST_CONFIG), "--report", str(results / "report.html"))
+    assert (results / "report.html").stat().st_size > 100_000
     from mutdet.config import from_dict
     from mutdet.stages.outputs import describe
 
@@ -90,6 +106,18 @@ def test_tiny_end_to_end_run_and_nothing_to_redo(tmp_path):
     assert len(targets) == raw["datasets"]["tiny"]["shards"]
     again = snakemake("-n", "--cores", "2", "-d", str(tmp_path), "--configfile", str(TEST_CONFIG))
     assert "Nothing to be done" in again.stdout + again.stderr
+    # one more fraction in the sweep: only that fraction's fine-tuning jobs (and the tables) are new
+    raw2 = json.loads(json.dumps(raw))
+    raw2["finetune"]["runs"][0]["fractions"] = [0.5, 1.0]
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(raw2))
+    plan = snakemake("-n", "--cores", "2", "-d", str(tmp_path), "--configfile", str(changed)).stdout
+    counts = dict(line.split() for line in plan.split("Job stats:")[1].splitlines()[3:]
+                  if len(line.split()) == 2 and line.split()[1].isdigit())
+    inits = len(run["inits"])
+    assert int(counts["finetune"]) == int(counts["evaluate"]) == inits and int(counts["tables"]) == 1
+    assert not {"tile", "propose", "embed", "cluster", "pretrain", "subset"} & set(counts)
+    assert plan.count("fraction=0.5") == inits and "fraction=1.0" not in plan  # finetune jobs' wildcards
 
     # The evaluate rule on full-image detections made from the test split's own ground truth:
     # tile objects -> detections (tile frame) -> merge -> snakemake evaluates them.

@@ -24,6 +24,7 @@ import inspect
 import logging
 import math
 import random
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -270,7 +271,8 @@ class Trainer:
         tracker = Tracker(self.out_dir / "metrics.jsonl", enabled=dist.is_main_process(), wandb_mode=self.wandb_mode,
                           name=self.out_dir.name, config=self.run_config, resume_step=self.step if resumed else None)
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (cfg.progress and dist.is_main_process()),
-                   dynamic_ncols=True, desc="train")
+                   dynamic_ncols=True, desc="train",
+                   mininterval=0.1 if sys.stderr.isatty() else 30.0)  # a job log gets a line every 30 s
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         done_here, record = 0, None

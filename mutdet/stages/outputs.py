@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 from mutdet.config import Config
-from mutdet.stages.layout import FINETUNE_DIR, embedding_tag, pretrain_dir, proposals_tag, tiles_dir
+from mutdet.stages.layout import FINETUNE_DIR, TABLES_DIR, embedding_tag, pretrain_dir, proposals_tag, tiles_dir
 
 
 def describe(cfg: Config) -> str:
@@ -31,16 +31,37 @@ def describe(cfg: Config) -> str:
     lines.append(f"  clusters   {'fitted' if model.is_file() else 'not fitted yet'}: {model}")
     for name, split in cfg.fractions.datasets:
         lines.append(f"  fractions  {name}/{split}: {cfg.results / name / 'fractions' / split}/frac~<p>.txt")
+    pretrain_root = cfg.results / "pretrain" / proposals_tag(cfg) / embedding_tag(cfg)
+    for name in cfg.pretrain.variants:
+        folder = pretrain_root / name
+        state = "not produced yet"
+        if (folder / "checkpoint.pt").is_file():
+            records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()] \
+                if (folder / "metrics.jsonl").is_file() else []
+            last = records[-1] if records else {}
+            state = f"{last.get('step', '?')} steps, last loss {last.get('loss', float('nan')):.3f}"
+        lines.append(f"  pretrain   {name}: {state}  {folder}/")
+    if (pretrain_root / "loss_curves.png").is_file():
+        lines.append(f"  figure     pre-training loss curves: {pretrain_root / 'loss_curves.png'}")
+    seen = set()
     for run in cfg.finetune.runs:
         for init in run.inits:
             for fraction in run.fractions:
                 for epochs in run.epochs:
                     folder = cfg.results / FINETUNE_DIR.format(init=init, fraction=fraction, epochs=epochs,
                                                                dataset=run.dataset, split=run.test_split)
+                    if folder in seen:
+                        continue
+                    seen.add(folder)
                     state = "not produced yet"
                     if (folder / "metrics.json").is_file():
                         mean = json.loads((folder / "metrics.json").read_text())["mean"]
                         state = "  ".join(f"{k} {100 * mean[k]:.1f}" for k in ("AP50", "AP75") if mean.get(k) is not None)
                     lines.append(f"  finetune   {run.dataset}/{run.test_split} init {init}, fraction {fraction}, "
                                  f"{epochs} epochs: {state}  {folder}/")
+    tables = cfg.results / TABLES_DIR / "index.md"
+    lines.append(f"  tables     {'written' if tables.is_file() else 'not produced yet'}: {tables}")
+    report = cfg.results / "report.html"
+    lines.append(f"  report     {'written' if report.is_file() else 'not produced yet (snakemake --report ' + str(report) + ')'}"
+                 f": {report}")
     return "\n".join(lines)

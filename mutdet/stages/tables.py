@@ -309,7 +309,7 @@ def low_data_table(ds: _Dataset, methods: Mapping[str, str]) -> Table:
     return Table(f"low_data_{ds.name}", caption, header, rows, notes)
 
 
-def ablation_table(ds: _Dataset, ablation: Sequence[str], paper_epochs: Mapping[int, int]) -> Table:
+def ablation_table(ds: _Dataset, ablation: Sequence[str | None], paper_epochs: Mapping[int, int]) -> Table:
     """The ablation table: the five ablation inits (paper row labels) against our schedules, AP50."""
     labels = [label for label, _ in paper.ABLATION["DIOR-R"]]
     # our schedules at 100 % data; else any of ours; without runs the schedules the comparison would use
@@ -325,14 +325,15 @@ def ablation_table(ds: _Dataset, ablation: Sequence[str], paper_epochs: Mapping[
     for k, (init, label) in enumerate(zip(ablation, labels)):
         row = [label]
         for e in epochs_list:
-            r = ds.find(init, 1.0, e)
+            r = ds.find(init, 1.0, e) if init is not None else None  # None: this row is not in the sweep
             used.append(r)
             row.append(_ours(r.ap("AP50") if r else None))
             if ds.paper:
                 row.append(_theirs(paper.ablation_ap50(ds.paper, k, paper_epochs.get(e, e))))
         rows.append(row)
     notes = _missing_notes(ds, used, "the ablation")
-    notes.append("Rows (our init names): " + ", ".join(f"{lab} = {init}" for init, lab in zip(ablation, labels)) + ".")
+    notes.append("Rows (our init names): " + ", ".join(f"{lab} = {init or 'not run'}"
+                                                       for init, lab in zip(ablation, labels)) + ".")
     if ds.paper and ds.paper not in paper.ABLATION:
         notes.append(f"The paper reports the ablation on {', '.join(paper.ABLATION)} only, not {ds.paper}.")
     caption = f"{ds.name}: ablation of the pre-training components, AP50 (%) after each fine-tuning schedule."
