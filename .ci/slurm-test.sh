@@ -4,8 +4,9 @@
 #   sudo .ci/slurm-test.sh            # as root on a Debian/Ubuntu CI machine or container
 #
 # 1. installs Debian's slurm-wlm + munge (apt-get, non-interactive) unless already installed;
-# 2. writes a cgroup-free single-node slurm.conf under a temp folder (this host = controller and
-#    compute node, partition `debug`, no accounting) and starts munged, slurmctld and slurmd;
+# 2. writes a cgroup-free single-node /etc/slurm/slurm.conf (an existing one is saved and restored;
+#    state, spool and logs in a temp folder; this host = controller and compute node, partition
+#    `debug`, no accounting) and starts munged (unless one runs), slurmctld and slurmd;
 # 3. runs the tiny pipeline (.test/config.yaml) in a temp copy of the repository through
 #    snakemake-executor-plugin-slurm with workflow/profiles/slurm (GPU requests zeroed: no GPUs here);
 # 4. preemption: starts a longer fine-tuning job (checkpoint every step), `scancel`s it once
@@ -14,11 +15,12 @@
 # 5. submits `python -m mutdet.engine.launch --gpus 1 -- <sleeper>` with sbatch, signals only the
 #    batch step's main process (scancel --batch) and checks the launcher forwarded SIGTERM.
 #
-# Takes about 6 minutes on 2 cores (plus apt-get the first time).
+# Takes about 7 minutes on 2 cores (plus apt-get the first time).
 #
 # Prints "SKIPPED: ..." and exits 0 when installing/starting SLURM is impossible here (not root, no
 # apt-get, no network); any other failure exits non-zero. Daemons are stopped on exit.
-# Environment: PYTHON (default .venv/bin/python of this repository), KEEP_TMP=1 keeps the temp folder.
+# Environment: PYTHON (default .venv/bin/python of this repository), KEEP_TMP=1 keeps the temp folder,
+# SNAKEMAKE_TIMEOUT (seconds per snakemake run, default 1200).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
@@ -63,7 +65,9 @@ CONF=/etc/slurm/slurm.conf
 MUNGED_PID_FILE=/run/munge/mutdet-ci-munged.pid
 cleanup() {
     rc=$?
+    trap - EXIT INT TERM
     set +e
+    cd /
     [ -n "$SNAKE_PID" ] && kill "$SNAKE_PID" 2>/dev/null
     if [ -n "$SLURMCTLD_PID" ]; then scancel --full --user root >/dev/null 2>&1; sleep 1; fi
     for pid in $SLURMD_PID $SLURMCTLD_PID; do kill "$pid" 2>/dev/null; done
@@ -191,7 +195,8 @@ Path("ci-profile").mkdir()
 Path("ci-profile/config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
 print(Path("ci-profile/config.yaml").read_text())
 EOF
-SNAKEMAKE=("$PY" -m snakemake --executor slurm --profile ci-profile)
+# (a hard limit per snakemake run: a job stuck in the queue must fail the test, not hang it)
+SNAKEMAKE=(timeout "${SNAKEMAKE_TIMEOUT:-1200}" "$PY" -m snakemake --executor slurm --profile ci-profile)
 
 log "pipeline: snakemake --executor slurm --profile workflow/profiles/slurm (CI variant) --configfile .test/config.yaml"
 "${SNAKEMAKE[@]}" --configfile .test/config.yaml >"$T/run1.log" 2>&1 || { tail -n 80 "$T/run1.log"; die "pipeline failed"; }
@@ -261,5 +266,7 @@ scancel --batch --signal=TERM "$LJOB"   # only the batch step's main process, i.
 for _ in $(seq 60); do squeue -h -j "$LJOB" -o %T 2>/dev/null | grep -Eq "RUNNING|COMPLETING" || break; sleep 1; done
 [ "$(cat "$T/launch.sig" 2>/dev/null)" = SIGTERM ] || { cat "$T/launch-$LJOB.out"; die "SIGTERM was not forwarded by the launcher"; }
 grep -q "running on the CPU" "$T/launch-$LJOB.out" || { cat "$T/launch-$LJOB.out"; die "the launcher did not fall back to the CPU"; }
-log "launcher OK: job $LJOB ended $(squeue -h --states=all -j "$LJOB" -o '%T' | head -n1), SIGTERM forwarded to the command"
+scontrol show job "$LJOB" | grep -q "ExitCode=43:0" \
+    || { scontrol show job "$LJOB"; die "job $LJOB did not end with the command's exit code 43"; }
+log "launcher OK: job $LJOB: SIGTERM forwarded to the command, its exit code 43 returned"
 log "PASSED in $(( $(date +%s) - START )) s"

@@ -5,12 +5,9 @@ Compared: the logged loss (ranks averaged by ``dist.reduce_mean``), every gradie
 sees it (DDP averages the ranks' gradients), and the parameters after the steps (those whose
 gradients are not float noise around zero, see :func:`_compare`).
 
-DETR losses are divided by the number of target boxes. :class:`mutdet.losses.criterion.SetCriterion`
-counts the boxes of its own rank only, so under DDP the step optimises ``mean_r(S_r / n_r)`` instead
-of ``sum_r S_r / sum_r n_r``: identical when every rank holds as many boxes (first test), different
-otherwise (second test, xfail). DETR / Deformable DETR all-reduce the count instead,
-``num_boxes = clamp(all_reduce_sum(n_r) / world_size, min=1)``; the third test shows that this
-(in a test-local subclass) makes unequal ranks match the single process too.
+DETR losses are divided by the number of target boxes: :class:`mutdet.losses.criterion.SetCriterion`
+all-reduces the count and divides by ``sum_r n_r / world_size`` (DETR's normalisation), so the DDP
+step equals the single-process step both when every rank holds as many boxes and when they differ.
 """
 from __future__ import annotations
 
@@ -24,7 +21,6 @@ import torch.multiprocessing as mp
 
 from mutdet.engine import dist
 from mutdet.engine.tracking import read_jsonl
-from mutdet.losses.criterion import SetCriterion
 
 TINY = dict(backbone="light", frozen_stages=-1, frozen_bn=False, embed_dim=32, num_heads=4, num_levels=2,
             num_points=2, num_encoder_layers=1, num_decoder_layers=1, ffn_dim=64, dropout=0.0, num_queries=10,
@@ -36,32 +32,13 @@ def _no_wandb(monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
 
 
-class GlobalNumBoxesCriterion(SetCriterion):
-    """SetCriterion with DETR's cross-rank box count (the proposed change, see the module docstring)."""
-
-    def forward(self, outputs, targets, indices=None):
-        prepared = self._prepare(outputs, targets)
-        indices = self._match(outputs, prepared) if indices is None else indices
-        count = torch.tensor([float(sum(len(t["labels"]) for t in prepared))], dtype=torch.float64)
-        if dist.is_distributed():
-            torch.distributed.all_reduce(count)
-        num_boxes = max(float(count.item()) / dist.get_world_size(), 1.0)
-        num_dn = num_boxes * outputs["dn_meta"]["num_groups"] if outputs.get("dn_outputs") is not None else 0.0
-        losses = {}
-        for suffix, (branch, branch_targets) in self._branches(outputs, prepared).items():
-            n = num_dn if suffix.startswith("_dn") else num_boxes
-            for key, value in self.branch_losses(branch, branch_targets, indices[suffix], n).items():
-                losses[key + suffix] = value
-        return losses
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _train(folder: str, out_dir: str, batch_size: int, global_count: bool) -> dict:
+def _train(folder: str, out_dir: str, batch_size: int) -> dict:
     """Two optimiser steps of the real Trainer; gradients recorded at every step."""
     from mutdet.data.datasets import TileDataset
     from mutdet.data.transforms import build_transforms
@@ -73,8 +50,6 @@ def _train(folder: str, out_dir: str, batch_size: int, global_count: bool) -> di
     torch.manual_seed(0)
     model = build_detector(num_classes=len(CLASSES), **TINY)
     criterion = build_criterion(num_classes=len(CLASSES), num_decoder_layers=1)
-    if global_count:
-        criterion.__class__ = GlobalNumBoxesCriterion
     dataset = TileDataset(folder, transform=build_transforms(train=True, input_size=64), skip_empty=False)
     config = TrainConfig(epochs=2, batch_size=batch_size, lr=1e-3, warmup_iterations=2, lr_decay_epochs=(5,),
                          num_workers=0, log_every=1, checkpoint_every_epochs=10, progress=False, seed=3)
@@ -95,13 +70,13 @@ def _train(folder: str, out_dir: str, batch_size: int, global_count: bool) -> di
             "losses": [r["loss"] for r in read_jsonl(f"{out_dir}/metrics.jsonl")] if dist.is_main_process() else None}
 
 
-def _worker(rank: int, world: int, port: int, folder: str, out_dir: str, global_count: bool, results) -> None:
+def _worker(rank: int, world: int, port: int, folder: str, out_dir: str, results) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), WANDB_MODE="disabled")
     torch.set_num_threads(1)
     dist.init_distributed(torch.device("cpu"))
     try:
-        results[rank] = _train(folder, out_dir, batch_size=1, global_count=global_count)
+        results[rank] = _train(folder, out_dir, batch_size=1)
     finally:
         torch.distributed.destroy_process_group()
 
@@ -119,12 +94,12 @@ def _two_tiles(tmp_path, equal: bool):
     raise AssertionError("no suitable seed")
 
 
-def _compare(tmp_path, equal: bool, global_count: bool):
+def _compare(tmp_path, equal: bool):
     folder, counts = _two_tiles(tmp_path, equal)
     torch.set_num_threads(1)
-    single = _train(str(folder), str(tmp_path / "single"), batch_size=2, global_count=global_count)
+    single = _train(str(folder), str(tmp_path / "single"), batch_size=2)
     results = mp.Manager().dict()
-    mp.spawn(_worker, args=(2, _free_port(), str(folder), str(tmp_path / "ddp"), global_count, results), nprocs=2,
+    mp.spawn(_worker, args=(2, _free_port(), str(folder), str(tmp_path / "ddp"), results), nprocs=2,
              join=True)
     ddp = results[0]
     for a, b in zip(results[0]["params"], results[1]["params"]):
@@ -145,14 +120,8 @@ def _compare(tmp_path, equal: bool, global_count: bool):
 
 
 def test_ddp_step_equals_single_process_batch(tmp_path):
-    _compare(tmp_path, equal=True, global_count=False)
+    _compare(tmp_path, equal=True)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="SetCriterion.forward normalises by the boxes of its own rank (mutdet/losses/criterion.py)")
-def test_ddp_with_unequal_box_counts_differs_from_single_process(tmp_path):
-    _compare(tmp_path, equal=False, global_count=False)
-
-
-def test_global_box_count_makes_unequal_ranks_equal_to_single_process(tmp_path):
-    _compare(tmp_path, equal=False, global_count=True)
+def test_ddp_with_unequal_box_counts_equals_single_process(tmp_path):
+    _compare(tmp_path, equal=False)

@@ -2,7 +2,8 @@
 the denoising queries, as a dict of named scalars with one ``weight_dict``.
 
 Losses of one branch, given matched pairs ``(i, j)`` and ``n`` = number of target boxes in the batch
-(at least 1; for denoising: positives over all groups):
+(under DDP: the global count over the world size, as DETR; at least 1; for denoising: positives over
+all groups):
 
 * ``loss_cls``: sigmoid focal loss (alpha 0.25, gamma 2) summed over all queries and classes, / ``n``;
   unmatched queries (and denoising negatives / padding slots) have all-zero targets;
@@ -125,6 +126,20 @@ class SetCriterion(nn.Module):
                 indices[suffix] = self.matcher(branch, branch_targets)
         return indices
 
+    @staticmethod
+    def _num_boxes(prepared: list[dict[str, torch.Tensor]], device: torch.device) -> float:
+        """Target boxes per rank, averaged over the ranks of a DDP run (DETR's normalisation): each rank
+        divides by ``sum_r n_r / world_size``, so the averaged gradient is that of ``sum_r S_r / sum_r n_r``,
+        the single-process loss of the global batch, even when ranks hold different numbers of boxes."""
+        from mutdet.engine import dist
+
+        count = float(sum(len(t["labels"]) for t in prepared))
+        if dist.is_distributed():
+            total = torch.tensor([count], dtype=torch.float64, device=device)
+            torch.distributed.all_reduce(total)
+            count = float(total.item()) / dist.get_world_size()
+        return max(count, 1.0)
+
     def match(self, outputs: Mapping, targets: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, list]:
         """Matched pairs of every branch, keyed by loss suffix (``""``, ``"_0"``, .., ``"_enc"``, ``"_dn"``, ..).
 
@@ -149,7 +164,7 @@ class SetCriterion(nn.Module):
         """
         prepared = self._prepare(outputs, targets)
         indices = self._match(outputs, prepared) if indices is None else indices
-        num_boxes = max(float(sum(len(t["labels"]) for t in prepared)), 1.0)
+        num_boxes = self._num_boxes(prepared, outputs["pred_logits"].device)
         num_dn = num_boxes * outputs["dn_meta"]["num_groups"] if outputs.get("dn_outputs") is not None else 0.0
         losses: dict[str, torch.Tensor] = {}
         for suffix, (branch, branch_targets) in self._branches(outputs, prepared).items():

@@ -15,7 +15,8 @@ Keys (unweighted; :attr:`PretrainCriterion.weight_dict` weights them):
   the last decoder layer (logged, not optimised; the negative one only when there are two pairs or more).
 
 All alignment losses have the weight ``align_weight`` (1 in the paper). Negatives of the contrastive
-loss are all other matched pairs of the batch, across images; the targets are not detached.
+loss are all other matched pairs of the batch, across images and, under DDP, across ranks
+(:func:`gather_pairs`); the targets are not detached.
 """
 from __future__ import annotations
 
@@ -28,13 +29,59 @@ from mutdet.losses.contrastive import alignment_stats, contrastive_alignment_los
 from mutdet.losses.criterion import SetCriterion
 from mutdet.models.pretrain import PretrainVariant
 
-__all__ = ["PretrainCriterion", "first_group_indices"]
+__all__ = ["PretrainCriterion", "first_group_indices", "gather_pairs"]
 
 
 def first_group_indices(counts: Sequence[int], device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Positive queries of denoising group 0 and their targets: per image ``(arange(n), arange(n))``
     (see the layout in :mod:`mutdet.models.denoising`)."""
     return [(torch.arange(n, device=device), torch.arange(n, device=device)) for n in counts]
+
+
+class _GatherRows(torch.autograd.Function):
+    """Rows of every rank, concatenated in rank order; backward: the summed gradient of this rank's rows."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, counts: tuple[int, ...], rank: int) -> torch.Tensor:
+        import torch.distributed as tdist
+        import torch.nn.functional as F
+
+        padded = F.pad(x, (0, 0, 0, max(counts) - x.shape[0])).contiguous()  # all_gather needs equal shapes
+        parts = [torch.empty_like(padded) for _ in counts]
+        tdist.all_gather(parts, padded)
+        ctx.counts, ctx.rank = counts, rank
+        return torch.cat([p[:n] for p, n in zip(parts, counts)])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        import torch.distributed as tdist
+
+        grad = grad.contiguous().clone()
+        tdist.all_reduce(grad)  # every rank's loss depends on this rank's rows
+        start = sum(ctx.counts[:ctx.rank])
+        return grad[start:start + ctx.counts[ctx.rank]], None, None
+
+
+def gather_pairs(z: torch.Tensor, o: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The matched pairs of every DDP rank, concatenated in rank order (identity without a process
+    group): every rank then computes the loss of the global batch, whose negatives are all pairs of all
+    ranks, as one process with the whole batch would. The backward sums every rank's gradient of this
+    rank's pairs; DDP's gradient averaging then gives the single-process gradient."""
+    from mutdet.engine import dist
+
+    if not dist.is_distributed():
+        return z, o
+    import torch.distributed as tdist
+
+    count = torch.tensor([z.shape[0]], device=z.device)
+    counts = [torch.zeros_like(count) for _ in range(dist.get_world_size())]
+    tdist.all_gather(counts, count)
+    counts = tuple(int(c) for c in counts)
+    if max(counts) == 0:
+        return z, o
+    # one gather of [z | o]: a single backward node, so every rank issues its collectives in one order
+    both = _GatherRows.apply(torch.cat([z, o.to(z.dtype)], 1), counts, dist.get_rank())
+    return both[:, :z.shape[1]], both[:, z.shape[1]:].to(o.dtype)
 
 
 class PretrainCriterion(nn.Module):
@@ -65,6 +112,7 @@ class PretrainCriterion(nn.Module):
         self.weight_dict = weights
 
     def _align(self, z: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        z, o = gather_pairs(z, o)
         if self.variant.alignment == "contrastive":
             return contrastive_alignment_loss(z, o, self.temperature)
         return l1_alignment_loss(z, o)
@@ -77,7 +125,7 @@ class PretrainCriterion(nn.Module):
 
         z, o = gather_matched(outputs["pred_embed"], align_targets, indices[""])
         losses["loss_align"] = self._align(z, o)
-        stats = alignment_stats(z, o)
+        stats = alignment_stats(z, o)  # this rank's pairs
         for key, value in stats.items():
             if value == value:  # not NaN
                 losses[f"align_{key}"] = torch.tensor(value, device=z.device)

@@ -26,6 +26,10 @@ MUTDET = (
     if "conda" in {str(m).lower() for m in workflow.deployment_settings.deployment_method}
     else f"{sys.executable} -m mutdet"
 )
+# GPU rules run their command through the launcher (mutdet/engine/launch.py): it picks the job's GPUs
+# (keeps SLURM's CUDA_VISIBLE_DEVICES, else claims free ones with lock files), runs torchrun for
+# gpu > 1 (--torchrun) and passes SIGTERM on to the command.
+LAUNCH = f"{MUTDET}.engine.launch"
 
 NAME = r"[A-Za-z0-9][A-Za-z0-9_-]*"
 # Tags of the parameters that determine proposals and embeddings (folder names; see pretrain_data.smk).

@@ -15,6 +15,7 @@ rule finetune:
         detections=f"{RESULTS}/{FINETUNE_DIR}/detections.parquet",
     params:
         mutdet=MUTDET,
+        launch=LAUNCH,
         config=lambda w: finetune_config_json(w.dataset),
         tiles=lambda w, input: [os.path.dirname(p) for p in input.train],
         test_tiles=lambda w, input: [os.path.dirname(p) for p in input.test],
@@ -23,9 +24,12 @@ rule finetune:
     log:
         f"{LOGS}/{FINETUNE_DIR}.log",
     threads: 2
+    resources:
+        gpu=1,
     conda:
         "../../envs/mutdet.yaml"
     shell:
-        "{params.mutdet} finetune --config {params.config:q} --dataset {wildcards.dataset} --tiles {params.tiles:q}"
+        "{params.launch} --gpus {resources.gpu} --torchrun --"
+        " {params.mutdet} finetune --config {params.config:q} --dataset {wildcards.dataset} --tiles {params.tiles:q}"
         " --test-tiles {params.test_tiles:q} --image-ids {input.subset:q} --init {params.init:q}"
         " --epochs {wildcards.epochs} --out {params.out:q} --threads {threads} > {log:q} 2>&1"

@@ -13,16 +13,20 @@ rule pretrain:
         checkpoint=f"{RESULTS}/pretrain/{{ptag}}/{{etag}}/{{variant}}/checkpoint.pt",
     params:
         mutdet=MUTDET,
+        launch=LAUNCH,
         config=lambda w: pretrain_variant_json(w.variant),
         tiles=lambda w, input: [os.path.dirname(p) for p in input.tiles],
         out=lambda w, output: os.path.dirname(output.checkpoint),
     log:
         f"{LOGS}/pretrain/{{ptag}}/{{etag}}/{{variant}}.log",
     threads: 2
+    resources:
+        gpu=1,
     conda:
         "../../envs/mutdet.yaml"
     shell:
-        "{params.mutdet} pretrain --config {params.config:q} --method {wildcards.variant} --tiles {params.tiles:q}"
+        "{params.launch} --gpus {resources.gpu} --torchrun --"
+        " {params.mutdet} pretrain --config {params.config:q} --method {wildcards.variant} --tiles {params.tiles:q}"
         " --proposals {input.proposals:q} --targets {input.targets:q} --out {params.out:q} --threads {threads}"
         " > {log:q} 2>&1"
 

@@ -11,16 +11,20 @@ rule propose:
         manifest=f"{RESULTS}/{{dataset}}/proposals/{{ptag}}/{{split}}/shard-{{shard}}/manifest.json",
     params:
         mutdet=MUTDET,
+        launch=LAUNCH,
         config=lambda w: pretrain_config_json(w.dataset),
         tiles=lambda w, input: os.path.dirname(input.tiles),
         out=lambda w, output: os.path.dirname(output.proposals),
     log:
         f"{LOGS}/propose/{{dataset}}/{{ptag}}/{{split}}/shard-{{shard}}.log",
     threads: 2
+    resources:
+        gpu=1 if CONFIG.proposals.method == "sam" else 0,
     conda:
         "../../envs/mutdet.yaml"
     shell:
-        "{params.mutdet} propose --config {params.config:q} --dataset {wildcards.dataset} --split {wildcards.split}"
+        "{params.launch} --gpus {resources.gpu} --"
+        " {params.mutdet} propose --config {params.config:q} --dataset {wildcards.dataset} --split {wildcards.split}"
         " --shard {wildcards.shard} --tiles {params.tiles:q} --out {params.out:q} --threads {threads} > {log:q} 2>&1"
 
 
@@ -32,6 +36,7 @@ rule embed:
         embeddings=f"{RESULTS}/{{dataset}}/embeddings/{{ptag}}/{{etag}}/{{split}}/shard-{{shard}}/embeddings.parquet",
     params:
         mutdet=MUTDET,
+        launch=LAUNCH,
         config=lambda w: pretrain_config_json(w.dataset),
         tiles=lambda w, input: os.path.dirname(input.tiles),
         proposals=lambda w, input: os.path.dirname(input.proposals),
@@ -39,10 +44,13 @@ rule embed:
     log:
         f"{LOGS}/embed/{{dataset}}/{{ptag}}/{{etag}}/{{split}}/shard-{{shard}}.log",
     threads: 2
+    resources:
+        gpu=1,
     conda:
         "../../envs/mutdet.yaml"
     shell:
-        "{params.mutdet} embed --config {params.config:q} --tiles {params.tiles:q} --proposals {params.proposals:q}"
+        "{params.launch} --gpus {resources.gpu} --"
+        " {params.mutdet} embed --config {params.config:q} --tiles {params.tiles:q} --proposals {params.proposals:q}"
         " --out {params.out:q} --threads {threads} > {log:q} 2>&1"
 
 
