@@ -109,6 +109,16 @@ def test_gradient_accumulation_counts_steps(tmp_path):
     assert {"epoch", "step", "lr", "loss", "loss_cls", "loss_giou_enc"} <= set(record)
 
 
+def test_lr_scales_with_the_global_batch(tmp_path):
+    folder = make_tiles_folder(tmp_path / "tiles", {"a": 3, "b": 2})
+    plain = make_trainer(folder, tmp_path / "plain", batch_size=2, accumulation_steps=2, warmup_iterations=0)
+    scaled = make_trainer(folder, tmp_path / "scaled", batch_size=2, accumulation_steps=2, warmup_iterations=0,
+                          lr_reference_batch=8)
+    assert plain.lr == 1e-3 and scaled.global_batch == 4 and scaled.lr == pytest.approx(0.5e-3)
+    assert max(g["lr"] for g in scaled.optimizer.param_groups) == pytest.approx(0.5e-3)
+    assert max(g["lr"] for g in plain.optimizer.param_groups) == pytest.approx(1e-3)
+
+
 def test_param_groups_and_schedule():
     model = tiny_model()
     opt = build_optimizer(model, lr=1e-4, weight_decay=1e-5)

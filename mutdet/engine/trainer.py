@@ -52,6 +52,9 @@ class TrainConfig:
     ``max_iterations`` caps the total optimiser steps (None: ``epochs`` full epochs);
     ``lr_decay_epochs`` are converted to iterations with the number of steps per epoch.
     ``amp``: ``auto`` (bf16 autocast on CUDA, none on CPU), ``bf16`` (CUDA only) or ``none``.
+    ``lr_reference_batch``: None uses ``lr`` as given; ``N`` scales it linearly by the global batch
+    (``batch_size x accumulation_steps x`` DDP world size) over ``N`` (e.g. the paper's lr 1e-4 is for
+    a global batch of 8: ``lr_reference_batch: 8`` keeps its per-image rate on any number of GPUs).
     """
 
     epochs: int = 36
@@ -59,6 +62,7 @@ class TrainConfig:
     batch_size: int = 2
     accumulation_steps: int = 1
     lr: float = 1e-4
+    lr_reference_batch: int | None = None
     weight_decay: float = 1e-5
     lr_multiplier: float = 0.1
     low_lr_names: tuple[str, ...] = LOW_LR_NAMES
@@ -176,7 +180,12 @@ class Trainer:
         self.wandb_mode = wandb_mode
         self.model = model.to(device)
         self.criterion = criterion.to(device)
-        self.optimizer = build_optimizer(model, lr=config.lr, weight_decay=config.weight_decay,
+        self.global_batch = config.batch_size * config.accumulation_steps * dist.get_world_size()
+        self.lr = config.lr * (self.global_batch / config.lr_reference_batch if config.lr_reference_batch else 1.0)
+        if config.lr_reference_batch:
+            log.info("lr %g for a global batch of %d (lr %g at the reference batch %d)", self.lr, self.global_batch,
+                     config.lr, config.lr_reference_batch)
+        self.optimizer = build_optimizer(model, lr=self.lr, weight_decay=config.weight_decay,
                                          lr_multiplier=config.lr_multiplier, low_lr_names=config.low_lr_names)
         seeded = "generator" in inspect.signature(dataset.__getitem__).parameters
         self.items = SeededItems(dataset, config.seed) if seeded else dataset
