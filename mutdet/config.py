@@ -363,7 +363,7 @@ def _finetune(f: dict, datasets: Mapping[str, DatasetConfig]) -> FinetuneConfig:
                           train=MappingProxyType(dict(f["train"])), loss=MappingProxyType(dict(f["loss"])))
 
 
-def _pretrain(p: dict, finetune: FinetuneConfig) -> PretrainConfig:
+def _pretrain(p: dict, finetune: FinetuneConfig, proposals: ProposalsConfig) -> PretrainConfig:
     from mutdet.variants import variant_from_dict
 
     variants = {}
@@ -379,6 +379,10 @@ def _pretrain(p: dict, finetune: FinetuneConfig) -> PretrainConfig:
             if init != "none" and init not in variants:
                 raise ConfigError(f"finetune.runs.{k}.inits: {init!r} is neither `none` nor a pretrain.variants name "
                                   f"(have {sorted(variants)})")
+    inits = sorted({i for run in finetune.runs for i in run.inits if i != "none"})
+    if inits and not proposals.datasets:
+        raise ConfigError(f"finetune.runs: inits {inits} need pre-training, which runs on the tiles of "
+                          f"proposals.datasets, and that list is empty")
     for key, name in p["loss_curves"].items():
         if name is not None and name not in variants:
             raise ConfigError(f"pretrain.loss_curves.{key}: {name!r} is not a pretrain.variants name "
@@ -396,19 +400,20 @@ def from_dict(raw: Mapping[str, Any] | None, source: str = "config") -> Config:
     d = validate_config(raw, source)
     datasets = MappingProxyType({name: _dataset(name, ds) for name, ds in d["datasets"].items()})
     finetune = _finetune(d["finetune"], datasets)
+    proposals = _proposals(d["proposals"], datasets)
     return Config(
         results=Path(d["results"]),
         seed=d["seed"],
         on_bad_object=d["on_bad_object"],
         datasets=datasets,
-        proposals=_proposals(d["proposals"], datasets),
+        proposals=proposals,
         fractions=FractionsConfig(datasets=_split_refs(d["fractions"]["datasets"], "fractions.datasets", datasets),
                                   values=tuple(float(v) for v in d["fractions"]["values"]),
                                   nested=d["fractions"]["nested"]),
         embedding=EmbeddingConfig(**d["embedding"]),
         cluster=ClusterConfig(**d["cluster"]),
         finetune=finetune,
-        pretrain=_pretrain(d["pretrain"], finetune),
+        pretrain=_pretrain(d["pretrain"], finetune, proposals),
         raw=MappingProxyType(d),
     )
 

@@ -83,3 +83,14 @@ def test_paper_configs_validate_and_follow_the_protocol(name):
     assert (cfg.cluster.pca_dim, cfg.cluster.k) == (256, 256) and cfg.finetune.model["backbone"] == "resnet50"
     assert {"none", "detreg", "mutdet"} <= {i for r in cfg.finetune.runs for i in r.inits}
     assert cfg.dataset("dota").tiling.size == 800 and cfg.dataset("dota").tiling.gap == 200
+
+
+def test_pretrained_init_needs_pretraining_data():
+    raw = yaml.safe_load((REPO / ".test" / "config.yaml").read_text())
+    raw["proposals"]["datasets"] = []
+    with pytest.raises(ConfigError, match=r"finetune.runs: inits \['detreg', 'mutdet'\] need pre-training"):
+        from_dict(raw)
+    raw["finetune"]["runs"][0]["inits"] = ["none", "mutdett"]
+    raw["proposals"]["datasets"] = ["tiny/train"]
+    with pytest.raises(ConfigError, match="'mutdett' is neither `none` nor a pretrain.variants name"):
+        from_dict(raw)
