@@ -16,6 +16,7 @@ rule tables:
                 "results": CONFIG.raw["results"],
                 "datasets": CONFIG.raw["datasets"],
                 "finetune": {"runs": CONFIG.raw["finetune"]["runs"]},
+                "proposals": {"datasets": CONFIG.raw["proposals"]["datasets"]},
                 "pretrain": {"variants": CONFIG.raw["pretrain"]["variants"], "loss_curves": CONFIG.raw["pretrain"]["loss_curves"]},
                 "tables": CONFIG.raw["tables"],
             },
