@@ -190,6 +190,15 @@ class ClusterConfig:
     max_iter: int
 
 
+def _train_kwargs(train: Mapping[str, Any], epochs: int) -> dict:
+    """TrainConfig fields of a run of ``epochs``: lr decay at 8/9 of the schedule unless configured
+    (32 of 36, as the paper)."""
+    kwargs = dict(train)
+    if kwargs.get("lr_decay_epochs") is None:
+        kwargs["lr_decay_epochs"] = [round(epochs * 8 / 9)]
+    return {**kwargs, "epochs": epochs}
+
+
 @dataclass(frozen=True)
 class FinetuneRun:
     dataset: str
@@ -216,11 +225,8 @@ class FinetuneConfig:
     loss: Mapping[str, Any]  # build_criterion keywords
 
     def train_kwargs(self, epochs: int) -> dict:
-        """TrainConfig fields for a run of ``epochs`` (lr decay at 8/9 of the schedule unless configured)."""
-        kwargs = dict(self.train)
-        if kwargs.get("lr_decay_epochs") is None:
-            kwargs["lr_decay_epochs"] = [round(epochs * 8 / 9)]
-        return {**kwargs, "epochs": epochs}
+        """TrainConfig fields for a run of ``epochs``."""
+        return _train_kwargs(self.train, epochs)
 
 
 @dataclass(frozen=True)
@@ -242,11 +248,8 @@ class PretrainConfig:
     loss: Mapping[str, Any]
 
     def train_kwargs(self) -> dict:
-        """TrainConfig fields (lr decay at 8/9 of the schedule unless configured)."""
-        kwargs = dict(self.train)
-        if kwargs.get("lr_decay_epochs") is None:
-            kwargs["lr_decay_epochs"] = [round(self.epochs * 8 / 9)]
-        return {**kwargs, "epochs": self.epochs}
+        """TrainConfig fields of the pre-training run."""
+        return _train_kwargs(self.train, self.epochs)
 
 
 @dataclass(frozen=True)

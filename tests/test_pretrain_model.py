@@ -6,7 +6,8 @@ import torch
 from mutdet.losses import build_criterion
 from mutdet.losses.pretrain import PretrainCriterion
 from mutdet.models import build_detector
-from mutdet.models.pretrain import PRESETS, PretrainModel, variant_from_dict, with_flags
+from mutdet.models.pretrain import PretrainModel
+from mutdet.variants import PRESETS, variant_from_dict, with_flags
 
 DIM = 32
 TINY = dict(backbone="light", light_width=16, frozen_stages=-1, embed_dim=DIM, num_heads=4, num_levels=2,

@@ -183,9 +183,9 @@ def test_loss_curves_png_and_bad_log(tmp_path):
         read_metrics(bad)
 
 
-def test_cli_rejects_unknown_method(tmp_path, capsys):
+def test_cli_rejects_unknown_method(tmp_path, caplog):
     from mutdet.cli import main
 
     code = main(["pretrain", "--config", "{}", "--method", "mutdett", "--tiles", str(tmp_path),
                  "--proposals", str(tmp_path / "p"), "--targets", str(tmp_path / "t"), "--out", str(tmp_path / "o")])
-    assert code == 2
+    assert code == 2 and "--method 'mutdett': not a pretrain.variants name" in caplog.text

@@ -27,15 +27,10 @@ from torch import nn
 
 from mutdet.losses.contrastive import alignment_stats, contrastive_alignment_loss, gather_matched, l1_alignment_loss
 from mutdet.losses.criterion import SetCriterion
-from mutdet.models.pretrain import PretrainVariant
+from mutdet.models.denoising import denoising_indices
+from mutdet.variants import PretrainVariant
 
-__all__ = ["PretrainCriterion", "first_group_indices", "gather_pairs"]
-
-
-def first_group_indices(counts: Sequence[int], device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Positive queries of denoising group 0 and their targets: per image ``(arange(n), arange(n))``
-    (see the layout in :mod:`mutdet.models.denoising`)."""
-    return [(torch.arange(n, device=device), torch.arange(n, device=device)) for n in counts]
+__all__ = ["PretrainCriterion", "gather_pairs"]
 
 
 class _GatherRows(torch.autograd.Function):
@@ -134,7 +129,8 @@ class PretrainCriterion(nn.Module):
             dn = outputs.get("dn_outputs")
             if dn is not None:
                 counts = [len(t["embeddings"]) for t in targets]
-                group0 = first_group_indices(counts, dn["pred_embed"].device)
+                # the positives of group 0 only: the fixed denoising matching with one group
+                group0 = denoising_indices(counts, {**outputs["dn_meta"], "num_groups": 1}, dn["pred_embed"].device)
                 losses["loss_align_dn"] = self._align(*gather_matched(dn["pred_embed"], align_targets, group0))
             else:  # no target in the batch: keep the key (zero) so that logs stay aligned
                 losses["loss_align_dn"] = 0.0 * outputs["pred_embed"].sum()

@@ -40,7 +40,6 @@ branch's proposals. The siamese pass and fine-tuning read the plain memory.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
 from functools import partial
 
 import torch
@@ -49,9 +48,9 @@ from torch import nn
 from mutdet.models.detector import OrientedDeformableDETR
 from mutdet.models.embedding_heads import DecoderEmbeddingHead, EncoderEmbeddingHead, proposal_scores
 from mutdet.models.mutual_enhancement import MutualEnhancement
-from mutdet.variants import PRESETS, PretrainVariant, variant_from_dict, with_flags
+from mutdet.variants import PretrainVariant
 
-__all__ = ["PretrainVariant", "PRESETS", "variant_from_dict", "with_flags", "PretrainModel", "pad_embeddings"]
+__all__ = ["PretrainModel", "pad_embeddings"]
 
 def pad_embeddings(targets: Sequence[Mapping[str, torch.Tensor]], dim: int,
                    like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,9 +100,6 @@ class PretrainModel(nn.Module):
         if freeze_backbone:
             for p in self.detector.backbone.parameters():
                 p.requires_grad_(False)
-
-    def describe(self) -> dict:
-        return asdict(self.variant)
 
     def _embed(self, outputs: dict) -> dict:
         outputs["pred_embed"] = self.decoder_embedding_head(outputs["hidden_states"][-1])

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 from mutdet.config import Config
+from mutdet.engine.tracking import read_jsonl
 from mutdet.stages.layout import FINETUNE_DIR, TABLES_DIR, embedding_tag, pretrain_dir, proposals_tag, tiles_dir
 
 
@@ -36,8 +37,7 @@ def describe(cfg: Config) -> str:
         folder = pretrain_root / name
         state = "not produced yet"
         if (folder / "checkpoint.pt").is_file():
-            records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()] \
-                if (folder / "metrics.jsonl").is_file() else []
+            records = read_jsonl(folder / "metrics.jsonl")
             last = records[-1] if records else {}
             state = f"{last.get('step', '?')} steps, last loss {last.get('loss', float('nan')):.3f}"
         lines.append(f"  pretrain   {name}: {state}  {folder}/")
