@@ -9,6 +9,8 @@ from torchvision.ops import box_convert
 
 from mutdet import boxes as B
 
+pytestmark = pytest.mark.numerics  # run again under other CPU kernels by `make test`
+
 
 def random_le90(rng, n, lo=2.0, hi=60.0, extent=200.0):
     wh = rng.uniform(lo, hi, size=(n, 2))

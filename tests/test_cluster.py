@@ -6,9 +6,12 @@ import pytest
 
 from mutdet.embedding.artefacts import (check_join, read_embeddings, read_targets, vector_column, vector_matrix,
                                         write_embeddings)
-from mutdet.embedding.cluster import ClusterFitError, ClusterModel, fit_cluster_model, fit_pca, l2_normalize
+from mutdet.embedding.cluster import (ClusterFitError, ClusterModel, fit_cluster_model, fit_pca, fit_spherical_kmeans,
+                                     l2_normalize, row_ids)
 from mutdet.io.artefacts import ArtefactError, read_metadata
 from mutdet.stages import cluster
+
+pytestmark = pytest.mark.numerics  # run again under other CPU kernels by `make test`
 
 DIM = 48
 
@@ -93,9 +96,37 @@ def test_tiny_pools_are_errors_naming_the_key(n, pca_dim, k, message):
 
 
 def test_too_few_distinct_vectors_for_k():
+    # Distinctness is decided on the raw rows, exactly: no kernel's rounding of the projection enters.
     x = np.repeat(blobs(1, 3, seed=5)[0], 10, axis=0)  # 3 distinct vectors, 30 rows
     with pytest.raises(ClusterFitError, match=r"cluster.k \(4\): the fit sample has only 3 distinct"):
         fit_cluster_model(x, pca_dim=2, k=4, seed=0)
+    assert fit_cluster_model(x, pca_dim=2, k=3, seed=0).k == 3  # exactly k distinct rows are enough
+
+
+def test_row_ids_are_exact_identity():
+    x = np.array([[1.0, 0.0], [1.0, -0.0], [1.0, np.nextafter(np.float32(0), np.float32(1))], [2.0, 0.0]], np.float32)
+    ids, distinct = row_ids(x)
+    assert distinct == 3
+    assert ids[0] == ids[1] and len({ids[0], ids[2], ids[3]}) == 3
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_kmeans_pp_never_seeds_one_direction_twice(seed):
+    """Copies of a unit vector that differ by a rounding error (one ulp, as two BLAS kernels may give)
+    are one direction: k-means++ cannot pick them as two seeds, on any machine."""
+    rng = np.random.default_rng(seed)
+    base = l2_normalize(rng.normal(size=(3, 16)))
+    copies = np.repeat(base, 5, axis=0)
+    jitter = rng.integers(-1, 2, copies.shape).astype(np.float32)  # -1, 0 or +1 ulp per coordinate
+    z = np.nextafter(copies, copies + jitter)
+    assert z.dtype == np.float32 and row_ids(z)[1] > 3
+    z[::5] = base  # the first copy of each is exact
+    with pytest.raises(ClusterFitError, match=r"cluster.k \(4\): the fit sample has only 3 distinct"):
+        fit_spherical_kmeans(z, 4, seed=seed)
+    centroids, info = fit_spherical_kmeans(z, 3, seed=seed)
+    cos = centroids @ base.T  # each centroid is one of the three directions
+    np.testing.assert_allclose(np.sort(cos.max(axis=1)), 1.0, atol=16 * 16 * np.finfo(np.float32).eps)
+    assert sorted(cos.argmax(axis=1).tolist()) == [0, 1, 2]
 
 
 def test_l2_normalize_keeps_zero_rows():

@@ -10,6 +10,8 @@ import torch
 from mutdet.boxes import le90_to_polygon
 from mutdet.embedding.rotated_crop import rotated_roi_align
 
+pytestmark = pytest.mark.numerics  # run again under other CPU kernels by `make test`
+
 ANGLES = [-math.pi / 2, -math.pi / 2 + 1e-3, -1.2, -0.3, 0.0, 0.7, math.pi / 2 - 1e-3]
 
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 import os
 import socket
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
 from mutdet.engine import dist
+
+pytestmark = pytest.mark.numerics  # run again under other CPU kernels by `make test`
 
 
 def test_helpers_are_no_ops_without_process_group():

@@ -20,6 +20,8 @@ from mutdet.models import build_detector
 
 from test_data_datasets import CLASSES, make_tiles_folder
 
+pytestmark = pytest.mark.numerics  # run again under other CPU kernels by `make test`
+
 TINY = dict(backbone="light", frozen_stages=-1, frozen_bn=False, embed_dim=32, num_heads=4, num_levels=2,
             num_points=2, num_encoder_layers=1, num_decoder_layers=1, ffn_dim=64, dropout=0.1, num_queries=10,
             num_denoising_queries=6, norm_groups=8)

@@ -1,10 +1,13 @@
 """Hungarian matcher: per-image independence, empty targets, permutation equivariance, cost terms."""
 import math
 
+import pytest
 import torch
 
 from mutdet.losses import angle_cost, build_matcher, prepare_targets
 from mutdet.models.angle_coder import ARCSLCoder
+
+pytestmark = pytest.mark.numerics  # run again under other CPU kernels by `make test`
 
 CODER = ARCSLCoder()
 

@@ -7,6 +7,8 @@ import torch
 from mutdet.models.deformable_attention import (MultiScaleDeformableAttention, deformable_sampling_locations,
                                                 ms_deform_attn)
 
+pytestmark = pytest.mark.numerics  # run again under other CPU kernels by `make test`
+
 SHAPES = torch.tensor([[3, 4], [2, 2], [1, 3]])  # (H_l, W_l)
 
 

@@ -5,6 +5,8 @@ import torch.nn.functional as F
 from mutdet.models.embedding_heads import DecoderEmbeddingHead, EncoderEmbeddingHead, proposal_scores
 from mutdet.models.mutual_enhancement import MaskedAttention, MutualEnhancement
 
+pytestmark = pytest.mark.numerics  # run again under other CPU kernels by `make test`
+
 C = 16
 
 

@@ -3,10 +3,13 @@ pairs are gathered across ranks with an autograd-aware all_gather, and DDP's gra
 gives the single-process gradient (ranks hold different numbers of pairs)."""
 import socket
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
 from mutdet.losses.contrastive import contrastive_alignment_loss, l1_alignment_loss
+
+pytestmark = pytest.mark.numerics  # run again under other CPU kernels by `make test`
 
 SIZES = (3, 5)
 

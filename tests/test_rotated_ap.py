@@ -12,6 +12,8 @@ from shapely.geometry import Polygon
 from mutdet.boxes import le90_to_polygon
 from mutdet.evaluation import evaluate_detections, rotated_ap, voc_ap
 
+pytestmark = pytest.mark.numerics  # run again under other CPU kernels by `make test`
+
 
 def rect(x0, y0, x1, y1):
     """Axis-aligned rectangle as a polygon (8,)."""

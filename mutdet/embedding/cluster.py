@@ -14,7 +14,14 @@ Fit, on ``(n, D)`` raw embeddings ``X`` (the stage passes a seeded sample of the
 Too small a pool is an error, not a clamp: ``pca_dim`` and ``k`` are consumed downstream (the
 embedding width and the number of pseudo-classes of the pre-training detector), so silently changing
 them would break that contract. Requirements: ``pca_dim <= D``, ``pca_dim < n`` (centred data has rank
-``<= n - 1``), ``k <= n`` and at least ``k`` distinct normalised vectors.
+``<= n - 1``), ``k <= n`` and at least ``k`` distinct vectors.
+
+Distinctness is decided where it is exact, never by a BLAS kernel's rounding: rows of the raw input
+are compared bit for bit (``-0.0 == 0.0``), and k-means++ gives every copy of a chosen row distance
+exactly 0. Distinct rows whose normalised PCA vectors point the same way (squared chord distance
+below :func:`same_direction_tolerance`, the rounding bound of a ``pca_dim``-term float32 dot product of unit
+vectors) count as one vector too; a pool with fewer than ``k`` distinct vectors by this rule is an
+error on every machine.
 
 Persistence (:meth:`ClusterModel.save`, ``np.savez``, loadable with ``allow_pickle=False``):
 
@@ -34,10 +41,17 @@ from sklearn.decomposition import PCA
 
 from mutdet.io.atomic import atomic_path
 
-__all__ = ["ClusterFitError", "ClusterModel", "fit_pca", "fit_spherical_kmeans", "fit_cluster_model", "l2_normalize"]
+__all__ = ["ClusterFitError", "ClusterModel", "fit_pca", "fit_spherical_kmeans", "fit_cluster_model", "l2_normalize",
+           "row_ids", "same_direction_tolerance"]
 
 ARRAYS = ("pca_mean", "pca_components", "pca_explained_variance", "pca_explained_variance_ratio", "centroids")
 BLOCK_ROWS = 65536  # rows per block in projection/assignment: bounds the (rows, k) similarity matrix
+
+
+def same_direction_tolerance(dim: int) -> float:
+    """Squared chord distances ``2 - 2 cos`` below this are rounding, not a direction: ``cos`` of two
+    unit float32 vectors of ``dim`` terms is off by at most about ``dim * eps``; twice that, doubled."""
+    return 4.0 * dim * float(np.finfo(np.float32).eps)
 
 
 class ClusterFitError(ValueError):
@@ -134,20 +148,52 @@ def fit_pca(x: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray
                                                            pca.explained_variance_ratio_))
 
 
-def _kmeans_pp(z: torch.Tensor, k: int, rng: np.random.Generator) -> torch.Tensor:
-    """k-means++ seeding on unit vectors ``(n, d)`` with squared chord distance ``2 - 2 cos``; ``(k, d)``."""
+def row_ids(x: np.ndarray) -> tuple[np.ndarray, int]:
+    """Exact identity of the rows of ``x`` ``(n, D)``: ``(id per row (n,) int64, number of distinct rows)``;
+    rows get the same id iff they are equal value for value (``-0.0`` equals ``0.0``)."""
+    x = np.ascontiguousarray(np.asarray(x) + 0)  # + 0 turns -0.0 into 0.0, so equal rows have equal bytes
+    if x.ndim != 2:
+        raise ValueError(f"row_ids: expected (n, D), got {x.shape}")
+    if len(x) == 0:
+        return np.zeros(0, np.int64), 0
+    rows = x.view(np.dtype((np.void, x.dtype.itemsize * x.shape[1]))).ravel()
+    _, inverse = np.unique(rows, return_inverse=True)
+    inverse = inverse.reshape(-1).astype(np.int64)
+    return inverse, int(inverse.max()) + 1
+
+
+def _too_few(k: int, distinct: int) -> ClusterFitError:
+    return ClusterFitError(f"cluster.k ({k}): the fit sample has only {distinct} distinct embeddings; lower "
+                           f"cluster.k or embed more proposals")
+
+
+def _kmeans_pp(z: torch.Tensor, k: int, rng: np.random.Generator, ids: torch.Tensor) -> torch.Tensor:
+    """k-means++ seeding on unit vectors ``(n, d)`` with squared chord distance ``2 - 2 cos``; ``(k, d)``.
+
+    ``ids`` ``(n,)``: rows with the id of a chosen row are at distance exactly 0, and so is anything
+    nearer than :func:`same_direction_tolerance`; so no direction is chosen twice and running out of distinct
+    vectors is decided the same way on every machine."""
     n = len(z)
+    tol = same_direction_tolerance(z.shape[1])
+
+    def distance(pick: int) -> torch.Tensor:
+        d = (2 - 2 * (z @ z[pick])).double()
+        d[(d < tol) | (ids == ids[pick])] = 0.0
+        return d
+
     chosen = [int(rng.integers(n))]
-    dist = (2 - 2 * (z @ z[chosen[0]])).clamp_min_(0).double()  # (n,)
+    dist = distance(chosen[0])  # (n,)
     for c in range(1, k):
-        total = float(dist.sum())
+        cumulative = np.cumsum(dist.numpy())
+        total = float(cumulative[-1])
         if total <= 0:
-            raise ClusterFitError(f"cluster.k ({k}): the fit sample has only {c} distinct normalised embeddings; "
-                                  f"lower cluster.k or embed more proposals")
-        pick = int(np.searchsorted(np.cumsum(dist.numpy()), rng.random() * total, side="right"))
-        pick = min(pick, n - 1)
+            raise _too_few(k, c)
+        # The first index whose cumulative sum exceeds u * total has positive weight: never a chosen row.
+        pick = int(np.searchsorted(cumulative, rng.random() * total, side="right"))
+        if pick == n:  # u * total rounded up to total: the last row of positive weight
+            pick = int(np.flatnonzero(dist.numpy() > 0)[-1])
         chosen.append(pick)
-        dist = torch.minimum(dist, (2 - 2 * (z @ z[pick])).clamp_min_(0).double())
+        dist = torch.minimum(dist, distance(pick))
     return z[chosen].clone()
 
 
@@ -159,8 +205,12 @@ def _assign(z: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, tor
     return labels, best
 
 
-def fit_spherical_kmeans(z: np.ndarray, k: int, *, seed: int, max_iter: int = 100) -> tuple[np.ndarray, dict]:
+def fit_spherical_kmeans(z: np.ndarray, k: int, *, seed: int, max_iter: int = 100,
+                         ids: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
     """Spherical k-means on unit rows ``z`` ``(n, d)`` (see the module docstring).
+
+    ``ids`` ``(n,)``: which rows are copies of one vector (:func:`row_ids` of the raw input); default:
+    the exact identity of the rows of ``z``.
 
     Returns:
         ``(centroids (k, d) float32 unit rows, info)`` with ``iterations``, ``converged`` and
@@ -170,9 +220,14 @@ def fit_spherical_kmeans(z: np.ndarray, k: int, *, seed: int, max_iter: int = 10
     if k > n:
         raise ClusterFitError(f"cluster.k ({k}) exceeds the number of embeddings in the fit sample ({n}); "
                               f"lower cluster.k or embed more proposals")
+    if ids is None:
+        ids = row_ids(z)[0]
+    distinct = len(np.unique(ids))
+    if distinct < k:
+        raise _too_few(k, distinct)
     rng = np.random.default_rng(seed)
     zt = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32))
-    centroids = _kmeans_pp(zt, k, rng)
+    centroids = _kmeans_pp(zt, k, rng, torch.from_numpy(np.asarray(ids, dtype=np.int64)))
     labels = None
     converged = False
     iterations = 0
@@ -200,8 +255,11 @@ def fit_cluster_model(x: np.ndarray, *, pca_dim: int, k: int, seed: int, max_ite
     mean, components, variance, ratio = fit_pca(x, pca_dim)
     model = ClusterModel(pca_mean=mean, pca_components=components, pca_explained_variance=variance,
                          pca_explained_variance_ratio=ratio, centroids=np.zeros((0, pca_dim), np.float32))
+    ids, distinct = row_ids(x)
+    if distinct < k <= len(x):
+        raise _too_few(k, distinct)
     z = model.project(x)
-    centroids, info = fit_spherical_kmeans(z, k, seed=seed, max_iter=max_iter)
+    centroids, info = fit_spherical_kmeans(z, k, seed=seed, max_iter=max_iter, ids=ids)
     meta = {"fit_samples": int(len(x)), "input_dim": int(x.shape[1]), "pca_dim": pca_dim, "k": k,
             "kmeans_seed": seed, "max_iter": max_iter, "pca_explained_variance_ratio_total": float(ratio.sum()),
             "kmeans": info}

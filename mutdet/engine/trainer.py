@@ -142,9 +142,10 @@ def move_targets(targets: Sequence[Mapping], device: torch.device) -> list[dict]
 
 
 def _float32(x):
-    """Outputs of a bf16 forward back to fp32 for the criterion (dicts, lists, tensors)."""
+    """Outputs of a bf16/fp16 forward up to fp32 for the criterion (dicts, lists, tensors); fp32 and
+    fp64 outputs pass unchanged (a float64 model keeps float64 losses)."""
     if torch.is_tensor(x):
-        return x.float() if x.is_floating_point() else x
+        return x.float() if x.is_floating_point() and torch.finfo(x.dtype).bits < 32 else x
     if isinstance(x, dict):
         return {k: _float32(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
