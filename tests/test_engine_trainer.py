@@ -38,14 +38,14 @@ def tiny_model(seed: int = 0):
     return build_detector(num_classes=len(CLASSES), **TINY)
 
 
-def make_trainer(folder, out_dir, **train):
+def make_trainer(folder, out_dir, resume_key=None, **train):
     settings = dict(epochs=2, batch_size=2, lr=1e-3, warmup_iterations=2, lr_decay_epochs=(1,), num_workers=0,
                     log_every=1, checkpoint_every_iterations=1, progress=False, seed=3)
     settings.update(train)
     dataset = TileDataset(folder, transform=build_transforms(train=True, input_size=64), skip_empty=False)
     return Trainer(model=tiny_model(), criterion=build_criterion(num_classes=len(CLASSES), num_decoder_layers=1),
                    dataset=dataset, config=TrainConfig(**settings), out_dir=out_dir, device=torch.device("cpu"),
-                   run_config={"model": TINY})
+                   run_config={"model": TINY}, resume_key=resume_key)
 
 
 def test_resume_matches_uninterrupted_run(tmp_path):
@@ -205,3 +205,49 @@ def test_data_loader_workers_do_not_change_the_run(tmp_path):
         runs[workers] = [r["loss"] for r in read_jsonl(tmp_path / f"w{workers}" / "metrics.jsonl")]
     assert len(runs[0]) == 3
     np.testing.assert_allclose(runs[0], runs[1], rtol=1e-5)
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("change", [{"lr": 2e-3}, {"resume_key": {"model": TINY, "init": "another checkpoint"}},
+                                    {"epochs": 1}])
+def test_a_changed_run_does_not_resume_stale_weights(tmp_path, change, caplog):
+    """A finished last.pt of other settings (lr, the stage's key: model, inputs, init, code) or past the
+    run's end is set aside with its metrics, and the run trains from step 0 to what a fresh run gives."""
+    folder = make_tiles_folder(tmp_path / "tiles", {"a": 3, "b": 2})
+    assert make_trainer(folder, tmp_path / "run").fit()["step"] == 6
+    old = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    changed = make_trainer(folder, tmp_path / "run", **change)
+    with caplog.at_level("WARNING", logger="mutdet"):
+        result = changed.fit()
+    assert "not resuming from" in caplog.text
+    assert ("past this run's last step" if "epochs" in change else "other settings, inputs or code") in caplog.text
+    assert [r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")][0] == 1  # trained from scratch
+    fresh = make_trainer(folder, tmp_path / "fresh", **change)
+    assert fresh.fit()["step"] == result["step"] > 0
+    for (name, a), b in zip(fresh.model.state_dict().items(), changed.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    stale = list((tmp_path / "run" / "checkpoints" / "stale").iterdir())
+    assert sorted(p.suffix for p in stale) == [".jsonl", ".pt"]  # nothing computed is lost
+    kept = load_checkpoint(next(p for p in stale if p.suffix == ".pt"))
+    torch.testing.assert_close(kept["model"], old["model"], rtol=0, atol=0)
+
+
+@pytest.mark.reliability
+def test_logging_and_worker_settings_still_resume(tmp_path):
+    folder = make_tiles_folder(tmp_path / "tiles", {"a": 3, "b": 2})
+    assert make_trainer(folder, tmp_path / "run").fit(stop_after=4)["step"] == 4
+    again = make_trainer(folder, tmp_path / "run", log_every=5, checkpoint_every_iterations=2, num_workers=1)
+    assert again.resume() and again.step == 4
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("content", [b"", b"\x00garbage" * 10])
+def test_an_unreadable_last_checkpoint_starts_fresh(tmp_path, content, caplog):
+    folder = make_tiles_folder(tmp_path / "tiles", {"a": 3, "b": 2})
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    last.parent.mkdir(parents=True)
+    last.write_bytes(content)
+    with caplog.at_level("WARNING", logger="mutdet"):
+        assert make_trainer(folder, tmp_path / "run", epochs=1).fit()["step"] == 3
+    assert "cannot be read" in caplog.text
+    assert (tmp_path / "run" / "checkpoints" / "stale" / "last-unkeyed.pt").read_bytes() == content

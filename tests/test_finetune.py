@@ -97,6 +97,15 @@ def test_finetune_end_to_end_and_resume(tmp_path):
     assert again["train"]["step"] == 4
     assert (out / "metrics.jsonl").read_text().startswith(before)
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3, 4]
+    # a new initialisation is not hidden by the finished state of the old one: set aside, trained anew
+    init = tmp_path / "init.pt"
+    save_checkpoint(init, model=build_detector(num_classes=len(CLASSES), **{**TINY, "dropout": 0.0}))
+    fresh = finetune.run(**{**kwargs, "init": init})
+    assert fresh["train"]["step"] == 3
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
+    assert len(list((out / "checkpoints" / "stale").glob("last-*.pt"))) == 1
+    assert not torch.equal(load_checkpoint(out / "checkpoint.pt")["model"]["class_heads.0.weight"],
+                           ckpt["model"]["class_heads.0.weight"])
 
 
 def test_init_from_pretrained_checkpoint_reports_dropped_keys(tmp_path):

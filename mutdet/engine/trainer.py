@@ -12,6 +12,16 @@ states (dropout, denoising noise). A run resumed from ``<out_dir>/checkpoints/la
 computes the same losses and parameters as an uninterrupted one (up to float non-determinism of the
 device).
 
+Resume only what this run would have computed: ``last.pt`` stores a **resume key**, a SHA-256 of
+everything that determines the training state (the stage's ``resume_key``: model, loss, data and
+their input files' content, the initialisation checkpoint's content, the code version; the training
+settings that change the trajectory; the DDP world size). Settings that only change logging,
+checkpoint frequency, data-loading speed or the run's length (:data:`STATE_FREE_FIELDS`) are not part
+of it: a longer schedule continues a finished shorter one. A ``last.pt`` with another key (a changed
+config, input or code; or one written before keys existed), past the run's last step, or that
+cannot be read is moved to ``checkpoints/stale/`` with its ``metrics.jsonl``, and training
+starts from step 0, saying why in the log: it never resumes stale weights and never crashes on them.
+
 Files (rank 0 only): ``<out_dir>/checkpoints/last.pt`` (resume state, every
 ``checkpoint_every_iterations`` steps and/or ``checkpoint_every_epochs`` epochs, and at the end),
 ``<out_dir>/metrics.jsonl`` (one line per logged step: ``epoch``, ``step``, ``lr``, ``loss`` (the
@@ -20,7 +30,9 @@ weighted total) and every unweighted loss term, averaged over the step's micro-b
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import inspect
+import json
 import logging
 import math
 import random
@@ -40,7 +52,8 @@ from mutdet.engine.checkpoint import load_checkpoint, save_checkpoint, set_rng_s
 from mutdet.engine.optim import LOW_LR_NAMES, build_optimizer, build_scheduler
 from mutdet.engine.tracking import Tracker
 
-__all__ = ["TrainConfig", "Trainer", "NonFiniteLossError", "EpochSampler", "SeededItems", "move_targets"]
+__all__ = ["TrainConfig", "Trainer", "NonFiniteLossError", "EpochSampler", "SeededItems", "move_targets",
+           "STATE_FREE_FIELDS", "resume_key_digest"]
 
 log = logging.getLogger("mutdet")
 
@@ -91,6 +104,20 @@ class TrainConfig:
             if key in values:
                 values[key] = tuple(values[key])
         return cls(**values)
+
+
+# TrainConfig fields that do not change the weights a run computes at a given step: the data order and
+# augmentation are seeded independently of workers; logging and checkpoint frequency only decide what
+# is written; the length (epochs, max_iterations) only decides where a run stops, so a state at step s
+# is the prefix of any run of s steps or more (the lr milestones are their own field, lr_decay_epochs).
+STATE_FREE_FIELDS = ("num_workers", "log_every", "checkpoint_every_iterations", "checkpoint_every_epochs",
+                     "progress", "epochs", "max_iterations")
+
+
+def resume_key_digest(values: Mapping) -> str:
+    """SHA-256 (hex) of a JSON-like mapping, key order ignored: the identity of a training state."""
+    text = json.dumps(values, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -166,18 +193,25 @@ class Trainer:
         out_dir: where ``checkpoints/`` and ``metrics.jsonl`` go.
         device: torch device of this process.
         run_config: the resolved configuration stored in checkpoints (JSON-like).
+        resume_key: JSON-like description of everything besides ``config`` that determines the
+            training state (see the module docstring); default: ``run_config`` without ``train``.
         wandb_mode: see :mod:`mutdet.engine.tracking`.
         collate_fn: batch builder returning ``(images, padding_mask, targets)``.
     """
 
     def __init__(self, *, model: nn.Module, criterion: nn.Module, dataset: Dataset, config: TrainConfig,
                  out_dir: str | Path, device: torch.device, run_config: Mapping | None = None,
-                 wandb_mode: str | None = None, collate_fn: Callable = collate):
+                 resume_key: Mapping | None = None, wandb_mode: str | None = None, collate_fn: Callable = collate):
         self.config, self.device = config, device
         self.out_dir = Path(out_dir)
         self.last_path = self.out_dir / "checkpoints" / "last.pt"
         self.run_config = dict(run_config or {})
+        if resume_key is None:
+            resume_key = {k: v for k, v in self.run_config.items() if k != "train"}
         self.run_config.setdefault("train", asdict(config))
+        self.resume_key = resume_key_digest({
+            "run": resume_key, "world_size": dist.get_world_size(),
+            "train": {k: v for k, v in asdict(config).items() if k not in STATE_FREE_FIELDS}})
         self.wandb_mode = wandb_mode
         self.model = model.to(device)
         self.criterion = criterion.to(device)
@@ -218,15 +252,34 @@ class Trainer:
         if dist.is_main_process():
             save_checkpoint(path or self.last_path, model=self.model, optimizer=self.optimizer,
                             scheduler=self.scheduler, epoch=self.epoch, batch=self.batch, step=self.step,
-                            config=self.run_config, meta={"finished": finished, "total_steps": self.total_steps})
+                            config=self.run_config, meta={"finished": finished, "total_steps": self.total_steps,
+                                                          "resume_key": self.resume_key})
         dist.barrier()
 
     def resume(self, path: str | Path | None = None) -> bool:
-        """Load the training state from ``path`` (default ``checkpoints/last.pt``); False if absent."""
+        """Load the training state from ``path`` (default ``checkpoints/last.pt``) if it was made by
+        this run (same resume key); False if absent. A stale or unreadable file is set aside
+        (:meth:`_set_aside`) and False returned: training starts fresh."""
         path = Path(path) if path is not None else self.last_path
-        if not path.is_file():
+        exists, ckpt, found, why = path.is_file(), None, None, None
+        if exists:
+            try:
+                ckpt = load_checkpoint(path, map_location=self.device)
+            except Exception as exc:  # noqa: BLE001 -- any unreadable file is set aside, never resumed
+                why = f"it cannot be read ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]})"
+            else:
+                found = (ckpt.get("meta") or {}).get("resume_key")
+                if found != self.resume_key:
+                    why = (f"it was made by other settings, inputs or code (resume key "
+                           f"{str(found)[:12] if found else 'none'}, this run {self.resume_key[:12]})")
+                elif int(ckpt["step"]) > self.total_steps:
+                    why = f"it is at step {ckpt['step']}, past this run's last step {self.total_steps}"
+        dist.barrier()  # every rank has decided before rank 0 moves anything
+        if not exists:
             return False
-        ckpt = load_checkpoint(path, map_location=self.device)
+        if why is not None:
+            self._set_aside(path, found, why)
+            return False
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
@@ -234,6 +287,20 @@ class Trainer:
         set_rng_state(ckpt["rng"])
         log.info("resumed from %s at epoch %d, batch %d, step %d", path, self.epoch, self.batch, self.step)
         return True
+
+    def _set_aside(self, path: Path, key: str | None, why: str) -> None:
+        """Move a stale ``last.pt`` and the run's ``metrics.jsonl`` to ``checkpoints/stale/`` (nothing
+        computed is deleted; a later stale state of the same key replaces it) and log why."""
+        stale = self.last_path.parent / "stale"
+        tag = (key or "unkeyed")[:12]
+        if dist.is_main_process():
+            stale.mkdir(parents=True, exist_ok=True)
+            path.replace(stale / f"last-{tag}.pt")
+            metrics = self.out_dir / "metrics.jsonl"
+            if metrics.is_file():
+                metrics.replace(stale / f"metrics-{tag}.jsonl")
+        dist.barrier()
+        log.warning("not resuming from %s: %s; it is kept in %s and training starts from step 0", path, why, stale)
 
     # -- one optimiser step --------------------------------------------------------------------------
     def _micro_step(self, images, padding_mask, targets, scale: float, sync: bool) -> dict[str, float]:

@@ -7,7 +7,8 @@ Outputs in ``out_dir``:
 ``config.json``                       the resolved parameters of this run + code version
 ``init.json``                         what the initialisation loaded / dropped (see :mod:`mutdet.engine.transfer`)
 ``metrics.jsonl``                     training log, one line per logged step
-``checkpoints/last.pt``               resume state (rerunning the stage resumes from it)
+``checkpoints/last.pt``               resume state (a rerun resumes from it if made by the same settings,
+                                      tiles, init checkpoint and code; else it is set aside)
 ``checkpoint.pt``                     final weights + the config needed to rebuild the model
 ``detections_tiles.parquet``          ``detections``, frame ``tile`` (test tiles)
 ``detections.parquet``                ``detections``, frame ``image`` (merged with rotated NMS)
@@ -34,6 +35,7 @@ from mutdet.engine.trainer import TrainConfig, Trainer
 from mutdet.engine.transfer import load_pretrained
 from mutdet.io.artefacts import write_artefact
 from mutdet.io.atomic import write_json
+from mutdet.io.identity import file_digest, files_identity
 from mutdet.losses import build_criterion
 from mutdet.models import build_detector
 from mutdet.stages.common import code_version, log
@@ -119,8 +121,18 @@ def run(*, tiles_dirs: Sequence[Path], test_tiles_dirs: Sequence[Path] | None, o
         write_json(out_dir / "init.json", init_report)
     log.info("finetune: %d training tiles, %d classes, init %s -> %s", len(train_set), len(classes), init, out_dir)
 
+    # What the trained weights depend on (detection settings and paths do not): a resumable state made
+    # with anything else is set aside, not resumed (mutdet.engine.trainer).
+    resume_key = json_safe({
+        "model": model_kwargs, "loss": loss_kwargs or {}, "classes": classes, "input_size": input_size,
+        "flip_probability": flip_probability, "seed": seed,
+        "image_ids": None if image_ids is None else sorted(image_ids),
+        "init": "none" if str(init) == "none" else file_digest(init),
+        "tiles": [files_identity([Path(d) / "tiles.parquet", Path(d) / "objects.parquet"]) for d in tiles_dirs],
+        "code_version": code_version(),
+    })
     trainer = Trainer(model=model, criterion=criterion, dataset=train_set, config=train_config, out_dir=out_dir,
-                      device=torch_device, run_config=params, wandb_mode=wandb_mode)
+                      device=torch_device, run_config=params, resume_key=resume_key, wandb_mode=wandb_mode)
     result = trainer.fit()
     if not dist.is_main_process():
         return {"train": result, "detections": None, "metrics": None}

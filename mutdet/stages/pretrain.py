@@ -5,7 +5,8 @@ Outputs in ``out_dir``:
 =========================  =====================================================================
 ``config.json``            the resolved parameters of this run (variant flags included) + code version
 ``metrics.jsonl``          training log: every loss term, ``align_pos_cosine`` / ``align_neg_cosine``
-``checkpoints/last.pt``    resume state (rerunning the stage resumes from it)
+``checkpoints/last.pt``    resume state (a rerun resumes from it if made by the same settings, inputs
+                           and code; else it is set aside, see mutdet.engine.trainer)
 ``checkpoint.pt``          final weights of the whole pre-training model (``detector.*`` and the
                            pre-training-only parts); :func:`mutdet.engine.transfer.load_pretrained`
                            takes what fine-tuning can use
@@ -30,6 +31,7 @@ from mutdet.engine.checkpoint import json_safe, save_checkpoint
 from mutdet.engine.device import resolve_device
 from mutdet.engine.trainer import TrainConfig, Trainer
 from mutdet.io.atomic import write_json
+from mutdet.io.identity import file_digest, files_identity
 from mutdet.losses import build_criterion
 from mutdet.losses.pretrain import PretrainCriterion
 from mutdet.models import build_detector
@@ -116,8 +118,13 @@ def run(*, variant: PretrainVariant, tiles_dirs: Sequence[Path], proposals_files
              dataset.num_classes, "pseudo-classes" if variant.classes == "pseudo" else "class (agnostic)",
              trainable / 1e6, {k: v for k, v in asdict(variant).items() if k != "name"}, out_dir)
 
+    # What the trained weights depend on: the settings above without paths, and the inputs' content.
+    paths = ("tiles_dirs", "proposals_files", "targets_files", "train")
+    resume_key = {**{k: v for k, v in params.items() if k not in paths},
+                  "tiles": [file_digest(Path(d) / "tiles.parquet") for d in tiles_dirs],
+                  "proposals": files_identity(proposals_files), "targets": files_identity(targets_files)}
     trainer = Trainer(model=model, criterion=criterion, dataset=dataset, config=train_config, out_dir=out_dir,
-                      device=torch_device, run_config=params, wandb_mode=wandb_mode)
+                      device=torch_device, run_config=params, resume_key=resume_key, wandb_mode=wandb_mode)
     result = trainer.fit()
     if not dist.is_main_process():
         return {"train": result, "checkpoint": None}
