@@ -7,6 +7,7 @@ import urllib.error
 import cv2
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 (pa.compute)
 import pytest
 import torch
 import torchvision
@@ -288,3 +289,23 @@ def test_shard_without_proposals_gives_an_empty_file(tmp_path):
     table = read_embeddings(tmp_path / "out" / "embeddings.parquet")
     assert table.num_rows == 0 and table.schema.field("embedding").type == pa.list_(pa.float16(), 512)
     assert manifest["proposals"] == 0 and manifest["proposals_per_second"] is None
+
+
+@pytest.mark.reliability
+def test_changed_proposals_are_embedded_again(tmp_path):
+    """Same rows and parameters, shifted boxes (a re-run of propose): no part of the old ones is reused."""
+    tiles_dir, proposals_dir = write_inputs(tmp_path)
+    out = tmp_path / "out"
+    first = run_small(tiles_dir, proposals_dir, out)
+    before = vector_matrix(read_embeddings(out / "embeddings.parquet").column("embedding"))
+    table = read_artefact(proposals_dir / "proposals.parquet", "proposals")
+    shifted = table.set_column(table.schema.get_field_index("cx"), "cx", pa.compute.add(table.column("cx"), 3.0))
+    write_artefact(shifted, proposals_dir / "proposals.parquet", "proposals", {"params": {"method": "graph"}})
+    again = run_small(tiles_dir, proposals_dir, out)
+    assert again["proposals_reused"] == 0 and again["proposals_computed"] == first["proposals_computed"]
+    after = vector_matrix(read_embeddings(out / "embeddings.parquet").column("embedding"))
+    assert not np.array_equal(before, after)
+    fresh = run_small(tiles_dir, proposals_dir, tmp_path / "fresh")
+    np.testing.assert_array_equal(after, vector_matrix(read_embeddings(tmp_path / "fresh" / "embeddings.parquet")
+                                                       .column("embedding")))
+    assert fresh["params_hash"] == again["params_hash"] != first["params_hash"]

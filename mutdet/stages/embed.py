@@ -36,6 +36,7 @@ from mutdet.embedding.pipeline import PRECISIONS, TileImages, embed_tiles, tile_
 from mutdet.engine.device import resolve_device
 from mutdet.io.artefacts import ArtefactError, read_artefact, read_metadata
 from mutdet.io.atomic import write_json
+from mutdet.io.identity import file_digest
 from mutdet.stages.common import chunk_part_path, code_version, log, params_hash, part_metadata
 
 
@@ -119,10 +120,12 @@ def run(*, tiles_dir: str | Path, proposals_dir: str | Path, out_dir: str | Path
     params = {"backbone": backbone, "weights": weights, "dim": dim, "context": context, "input_size": input_size,
               "crop_size": crop_size}
     runtime = {"device": str(torch_device), "precision": precision, "batch_size": batch_size, "workers": workers}
-    # Embeddings change with these parameters, the autocast precision, the proposals and the tiles.
-    phash = params_hash({"embedding": params, "precision": precision,
-                         "proposals": read_metadata(proposals_file).get("params"),
-                         "tiles": read_metadata(tiles_file).get("params")})
+    # Parts are keyed to what makes them: these parameters, the autocast precision, the content of the
+    # proposals and tiles tables and of a weights file, and the code version (a part of other inputs or
+    # an older mutdet is recomputed, never reused).
+    phash = params_hash({"embedding": params, "precision": precision, "proposals": file_digest(proposals_file),
+                         "tiles": file_digest(tiles_file), "code_version": code_version(),
+                         "weights_file": file_digest(weights) if weights not in ("imagenet", "none") else None})
     chunks = [range(s, min(s + checkpoint_every, len(tiles))) for s in range(0, len(tiles), checkpoint_every)]
     chunk_ids = [[tiles[t] for t in c] for c in chunks]
     chunk_rows = [int(bounds[c.stop] - bounds[c.start]) for c in chunks]

@@ -32,6 +32,7 @@ from mutdet.config import Config, ConfigError
 from mutdet.io.artefacts import SCHEMAS, read_artefact, read_metadata, write_artefact
 from mutdet.io.atomic import write_json
 from mutdet.proposals import ProposalSet, Proposer, build_proposer
+from mutdet.io.identity import file_digest
 from mutdet.stages.common import chunk_part_path, code_version, log, params_hash, part_metadata
 
 
@@ -117,8 +118,10 @@ def run(cfg: Config, dataset: str, split: str, shard: int, tiles_dir: str | Path
     tiles = read_artefact(tiles_file, "tiles", columns=["tile_id", "tile_path"]).to_pylist()
     params = p.method_params()
     runtime = {"device": p.sam.device, "precision": p.sam.precision} if p.method == "sam" else {}
-    # Proposals change with the method's parameters (SAM's precision included) and the tiles themselves.
-    phash = params_hash({"proposals": params, "tiles": read_metadata(tiles_file).get("params")})
+    # Parts are keyed to what makes them: the method's parameters (SAM's precision included), the
+    # content of the tiles table (rewritten with the tile images) and the code version, so a part of
+    # other tiles or an older mutdet is recomputed, never reused.
+    phash = params_hash({"proposals": params, "tiles": file_digest(tiles_file), "code_version": code_version()})
     every = p.checkpoint_every
     chunks = [tiles[i:i + every] for i in range(0, len(tiles), every)]
     chunk_ids = [[t["tile_id"] for t in c] for c in chunks]

@@ -86,6 +86,31 @@ def dataset_inputs(name, split=None):
     return []
 
 
+def raw_files(name, split, shard=None):
+    """The raw image and label files of one shard (every shard: None) of a `files` dataset's split, so
+    editing one reruns exactly the jobs that read it. Ids are listed (and checked) as the tile stage
+    lists them; a missing image or label file is left to the stage's `on_bad_object` policy."""
+    from mutdet.io.datasets import LABEL_SUFFIX, find_image, list_image_ids, shard_ids
+
+    ds = CONFIG.dataset(name)
+    if ds.source != "files":
+        return []
+    sp = ds.split(split)
+    ids = list_image_ids(sp.images, sp.list, ds.image_extensions)
+    if shard is not None:
+        ids = shard_ids(ids, int(shard), ds.shards)
+    files = []
+    for image_id in ids:
+        try:
+            files.append(str(find_image(sp.images, image_id, ds.image_extensions)))
+        except FileNotFoundError:
+            pass
+        label = sp.labels / f"{image_id}{LABEL_SUFFIX[ds.format]}"
+        if label.is_file():
+            files.append(str(label))
+    return files
+
+
 def tiles_path(dataset, split, shard, name):
     return f"{RESULTS}/{TILES_DIR.format(dataset=dataset, split=split, shard=shard)}/{name}"
 

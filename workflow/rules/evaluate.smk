@@ -23,6 +23,7 @@ rule subset:
 rule evaluate:
     input:
         lambda w: dataset_inputs(w.dataset, w.split),
+        raw=lambda w: raw_files(w.dataset, w.split),
         detections=f"{RESULTS}/{{run}}/{{dataset}}/{{split}}/detections.parquet",
     output:
         metrics=f"{RESULTS}/{{run}}/{{dataset}}/{{split}}/metrics.json",

@@ -4,6 +4,7 @@
 rule tile:
     input:
         lambda w: dataset_inputs(w.dataset, w.split),
+        raw=lambda w: raw_files(w.dataset, w.split, w.shard),
     output:
         tiles=f"{RESULTS}/{TILES_DIR}/tiles.parquet",
         objects=f"{RESULTS}/{TILES_DIR}/objects.parquet",
