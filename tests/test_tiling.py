@@ -201,3 +201,25 @@ def test_atomic_writes_have_normal_permissions(tmp_path):
             tmp.write_text("half")
             raise RuntimeError("crash")
     assert not (tmp_path / "b.txt").exists() and not list(tmp_path.glob(".b.txt*"))
+
+
+@pytest.mark.reliability
+def test_tile_parts_follow_label_edits_and_code_updates(tmp_path, dota_config, monkeypatch):
+    """An edited label file re-tiles exactly its image; a new code version (the README's --forcerun after
+    an update) re-tiles everything instead of reusing parts of the old code."""
+    root = tmp_path / "data"
+    write_dataset(root)
+    raw = dota_config(root, tiling={"size": 256, "gap": 64})
+    out = tmp_path / "out"
+    first = tile.run(from_dict(raw), "d", "train", 0, out, threads=1)
+    label = root / "labelTxt" / "im1.txt"
+    lines = label.read_text().splitlines(keepends=True)
+    label.write_text("".join(lines[:-1]))  # one object fewer
+    edited = tile.run(from_dict(raw), "d", "train", 0, out, threads=1)
+    assert edited["images_reused"] == first["images"] - 1
+    objects = read_artefact(out / "objects.parquet", "objects")
+    fresh = tile.run(from_dict(raw), "d", "train", 0, tmp_path / "fresh", threads=1)
+    assert objects.num_rows == fresh["objects"] < first["objects"]
+    monkeypatch.setattr(tile, "code_version", lambda: "mutdet 9.9.9")
+    updated = tile.run(from_dict(raw), "d", "train", 0, out, threads=1)
+    assert updated["images_reused"] == 0

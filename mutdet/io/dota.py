@@ -2,7 +2,8 @@
 
 Header lines such as ``imagesource:GoogleEarth`` and ``gsd:0.146`` (a ``key:value`` token, fewer than
 9 tokens) are skipped, a missing difficult column means 0, and class names are matched through the
-dataset's :class:`~mutdet.io.annotations.ClassMap`. Any other line is an object or an error.
+dataset's :class:`~mutdet.io.annotations.ClassMap`. Any other line is an object or an error. Files
+are read as UTF-8; a byte-order mark at the start (some Windows editors write one) is dropped.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ def read_dota(path: str | Path, class_map: ClassMap, on_bad_object: str = "error
     """Read one DOTA label file. ``image_id`` is the file stem."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise AnnotationError(path, None, f"cannot read label file: {exc}") from None
     out = _Collector(path, on_bad_object)
@@ -36,6 +37,12 @@ def read_dota(path: str | Path, class_map: ClassMap, on_bad_object: str = "error
             out.bad(lineno, f"non-numeric coordinate {bad!r}")
             continue
         label = class_map(tokens[8])
+        if label is None and parse_float(tokens[8]) is not None:
+            # A number where the class belongs: a coordinate too many, not an unknown class.
+            after = f"before the class name {tokens[9]!r}" if len(tokens) == 10 else "and no class name"
+            out.bad(lineno, f"expected 8 coordinates then a class name (9 or 10 fields), got 9 numbers {after} "
+                            f"({len(tokens)} fields): {raw.strip()!r}")
+            continue
         if label is None:
             out.bad(lineno, f"unknown class {tokens[8]!r} (known: {', '.join(class_map.classes)})")
             continue

@@ -8,6 +8,10 @@ and class with rotated NMS.
 Outputs in ``out_dir``: ``detections.parquet`` (``detections``, frame ``image``), ``task1/``
 (DOTA Task1 files, one per class of the checkpoint), ``previews/<image>.png`` (oriented boxes with
 class name and score, detections with score >= ``preview_score``), ``config.json``.
+
+Image ids (file stems) are checked against the rule for ids (:mod:`mutdet.io.datasets`) before any
+work, and each image is verified when read (:func:`mutdet.io.images.read_image`: a truncated file is
+an error naming it), so a bad input fails at once rather than in the Task1 writer at the end.
 """
 from __future__ import annotations
 
@@ -26,6 +30,8 @@ from mutdet.engine.device import resolve_device
 from mutdet.engine.inference import detections_table, load_detector, predict_batch
 from mutdet.io.artefacts import write_artefact
 from mutdet.io.atomic import write_json
+from mutdet.io.datasets import check_image_id
+from mutdet.io.images import read_image
 from mutdet.io.task1 import write_task1
 from mutdet.models import PostProcess
 from mutdet.stages.common import code_version, log
@@ -38,7 +44,11 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
 def list_images(inputs: Sequence[str | Path]) -> list[Path]:
-    """Image files from files and folders (a folder: its images with a known extension, sorted)."""
+    """Image files from files and folders (a folder: its images with a known extension, sorted).
+
+    Raises:
+        AnnotationError: naming the file, when a file stem breaks the rule for image ids.
+    """
     paths = []
     for item in inputs:
         item = Path(item)
@@ -48,7 +58,7 @@ def list_images(inputs: Sequence[str | Path]) -> list[Path]:
             paths.append(item)
         else:
             raise FileNotFoundError(f"detect: no image or folder {item}")
-    stems = [p.stem for p in paths]
+    stems = [check_image_id(p.stem, p) for p in paths]
     if len(set(stems)) != len(stems):
         raise ValueError("detect: two input images share a file stem (the image id)")
     return paths
@@ -133,9 +143,7 @@ def run(*, checkpoint: Path, images: Sequence[Path], out_dir: Path, tile_size: i
     paths = list_images(images)
     tables = []
     for path in paths:
-        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if image is None:
-            raise FileNotFoundError(f"detect: cannot read image {path}")
+        image = read_image(path)
         labels, scores, boxes = detect_image(model, image, path.stem, tiling=tiling, input_size=input_size,
                                              device=torch_device, batch_size=batch_size, num_select=num_select,
                                              score_threshold=score_threshold, merge_iou=merge_iou)

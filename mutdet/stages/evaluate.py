@@ -5,41 +5,81 @@ and either a ``detections`` artefact (frame ``image``: ``id`` is the image id, l
 full-image pixels) or a folder of DOTA Task1 files. Outputs in ``out_dir``:
 
 * ``metrics.json``: per class and mean AP at each IoU threshold (``AP50``, ``AP75`` kept separate),
-  ground-truth and detection counts, the settings, the inputs, skipped label lines, the mutdet
-  version and the code version (with the git commit);
+  ground-truth and detection counts, the settings, the inputs, skipped objects and images (with
+  file, line and reason), the mutdet version and the code version (with the git commit);
 * ``pr_curve.png``: precision-recall curves at the first threshold.
+
+The ground truth is what tiling accepted: each image goes through
+:func:`mutdet.io.datasets.load_image` (image present and complete, label file parsed, objects
+entirely outside the image handled by ``on_bad_object``), without decoding JPEG and PNG pixels. Under
+``on_bad_object: skip`` a skipped image is left out of the evaluation with its detections (counted in
+``detections_on_skipped_images``), where the devkit would count its objects as misses.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
 import mutdet
 from mutdet.config import DatasetConfig
 from mutdet.evaluation import ap_key, evaluate_detections
 from mutdet.evaluation.plots import plot_pr_curves
-from mutdet.io.annotations import ClassMap
+from mutdet.io.annotations import AnnotationError, ClassMap
 from mutdet.io.artefacts import ArtefactError, read_artefact, read_metadata
 from mutdet.io.atomic import write_json
-from mutdet.io.datasets import list_image_ids, read_labels
+from mutdet.io.datasets import list_image_ids, load_image
 from mutdet.io.task1 import read_task1
 from mutdet.stages.common import code_version, log
 
 __all__ = ["format_table", "load_ground_truth", "run"]
 
 
-def load_ground_truth(dataset: DatasetConfig, split: str, on_bad_object: str = "error") -> dict:
-    """Ground truth of every image of ``split``: image id -> :class:`~mutdet.io.annotations.ImageAnnotations`."""
+def load_ground_truth(dataset: DatasetConfig, split: str, on_bad_object: str = "error") -> tuple[dict, list[dict]]:
+    """Ground truth of ``split``, accepted by the rule tiling applies (module docstring).
+
+    Returns:
+        image id -> :class:`~mutdet.io.annotations.ImageAnnotations` for every accepted image, and the
+        skipped images (``on_bad_object="skip"``) as ``{"image_id", "reason"}``.
+    """
     split_cfg = dataset.split(split)
+    if not split_cfg.labels.is_dir():
+        raise FileNotFoundError(f"datasets.{dataset.name}.splits.{split}: label folder {split_cfg.labels} "
+                                "not found; an unlabelled split cannot be evaluated (write Task1 files instead)")
     class_map = ClassMap(dataset.classes, dataset.class_aliases)
-    gt = {}
+    gt, skipped_images = {}, []
     for image_id in list_image_ids(split_cfg.images, split_cfg.list, dataset.image_extensions):
-        ann = read_labels(dataset.format, split_cfg.labels, image_id, class_map, on_bad_object)
-        if ann is None:
-            raise FileNotFoundError(f"datasets.{dataset.name}.splits.{split}: label folder {split_cfg.labels} "
-                                    "not found; an unlabelled split cannot be evaluated (write Task1 files instead)")
-        gt[image_id] = ann
-    return gt
+        try:
+            loaded = load_image(dataset.format, split_cfg.images, split_cfg.labels, image_id,
+                                dataset.image_extensions, class_map, on_bad_object, decode=False)
+        except (AnnotationError, FileNotFoundError) as exc:
+            if on_bad_object == "error":
+                raise
+            skipped_images.append({"image_id": image_id, "reason": str(exc)})
+            continue
+        gt[image_id] = loaded.annotations
+    return gt, skipped_images
+
+
+# Columns of a detections artefact that must be finite, and those that must also not be negative.
+_FINITE_COLUMNS = ("score", "cx", "cy", "w", "h", "theta")
+_NON_NEGATIVE_COLUMNS = ("w", "h")
+
+
+def _check_detection_values(table: pa.Table, path: Path) -> None:
+    """Raise naming the file, row, column and value at the first NaN, infinity or negative side."""
+    for name in _FINITE_COLUMNS:
+        values = table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
+        bad = ~np.isfinite(values)
+        if name in _NON_NEGATIVE_COLUMNS:
+            bad |= values < 0
+        if bad.any():
+            row = int(np.argmax(bad))
+            rule = "finite and not negative" if name in _NON_NEGATIVE_COLUMNS else "finite"
+            raise ArtefactError(f"{path}: row {row}: {name} is {values[row]} (must be {rule})")
 
 
 def _task1_by_class(folder: Path, classes: Sequence[str]) -> dict:
@@ -90,25 +130,35 @@ def run(*, dataset: DatasetConfig, split: str, out_dir: Path, detections: Path |
     if (detections is None) == (task1_dir is None):
         raise ValueError("evaluate: give exactly one of detections (Parquet) or task1_dir (Task1 files)")
     out_dir = Path(out_dir)
-    gt = load_ground_truth(dataset, split, on_bad_object)
+    gt, skipped_images = load_ground_truth(dataset, split, on_bad_object)
     skipped = [s.to_dict() for ann in gt.values() for s in ann.skipped]
+    skipped_ids = {s["image_id"] for s in skipped_images}
     if detections is not None:
         dets = read_artefact(detections, "detections")
         frame = read_metadata(detections).get("frame")
         if frame is not None and frame != "image":
             raise ArtefactError(f"{detections}: detections are in the {frame!r} frame; evaluation needs full-image "
                                 "detections (frame 'image', merged across tiles)")
-        unknown = sorted(set(dets.column("id").to_pylist()) - set(gt))
+        _check_detection_values(dets, detections)
+        unknown = sorted(set(dets.column("id").to_pylist()) - set(gt) - skipped_ids)
         if unknown:
             raise ArtefactError(f"{detections}: detections on {len(unknown)} image ids that are not in split "
                                 f"{split!r} of {dataset.name}: {unknown[:5]}")
+        on_skipped = pc.is_in(dets.column("id"), value_set=pa.array(sorted(skipped_ids), pa.string()))
+        num_on_skipped = pc.sum(on_skipped).as_py() or 0
+        dets = dets.filter(pc.invert(on_skipped))
         source = {"detections": str(detections)}
     else:
         dets = _task1_by_class(Path(task1_dir), dataset.classes)
-        unknown = sorted({i for d in dets.values() for i in d["image_ids"]} - set(gt))
+        unknown = sorted({i for d in dets.values() for i in d["image_ids"]} - set(gt) - skipped_ids)
         if unknown:
             raise ValueError(f"{task1_dir}: Task1 lines on {len(unknown)} image ids that are not in split "
                              f"{split!r} of {dataset.name}: {unknown[:5]}")
+        num_on_skipped = 0
+        for name, d in dets.items():
+            keep = ~np.isin(d["image_ids"], list(skipped_ids))
+            num_on_skipped += int((~keep).sum())
+            dets[name] = {key: value[keep] for key, value in d.items()}
         source = {"task1_dir": str(task1_dir)}
 
     result = evaluate_detections(gt, dets, dataset.classes, iou_thresholds=iou_thresholds, use_07_metric=use_07_metric)
@@ -121,6 +171,8 @@ def run(*, dataset: DatasetConfig, split: str, out_dir: Path, detections: Path |
         "classes": result["classes"],
         "mean": result["mean"],
         "skipped_objects": skipped,
+        "skipped_images": skipped_images,
+        "detections_on_skipped_images": num_on_skipped,
         "mutdet_version": mutdet.__version__,
         "code_version": code_version(),
     }
@@ -130,7 +182,9 @@ def run(*, dataset: DatasetConfig, split: str, out_dir: Path, detections: Path |
                    title=f"{dataset.name} {split}")
     log.info("evaluation of %s on %s/%s (%d images, %s AP, IoU > threshold)\n%s", next(iter(source.values())),
              dataset.name, split, len(gt), result["settings"]["ap"], format_table(metrics))
-    if skipped:
-        log.warning("%d malformed label lines skipped (listed in %s)", len(skipped), out_dir / "metrics.json")
+    if skipped or skipped_images:
+        log.warning("%d bad object(s) and %d image(s) skipped (on_bad_object: skip), %d detection(s) on skipped "
+                    "images left out; listed in %s", len(skipped), len(skipped_images), num_on_skipped,
+                    out_dir / "metrics.json")
     return metrics
 

@@ -6,10 +6,19 @@ Output folder layout::
     <out>/objects.parquet       objects schema, tile pixels
     <out>/images/<image>/<tile_id>.png
     <out>/summary.json          counts, skipped objects/images, parameters, code version
-    <out>/parts/<image>.*.parquet  per-image results; a rerun with the same parameters reuses them
+    <out>/parts/<image>.*.parquet  per-image results; a rerun reuses them only if made with the same
+                                   parameters, image and label files (size + mtime) and code version
 
 Images are processed in parallel over ``threads`` worker processes, each holding one decoded image
 (and one rescaled copy) at a time. Every file is written atomically.
+
+Every object of the label files is accounted for in ``summary.json``: it is in tiles (``objects``
+counts tile rows), or skipped under ``on_bad_object: skip`` with its file, line and reason (malformed,
+or entirely outside its image), or listed in ``not_tiled`` (inside the image, but no window holds an
+IoF of at least ``iof_threshold`` of it: the devkit drops these silently; evaluation on full images
+still counts them). Images are accepted by :func:`mutdet.io.datasets.load_image`, the rule evaluation
+uses too; a skipped image (missing, unreadable, truncated, bad label file) is listed with its reason.
+Label files without an image are listed by shard 0 (a split-level check) and logged as a warning.
 """
 from __future__ import annotations
 
@@ -28,7 +37,8 @@ from mutdet.config import Config
 from mutdet.io.annotations import AnnotationError, ClassMap
 from mutdet.io.artefacts import SCHEMAS, read_artefact, read_metadata, write_artefact
 from mutdet.io.atomic import write_bytes, write_json
-from mutdet.io.datasets import find_image, list_image_ids, read_labels, shard_ids
+from mutdet.io.datasets import (LABEL_SUFFIX, find_image, labels_without_image, list_image_ids, load_image,
+                                 shard_ids)
 from mutdet.stages.common import code_version, log, params_hash, part_metadata
 from mutdet.tiling import TilingParams, iter_tiles
 
@@ -50,35 +60,57 @@ class _Job:
     tiling: TilingParams
     out_dir: Path
     params_hash: str
+    code_version: str
 
 
 def _part_paths(out_dir: Path, image_id: str) -> tuple[Path, Path]:
     return out_dir / "parts" / f"{image_id}.objects.parquet", out_dir / "parts" / f"{image_id}.tiles.parquet"
 
 
-def _part_is_current(out_dir: Path, image_id: str, phash: str) -> bool:
-    objects_part, tiles_part = _part_paths(out_dir, image_id)
+def _stat_identity(path: Path) -> list[int] | None:
+    """``[size, mtime_ns]`` of a file (None if absent). Raw images are large and many, so their parts are
+    keyed to this cheap identity, not a content hash: any edit (or a touch) re-tiles that image only."""
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _raw_identity(job: "_Job") -> dict:
+    """What one image's part is made from besides the parameters: its image and label files and the code."""
+    try:
+        image = _stat_identity(find_image(job.images_dir, job.image_id, job.extensions))
+    except FileNotFoundError:
+        image = None
+    label = _stat_identity(Path(job.labels_dir) / f"{job.image_id}{LABEL_SUFFIX[job.fmt]}")
+    return {"image": image, "label": label, "code_version": job.code_version}
+
+
+def _part_is_current(job: "_Job") -> bool:
+    objects_part, tiles_part = _part_paths(job.out_dir, job.image_id)
     meta = part_metadata(tiles_part)
-    return objects_part.is_file() and meta is not None and meta.get("params_hash") == phash
+    return (objects_part.is_file() and meta is not None and meta.get("params_hash") == job.params_hash
+            and meta.get("inputs") == _raw_identity(job))
 
 
 def _tile_one(job: _Job) -> dict:
     """Tile one image; write its PNGs and parts. Returns the image's counts and skips."""
     cv2.setNumThreads(1)
-    skipped_objects, skipped_image = [], None
+    skipped_objects, skipped_image, not_tiled = [], None, []
+    inputs = _raw_identity(job)  # before reading: an edit during the run makes the part stale, not current
     class_map = ClassMap(job.classes, job.aliases)
     tile_rows, object_rows = [], []
     try:
-        source = find_image(job.images_dir, job.image_id, job.extensions)
-        ann = read_labels(job.fmt, job.labels_dir, job.image_id, class_map, job.on_bad_object)
-        image = cv2.imread(str(source), cv2.IMREAD_COLOR)
-        if image is None:
-            raise AnnotationError(source, None, "unreadable image (not a decodable image file)")
+        loaded = load_image(job.fmt, job.images_dir, job.labels_dir, job.image_id, job.extensions, class_map,
+                            job.on_bad_object)
     except (AnnotationError, FileNotFoundError) as exc:
         if job.on_bad_object == "error":
             raise
         skipped_image = {"image_id": job.image_id, "reason": str(exc)}
     if skipped_image is None:
+        source, image, ann = loaded.path, loaded.pixels, loaded.annotations
+        del loaded  # one reference to the pixels: freed below
         polygons = ann.polygons if ann is not None else np.zeros((0, 8))
         labels = ann.labels if ann is not None else np.zeros(0, dtype=np.int64)
         difficult = ann.difficult if ann is not None else np.zeros(0, dtype=np.int8)
@@ -86,6 +118,7 @@ def _tile_one(job: _Job) -> dict:
         image_dir = job.out_dir / "images" / job.image_id
         shutil.rmtree(image_dir, ignore_errors=True)  # stale tiles of earlier parameters
         height, width = image.shape[:2]
+        tiled = np.zeros(len(labels), dtype=bool)
         for tile in iter_tiles(image, job.image_id, polygons, difficult, job.tiling):
             rel = Path("images") / job.image_id / f"{tile.tile_id}.png"
             ok, buf = cv2.imencode(".png", tile.pixels, PNG_FLAGS)
@@ -98,6 +131,7 @@ def _tile_one(job: _Job) -> dict:
                 "valid_width": tile.valid_width, "valid_height": tile.valid_height,
                 "image_width": width, "image_height": height,
             })
+            tiled[tile.object_indices] = True
             for k, idx in enumerate(tile.object_indices):
                 cx, cy, w, h, theta = tile.boxes[k]
                 object_rows.append({
@@ -108,7 +142,10 @@ def _tile_one(job: _Job) -> dict:
                     "difficult": int(tile.difficult[k]), "iof": float(tile.iof[k]),
                 })
         del image
-    meta = {"params_hash": job.params_hash, "skipped_objects": skipped_objects, "skipped_image": skipped_image}
+        not_tiled = [{"image_id": job.image_id, "object_index": int(i), "file": ann.file, "line": ann.line(i)}
+                     for i in np.flatnonzero(~tiled)]
+    meta = {"params_hash": job.params_hash, "inputs": inputs, "skipped_objects": skipped_objects,
+            "skipped_image": skipped_image, "not_tiled": not_tiled}
     objects_part, tiles_part = _part_paths(job.out_dir, job.image_id)
     write_artefact(_table(object_rows, "objects"), objects_part, "objects", meta)
     write_artefact(_table(tile_rows, "tiles"), tiles_part, "tiles", meta)  # written last: marks the part done
@@ -138,13 +175,19 @@ def run(cfg: Config, dataset: str, split: str, shard: int, out_dir: str | Path, 
     ids = shard_ids(list_image_ids(sp.images, sp.list, ds.image_extensions), shard, ds.shards)
     if not sp.labels.is_dir():
         log.warning("%s/%s: label folder %s not found: tiling without ground truth", dataset, split, sp.labels)
+    orphans = []  # a split-level check: shard 0 reports it
+    if shard == 0:
+        orphans = [str(p) for p in labels_without_image(ds.format, sp.images, sp.labels, ds.image_extensions)]
+    if orphans:
+        log.warning("%s/%s: %d label file(s) without an image in %s, their objects are in no tile: %s",
+                    dataset, split, len(orphans), sp.images, ", ".join(orphans))
     jobs = [
         _Job(image_id=i, images_dir=sp.images, labels_dir=sp.labels, extensions=ds.image_extensions,
              fmt=ds.format, classes=ds.classes, aliases=dict(ds.class_aliases), on_bad_object=cfg.on_bad_object,
-             tiling=tiling, out_dir=out_dir, params_hash=phash)
+             tiling=tiling, out_dir=out_dir, params_hash=phash, code_version=code_version())
         for i in ids
     ]
-    todo = [j for j in jobs if not _part_is_current(out_dir, j.image_id, phash)]
+    todo = [j for j in jobs if not _part_is_current(j)]
     log.info("tile %s/%s shard %d/%d: %d images (%d already done), %d worker(s)",
              dataset, split, shard, ds.shards, len(jobs), len(jobs) - len(todo), threads)
     progress = tqdm(total=len(todo), desc=f"tile {dataset}/{split}/{shard}", unit="img", mininterval=1.0)
@@ -161,10 +204,11 @@ def run(cfg: Config, dataset: str, split: str, shard: int, out_dir: str | Path, 
 
     tiles = read_artefact([_part_paths(out_dir, i)[1] for i in ids], "tiles")
     objects = read_artefact([_part_paths(out_dir, i)[0] for i in ids], "objects")
-    skipped_objects, skipped_images = [], []
+    skipped_objects, skipped_images, not_tiled = [], [], []
     for i in ids:
         meta = read_metadata(_part_paths(out_dir, i)[1])
         skipped_objects += meta["skipped_objects"]
+        not_tiled += meta.get("not_tiled", [])
         if meta["skipped_image"]:
             skipped_images.append(meta["skipped_image"])
     summary = {
@@ -172,7 +216,9 @@ def run(cfg: Config, dataset: str, split: str, shard: int, out_dir: str | Path, 
         "images_reused": len(jobs) - len(todo), "tiles": tiles.num_rows, "objects": objects.num_rows,
         "objects_per_class": dict(sorted(Counter(objects.column("class_name").to_pylist()).items())),
         "skipped_objects": len(skipped_objects), "skipped_images": len(skipped_images),
-        "skipped": {"objects": skipped_objects, "images": skipped_images},
+        "labels_without_image": len(orphans),
+        "skipped": {"objects": skipped_objects, "images": skipped_images, "labels_without_image": orphans},
+        "objects_in_no_tile": len(not_tiled), "not_tiled": not_tiled,
         "params": params, "code_version": code_version(),
     }
     meta = {"params": params, "code_version": code_version()}
@@ -181,6 +227,9 @@ def run(cfg: Config, dataset: str, split: str, shard: int, out_dir: str | Path, 
     write_json(out_dir / "summary.json", summary)
     log.info("tile %s/%s shard %d: %d images -> %d tiles, %d objects -> %s", dataset, split, shard,
              len(ids), tiles.num_rows, objects.num_rows, out_dir)
+    if not_tiled:
+        log.info("%d object(s) inside their image are in no tile (IoF below %s in every window); listed in %s",
+                 len(not_tiled), tiling.iof_threshold, out_dir / "summary.json")
     if skipped_objects or skipped_images:
         log.warning("skipped %d bad object(s) and %d image(s) (on_bad_object: skip); listed in %s",
                     len(skipped_objects), len(skipped_images), out_dir / "summary.json")
