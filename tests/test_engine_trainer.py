@@ -251,3 +251,14 @@ def test_an_unreadable_last_checkpoint_starts_fresh(tmp_path, content, caplog):
         assert make_trainer(folder, tmp_path / "run", epochs=1).fit()["step"] == 3
     assert "cannot be read" in caplog.text
     assert (tmp_path / "run" / "checkpoints" / "stale" / "last-unkeyed.pt").read_bytes() == content
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize("content, message", [(b"", "the file is empty"),
+                                              (b"\x80\x02garbage" * 10, "not a readable checkpoint")])
+def test_a_bad_checkpoint_file_is_a_clear_error_without_unsafe_advice(tmp_path, content, message):
+    path = tmp_path / "bad.pt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=message) as info:
+        load_checkpoint(path)
+    assert str(path) in str(info.value) and "weights_only=False" not in str(info.value)

@@ -94,10 +94,16 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: not a readable checkpoint: the file is empty")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # truncated file, pickle refused by weights_only, ...
-        raise ValueError(f"{path}: not a readable checkpoint: {exc}") from exc
+    except Exception as exc:  # truncated file, random bytes, a pickle of objects weights_only refuses
+        # torch's own text advises weights_only=False, i.e. running the file's code: never say that.
+        kind = "not a pickle of plain tensors and containers" if "Weights only load failed" in str(
+            exc) else (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {kind}); mutdet reads "
+                         "checkpoints as plain tensors only: re-create the file with mutdet") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise ValueError(f"{path}: not a mutdet checkpoint (no 'model' entry)")
     return ckpt
