@@ -292,7 +292,7 @@ class Trainer:
         """Move a stale ``last.pt`` and the run's ``metrics.jsonl`` to ``checkpoints/stale/`` (nothing
         computed is deleted; a later stale state of the same key replaces it) and log why."""
         stale = self.last_path.parent / "stale"
-        tag = (key or "unkeyed")[:12]
+        tag = str(key or "unkeyed")[:12]
         if dist.is_main_process():
             stale.mkdir(parents=True, exist_ok=True)
             path.replace(stale / f"last-{tag}.pt")

@@ -208,7 +208,7 @@ def run(cfg: Config, dataset: str, split: str, shard: int, out_dir: str | Path, 
     for i in ids:
         meta = read_metadata(_part_paths(out_dir, i)[1])
         skipped_objects += meta["skipped_objects"]
-        not_tiled += meta.get("not_tiled", [])
+        not_tiled += meta["not_tiled"]
         if meta["skipped_image"]:
             skipped_images.append(meta["skipped_image"])
     summary = {

@@ -1,4 +1,5 @@
 # Shared set-up: validated config, the mutdet command, output layout, targets.
+import functools
 import json
 import shlex
 import sys
@@ -90,24 +91,33 @@ def raw_files(name, split, shard=None):
     """The raw image and label files of one shard (every shard: None) of a `files` dataset's split, so
     editing one reruns exactly the jobs that read it. Ids are listed (and checked) as the tile stage
     lists them; a missing image or label file is left to the stage's `on_bad_object` policy."""
-    from mutdet.io.datasets import LABEL_SUFFIX, find_image, list_image_ids, shard_ids
+    from mutdet.io.datasets import shard_ids
+
+    per_image = _raw_files_per_image(name, split)
+    ids = list(per_image)
+    if shard is not None:
+        ids = shard_ids(ids, int(shard), CONFIG.dataset(name).shards)
+    return [f for image_id in ids for f in per_image[image_id]]
+
+
+@functools.cache
+def _raw_files_per_image(name, split):
+    """Sorted image id -> its existing image and label files; the split is listed once per DAG."""
+    from mutdet.io.datasets import LABEL_SUFFIX, find_image, list_image_ids
 
     ds = CONFIG.dataset(name)
     if ds.source != "files":
-        return []
+        return {}
     sp = ds.split(split)
-    ids = list_image_ids(sp.images, sp.list, ds.image_extensions)
-    if shard is not None:
-        ids = shard_ids(ids, int(shard), ds.shards)
-    files = []
-    for image_id in ids:
+    files = {}
+    for image_id in list_image_ids(sp.images, sp.list, ds.image_extensions):
         try:
-            files.append(str(find_image(sp.images, image_id, ds.image_extensions)))
+            files[image_id] = [str(find_image(sp.images, image_id, ds.image_extensions))]
         except FileNotFoundError:
-            pass
+            files[image_id] = []
         label = sp.labels / f"{image_id}{LABEL_SUFFIX[ds.format]}"
         if label.is_file():
-            files.append(str(label))
+            files[image_id].append(str(label))
     return files
 
 
