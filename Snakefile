@@ -24,9 +24,9 @@ rule all:
     input:
         all_tiles(),
         all_fractions(),
-        pretrain_shard_files("targets") if CONFIG.proposals.datasets else [],
-        [pretrain_checkpoint(v) for v in all_pretrain_variants()],
+        pretrain_files("targets") if CONFIG.pretraining_needed() else [],
+        [p(LAYOUT.pretrain_checkpoint(v)) for v in all_pretrain_variants()],
         loss_curves_figure(),
         all_finetune_metrics(),
-        [f"{RESULTS}/{TABLES_DIR}/index.md"] if CONFIG.finetune.runs else [],
-        f"{RESULTS}/config.resolved.yaml",
+        [p(LAYOUT.tables_dir() / "index.md")] if CONFIG.finetune.runs else [],
+        p(LAYOUT.resolved_config()),

@@ -98,8 +98,8 @@ def make_inputs(root: Path, size: int, dim: int, k: int, max_per_tile: int) -> d
                                             "classes": list(SYNTHETIC_CLASSES), "splits": {"train": {"list": "train.txt"}},
                                             "tiling": {"size": size, "gap": size // 4}}},
                      "proposals": {"datasets": ["bench/train"], "method": "graph", "max_per_tile": max_per_tile}})
-    tile.run(cfg, "bench", "train", 0, root / "tiles", threads=1)
-    propose.run(cfg, "bench", "train", 0, root / "tiles", root / "proposals")
+    tile.run(cfg, dataset="bench", split="train", shard=0, out_dir=root / "tiles", threads=1)
+    propose.run(cfg, dataset="bench", split="train", shard=0, tiles_dir=root / "tiles", out_dir=root / "proposals")
     proposals = read_artefact(root / "proposals" / "proposals.parquet", "proposals")
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((proposals.num_rows, dim))

@@ -69,7 +69,7 @@ OURS = textwrap.dedent('''
     from mutdet.stages import tile
     cfg = from_dict(json.loads(sys.argv[1]))
     t0 = time.perf_counter()
-    s = tile.run(cfg, "bench", "all", 0, sys.argv[2], threads=int(sys.argv[3]))
+    s = tile.run(cfg, dataset="bench", split="all", shard=0, out_dir=sys.argv[2], threads=int(sys.argv[3]))
     seconds = time.perf_counter() - t0
     print(json.dumps({"seconds": seconds, "objects": s["objects"], "tiles": s["tiles"]}))
 ''')

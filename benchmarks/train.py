@@ -78,7 +78,7 @@ def make_tiles(root: Path, size: int) -> Path:
     cfg = from_dict({"datasets": {"bench": {"root": str(root / "data"), "format": "dota",
                                             "classes": list(SYNTHETIC_CLASSES), "splits": {"train": {"list": "train.txt"}},
                                             "tiling": {"size": size, "gap": size // 4}}}})
-    tile.run(cfg, "bench", "train", 0, root / "tiles", threads=1)
+    tile.run(cfg, dataset="bench", split="train", shard=0, out_dir=root / "tiles", threads=1)
     return root / "tiles"
 
 

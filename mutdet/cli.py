@@ -1,31 +1,207 @@
-"""``mutdet <stage>``: thin argument parsing over the stages' ``run`` functions.
+"""``mutdet <stage>``: a table of commands over the stages' ``run(cfg, *, paths)`` functions.
 
-Every Snakemake rule calls one of these subcommands; they are equally usable by hand, e.g.
+Every Snakemake rule calls one of these commands with the resolved config file the workflow wrote
+and the paths and wildcards of its job; they are equally usable by hand with a config YAML, e.g.
 ``mutdet tile --config config.yaml --dataset synthetic --split train --shard 0 --out /tmp/tiles``.
+A command adds only its paths and wildcards: every setting comes from the config.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mutdet import __version__
 
 
-def _add_config(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default="config.yaml",
-                   help="config YAML/JSON file, or an inline JSON object (default: config.yaml)")
-
-
-def _default_threads() -> int:
+def _threads_default() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _add_threads(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=int, default=_default_threads(),
-                   help="CPU threads for torch (the job's share of the machine; default: all cores)")
+def _stage(name: str):
+    return importlib.import_module(f"mutdet.stages.{name}")
+
+
+def _json_argument(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
+
+
+def _tables(cfg, a):
+    from mutdet.layout import FinetuneJob
+
+    tables = _stage("tables")
+    runs = [tables.RunFiles(job=FinetuneJob(**{k: r[k] for k in ("dataset", "train_split", "split", "init",
+                                                                  "fraction", "epochs")}),
+                            metrics=Path(r["metrics"]), detections=Path(r["detections"]))
+            for r in a.inputs["runs"]]
+    test_tiles = {name: [Path(d) for d in dirs] for name, dirs in a.inputs["test_tiles"].items()}
+    written = tables.run(cfg, runs=runs, test_tiles=test_tiles, out_dir=a.out)
+    print(f"tables and figures: {written['index']}")
+
+
+def _config(cfg, a):
+    import yaml
+
+    from mutdet.io.atomic import write_text
+
+    text = yaml.safe_dump(json.loads(json.dumps(dict(cfg.raw), default=str)), sort_keys=False)
+    if a.out is None:
+        print(text, end="")
+    else:
+        write_text(a.out, text)
+
+
+def _merge(a):
+    from mutdet.config import load_config
+
+    classes = load_config(a.config).dataset(a.dataset).classes if a.dataset else None
+    _stage("merge").run(a.detections, [Path(d) / "tiles.parquet" for d in a.tiles], a.out, a.iou,
+                        task1_dir=a.task1_dir, classes=classes)
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its help, its own arguments (paths, wildcards), and what it runs."""
+    name: str
+    help: str
+    arguments: tuple = ()  # (flags, argparse keywords) pairs
+    run: Callable | None = None  # (cfg, args) -> None for config commands, (args) -> None otherwise
+    config: bool = True  # reads --config
+    threads: str | None = None  # help of --threads, None: no such option
+    torch: bool = False  # sets torch's thread count from --threads
+    extra: Callable | None = field(default=None, repr=False)  # adds arguments argparse tuples cannot express
+
+
+def _arg(*flags, **kwargs):
+    return flags, kwargs
+
+
+DATASET = _arg("--dataset", required=True, help="dataset name in the config")
+SPLIT = _arg("--split", required=True, help="split name of that dataset")
+SHARD = _arg("--shard", type=int, default=0, help="shard index k (images sorted(ids)[k::shards])")
+TORCH_THREADS = "CPU threads for torch (the job's share of the machine; default: all cores)"
+
+
+def _evaluate_source(p: argparse.ArgumentParser) -> None:
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--detections", type=Path, help="detections Parquet in the image frame (id = image id)")
+    source.add_argument("--task1-dir", type=Path, help="folder of DOTA Task1_<class>.txt files")
+
+
+COMMANDS = (
+    Command("demo-data", "generate/copy an embedded demo dataset (source synthetic | deepforest)", (DATASET,),
+            lambda cfg, a: _stage("demo_data").run(cfg, dataset=a.dataset)),
+    Command("tile", "tile one shard of a dataset split (DOTA-style windows)",
+            (DATASET, SPLIT, SHARD, _arg("--out", required=True, type=Path, help="output folder of this shard")),
+            lambda cfg, a: _stage("tile").run(cfg, dataset=a.dataset, split=a.split, shard=a.shard, out_dir=a.out,
+                                              threads=a.threads),
+            threads="worker processes (default: all cores)"),
+    Command("propose", "class-agnostic oriented proposals on one tiled shard (sam | selective_search | graph)",
+            (DATASET, SPLIT, SHARD, _arg("--tiles", required=True, type=Path, help="tiles folder of that shard"),
+             _arg("--out", required=True, type=Path, help="output folder (proposals.parquet, manifest.json)")),
+            lambda cfg, a: _stage("propose").run(cfg, dataset=a.dataset, split=a.split, shard=a.shard,
+                                                 tiles_dir=a.tiles, out_dir=a.out),
+            threads=TORCH_THREADS, torch=True),
+    Command("embed", "frozen-ResNet embeddings of every proposal of one shard",
+            (_arg("--tiles", required=True, type=Path, help="tiles folder of the shard"),
+             _arg("--proposals", required=True, type=Path, help="proposals folder of the shard"),
+             _arg("--out", required=True, type=Path, help="output folder (embeddings.parquet, manifest.json)")),
+            lambda cfg, a: _stage("embed").run(cfg, tiles_dir=a.tiles, proposals_dir=a.proposals, out_dir=a.out),
+            threads=TORCH_THREADS, torch=True),
+    Command("cluster", "PCA + spherical k-means over all shards' embeddings -> targets per shard",
+            (_arg("--embeddings", required=True, nargs="+", type=Path, help="embeddings.parquet of every shard"),
+             _arg("--targets", required=True, nargs="+", type=Path, help="targets.parquet to write, one per input"),
+             _arg("--out", required=True, type=Path, help="folder of pca_kmeans.npz and manifest.json")),
+            lambda cfg, a: _stage("cluster").run(cfg, embedding_files=a.embeddings, target_files=a.targets,
+                                                 out_dir=a.out),
+            threads=TORCH_THREADS, torch=True),
+    Command("pretrain", "pre-train the oriented DETR (MutDet, DETReg or a configured variant)",
+            (_arg("--variant", required=True, help="a pretrain.variants name (mutdet, detreg, an ablation variant)"),
+             _arg("--tiles", required=True, nargs="+", type=Path, help="tiles folder of every shard"),
+             _arg("--proposals", required=True, nargs="+", type=Path, help="proposals.parquet of the same shards"),
+             _arg("--targets", required=True, nargs="+", type=Path, help="targets.parquet of the same shards"),
+             _arg("--out", required=True, type=Path, help="output folder")),
+            lambda cfg, a: _stage("pretrain").run(cfg, variant=a.variant, tiles_dirs=a.tiles,
+                                                  proposals_files=a.proposals, targets_files=a.targets,
+                                                  out_dir=a.out),
+            threads=TORCH_THREADS, torch=True),
+    Command("finetune", "fine-tune the oriented DETR on a split's tiles, detect on the test tiles",
+            (DATASET,
+             _arg("--epochs", type=int, required=True, help="schedule length (a finetune.runs[].epochs value)"),
+             _arg("--tiles", required=True, nargs="+", type=Path, help="training tiles folders (every shard)"),
+             _arg("--test-tiles", nargs="*", type=Path, default=[], help="tiles folders to detect on after training"),
+             _arg("--image-ids", type=Path, help="list file of training image ids (a data-fraction subset)"),
+             _arg("--init", default="none", help="none, or a pre-training checkpoint"),
+             _arg("--out", required=True, type=Path, help="output folder")),
+            lambda cfg, a: _stage("finetune").run(cfg, dataset=a.dataset, epochs=a.epochs, tiles_dirs=a.tiles,
+                                                  test_tiles_dirs=a.test_tiles, image_ids_file=a.image_ids,
+                                                  init=a.init, out_dir=a.out),
+            threads=TORCH_THREADS, torch=True),
+    Command("evaluate", "rotated VOC AP (DOTA devkit semantics) of full-image detections",
+            (DATASET, _arg("--split", required=True, help="labelled split whose ground truth is used"),
+             _arg("--out", required=True, type=Path, help="output folder (metrics.json, pr_curve.png)"),
+             _arg("--iou-thresholds", type=float, nargs="+", default=[0.5, 0.75], help="default: 0.5 0.75"),
+             _arg("--all-points", action="store_true", help="all-points AP instead of VOC07 11-point")),
+            lambda cfg, a: _stage("evaluate").run(cfg, dataset=a.dataset, split=a.split, out_dir=a.out,
+                                                  detections=a.detections, task1_dir=a.task1_dir,
+                                                  iou_thresholds=tuple(a.iou_thresholds),
+                                                  use_07_metric=not a.all_points),
+            extra=_evaluate_source),
+    Command("subset", "write a data-fraction subset of a split's image ids (METHOD.md protocol)",
+            (DATASET, SPLIT, _arg("--fraction", required=True, type=float, help="fraction p in (0, 1]"),
+             _arg("--out", required=True, type=Path, help="list file to write")),
+            lambda cfg, a: _stage("subset").run(cfg, dataset=a.dataset, split=a.split, fraction=a.fraction,
+                                                out=a.out)),
+    Command("tables", "the paper's tables (md/csv/tex), AP50-vs-fraction plot, detection grid",
+            (_arg("--inputs", required=True, type=_json_argument,
+                  help='JSON {"runs": [{dataset, train_split, split, init, fraction, epochs, metrics, detections}],'
+                       ' "test_tiles": {dataset: [tiles folders]}} (the workflow writes it)'),
+             _arg("--out", required=True, type=Path, help="output folder")),
+            _tables),
+    Command("config", "print (or write) the config with every default filled in, after validation",
+            (_arg("--out", type=Path, help="YAML file to write (default: print)"),), _config),
+    Command("outputs", "list the artefacts a config's run has produced",
+            run=lambda cfg, a: print(_stage("outputs").describe(cfg))),
+    Command("loss-curves", "plot pre-training losses of several runs (the paper's Figure 4)",
+            (_arg("--run", required=True, nargs=2, action="append", metavar=("LABEL", "METRICS_JSONL"),
+                  help="a run's legend label and its metrics.jsonl (repeat for each run)"),
+             _arg("--out", required=True, type=Path, help="PNG to write"), _arg("--title", help="figure title")),
+            lambda a: _stage("loss_curves").plot_loss_curves({label: Path(p) for label, p in a.run}, a.out,
+                                                             title=a.title),
+            config=False),
+    Command("detect", "run a fine-tuned checkpoint on images of any size (tiled on the fly)",
+            (_arg("--checkpoint", required=True, type=Path, help="checkpoint.pt written by mutdet finetune"),
+             _arg("--images", required=True, nargs="+", type=Path, help="image files or folders"),
+             _arg("--out", required=True, type=Path, help="detections.parquet, task1/, previews/"),
+             _arg("--tile-size", type=int, default=1024), _arg("--gap", type=int, default=200),
+             _arg("--rates", type=float, nargs="+", default=[1.0]), _arg("--device", default="auto"),
+             _arg("--score-threshold", type=float, default=0.05),
+             _arg("--no-previews", action="store_true", help="skip the PNG previews")),
+            lambda a: _stage("detect").run(checkpoint=a.checkpoint, images=a.images, out_dir=a.out,
+                                           tile_size=a.tile_size, gap=a.gap, rates=tuple(a.rates), device=a.device,
+                                           score_threshold=a.score_threshold, previews=not a.no_previews),
+            config=False, threads=TORCH_THREADS, torch=True),
+    Command("merge", "map tile detections back to full images (rotated NMS)",
+            (_arg("--detections", required=True, type=Path, help="detections Parquet, id = tile id"),
+             _arg("--tiles", required=True, nargs="+", type=Path, help="tiles folder(s) of those tiles"),
+             _arg("--out", required=True, type=Path, help="output detections Parquet, id = image id"),
+             _arg("--iou", type=float, default=0.1, help="rotated NMS IoU threshold (default 0.1)"),
+             _arg("--task1-dir", type=Path, help="also write DOTA Task1 submission files here"),
+             _arg("--config", help="with --dataset: take the Task1 class list from this config"),
+             _arg("--dataset", help="dataset whose classes name the Task1 files (default: classes seen)")),
+            _merge, config=False),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,244 +209,37 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mutdet {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("demo-data", help="generate/copy an embedded demo dataset (source synthetic | deepforest)")
-    _add_config(p)
-    p.add_argument("--dataset", required=True, help="dataset name in the config")
-
-    p = sub.add_parser("tile", help="tile one shard of a dataset split (DOTA-style windows)")
-    _add_config(p)
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--split", required=True)
-    p.add_argument("--shard", type=int, default=0, help="shard index k (images sorted(ids)[k::shards])")
-    p.add_argument("--out", required=True, type=Path, help="output folder of this shard")
-    p.add_argument("--threads", type=int, default=_default_threads(), help="worker processes")
-
-    p = sub.add_parser("propose", help="class-agnostic oriented proposals on one tiled shard (sam | selective_search | graph)")
-    _add_config(p)
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--split", required=True)
-    p.add_argument("--shard", type=int, default=0)
-    p.add_argument("--tiles", required=True, type=Path, help="tiles folder of that shard (tiles.parquet + images)")
-    p.add_argument("--out", required=True, type=Path, help="output folder (proposals.parquet, manifest.json)")
-    _add_threads(p)
-
-    p = sub.add_parser("embed", help="frozen-ResNet embeddings of every proposal of one shard")
-    _add_config(p)
-    p.add_argument("--tiles", required=True, type=Path, help="tiles folder of the shard")
-    p.add_argument("--proposals", required=True, type=Path, help="proposals folder of the shard")
-    p.add_argument("--out", required=True, type=Path, help="output folder (embeddings.parquet, manifest.json)")
-    p.add_argument("--device", help="override embedding.device")
-    p.add_argument("--workers", type=int, help="override embedding.workers")
-    _add_threads(p)
-
-    p = sub.add_parser("cluster", help="PCA + spherical k-means over all shards' embeddings -> targets per shard")
-    _add_config(p)
-    p.add_argument("--embeddings", required=True, nargs="+", type=Path, help="embeddings.parquet of every shard")
-    p.add_argument("--targets", required=True, nargs="+", type=Path, help="targets.parquet to write, one per input")
-    p.add_argument("--out", required=True, type=Path, help="folder of pca_kmeans.npz and manifest.json")
-    _add_threads(p)
-
-    p = sub.add_parser("pretrain", help="pre-train the oriented DETR (MutDet, DETReg or a configured variant)")
-    _add_config(p)
-    p.add_argument("--method", required=True, help="a pretrain.variants name (mutdet, detreg, an ablation variant)")
-    p.add_argument("--tiles", required=True, nargs="+", type=Path, help="tiles folder of every shard")
-    p.add_argument("--proposals", required=True, nargs="+", type=Path, help="proposals.parquet of the same shards")
-    p.add_argument("--targets", required=True, nargs="+", type=Path, help="targets.parquet of the same shards")
-    p.add_argument("--out", required=True, type=Path)
-    _add_threads(p)
-
-    p = sub.add_parser("loss-curves", help="plot pre-training losses of several runs (the paper's Figure 4)")
-    p.add_argument("--run", required=True, nargs=2, action="append", metavar=("LABEL", "METRICS_JSONL"),
-                   help="a run's legend label and its metrics.jsonl (repeat for each run)")
-    p.add_argument("--out", required=True, type=Path, help="PNG to write")
-    p.add_argument("--title", help="figure title")
-
-    p = sub.add_parser("tables", help="the paper's tables (md/csv/tex), AP50-vs-fraction plot, detection grid")
-    _add_config(p)
-    p.add_argument("--metrics", required=True, nargs="+", type=Path, help="metrics.json of every fine-tuning run")
-    p.add_argument("--out", required=True, type=Path, help="output folder")
-
-    p = sub.add_parser("finetune", help="fine-tune the oriented DETR on a split's tiles, detect on the test tiles")
-    _add_config(p)
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--tiles", required=True, nargs="+", type=Path, help="training tiles folders (every shard)")
-    p.add_argument("--test-tiles", nargs="+", type=Path, help="tiles folders to detect on after training")
-    p.add_argument("--image-ids", type=Path, help="list file of training image ids (a data-fraction subset)")
-    p.add_argument("--init", default="none", help="none, or a pre-training checkpoint")
-    p.add_argument("--epochs", type=int, required=True)
-    p.add_argument("--out", required=True, type=Path)
-    _add_threads(p)
-
-    p = sub.add_parser("detect", help="run a fine-tuned checkpoint on images of any size (tiled on the fly)")
-    p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint.pt written by mutdet finetune")
-    p.add_argument("--images", required=True, nargs="+", type=Path, help="image files or folders")
-    p.add_argument("--out", required=True, type=Path, help="detections.parquet, task1/, previews/")
-    p.add_argument("--tile-size", type=int, default=1024)
-    p.add_argument("--gap", type=int, default=200)
-    p.add_argument("--rates", type=float, nargs="+", default=[1.0])
-    p.add_argument("--device", default="auto")
-    p.add_argument("--score-threshold", type=float, default=0.05)
-    p.add_argument("--no-previews", action="store_true", help="skip the PNG previews")
-    _add_threads(p)
-
-    p = sub.add_parser("merge", help="map tile detections back to full images (rotated NMS)")
-    p.add_argument("--detections", required=True, type=Path, help="detections Parquet, id = tile id")
-    p.add_argument("--tiles", required=True, nargs="+", type=Path, help="tiles.parquet file(s) of those tiles")
-    p.add_argument("--out", required=True, type=Path, help="output detections Parquet, id = image id")
-    p.add_argument("--iou", type=float, default=0.1, help="rotated NMS IoU threshold (default 0.1)")
-    p.add_argument("--task1-dir", type=Path, help="also write DOTA Task1 submission files here")
-    p.add_argument("--config", help="with --dataset: take the Task1 class list from this config")
-    p.add_argument("--dataset", help="dataset whose classes name the Task1 files (default: classes seen)")
-
-    p = sub.add_parser("evaluate", help="rotated VOC AP (DOTA devkit semantics) of full-image detections")
-    _add_config(p)
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--split", required=True, help="labelled split whose ground truth is used")
-    p.add_argument("--out", required=True, type=Path, help="output folder (metrics.json, pr_curve.png)")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--detections", type=Path, help="detections Parquet in the image frame (id = image id)")
-    source.add_argument("--task1-dir", type=Path, help="folder of DOTA Task1_<class>.txt files")
-    p.add_argument("--iou-thresholds", type=float, nargs="+", default=[0.5, 0.75], help="default: 0.5 0.75")
-    p.add_argument("--all-points", action="store_true", help="all-points AP instead of VOC07 11-point")
-
-    p = sub.add_parser("subset", help="write a data-fraction subset of a split's image ids (METHOD.md protocol)")
-    _add_config(p)
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--split", required=True)
-    p.add_argument("--fraction", required=True, type=float, help="fraction p in (0, 1]")
-    p.add_argument("--out", required=True, type=Path, help="list file to write")
-    p.add_argument("--seed", type=int, help="default: the config's seed")
-    p.add_argument("--nested", action="store_true", help="prefixes of one permutation (see mutdet.data.fractions)")
-
-    p = sub.add_parser("config", help="print (or write) the config with every default filled in, after validation")
-    _add_config(p)
-    p.add_argument("--out", type=Path, help="YAML file to write (default: print)")
-
-    p = sub.add_parser("outputs", help="list the artefacts a config's run has produced")
-    _add_config(p)
+    for command in COMMANDS:
+        p = sub.add_parser(command.name, help=command.help)
+        if command.config:
+            p.add_argument("--config", default="config.yaml",
+                           help="config YAML/JSON file, or an inline JSON object (default: config.yaml)")
+        for flags, kwargs in command.arguments:
+            p.add_argument(*flags, **kwargs)
+        if command.extra is not None:
+            command.extra(p)
+        if command.threads is not None:
+            p.add_argument("--threads", type=int, default=_threads_default(), help=command.threads)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    command = next(c for c in COMMANDS if c.name == args.command)
     from mutdet.stages.common import log, setup_logging
 
     setup_logging(args.verbose)
-    from mutdet.config import load_config
-
-    if getattr(args, "threads", None) and args.command in ("propose", "embed", "cluster", "pretrain", "finetune", "detect"):
+    if command.torch:
         import torch
 
         torch.set_num_threads(max(1, args.threads))  # oversubscribed cores slow torch down many times
     try:
-        if args.command == "demo-data":
-            from mutdet.stages import demo_data
+        if command.config:
+            from mutdet.config import load_config
 
-            demo_data.run(load_config(args.config), args.dataset)
-        elif args.command == "tile":
-            from mutdet.stages import tile
-
-            tile.run(load_config(args.config), args.dataset, args.split, args.shard, args.out, args.threads)
-        elif args.command == "propose":
-            from mutdet.stages import propose
-
-            propose.run(load_config(args.config), args.dataset, args.split, args.shard, args.tiles, args.out)
-        elif args.command == "embed":
-            import dataclasses
-
-            from mutdet.stages import embed
-
-            params = dataclasses.asdict(load_config(args.config).embedding)
-            params.update({k: v for k, v in (("device", args.device), ("workers", args.workers)) if v is not None})
-            embed.run(tiles_dir=args.tiles, proposals_dir=args.proposals, out_dir=args.out, **params)
-        elif args.command == "cluster":
-            import dataclasses
-
-            from mutdet.stages import cluster
-
-            cfg = load_config(args.config)
-            cluster.run(embedding_files=args.embeddings, target_files=args.targets, out_dir=args.out,
-                        seed=cfg.seed, **dataclasses.asdict(cfg.cluster))
-        elif args.command == "pretrain":
-            from mutdet.stages import pretrain
-
-            cfg = load_config(args.config)
-            pt = cfg.pretrain
-            if args.method not in pt.variants:
-                raise ValueError(f"--method {args.method!r}: not a pretrain.variants name (have {sorted(pt.variants)})")
-            pretrain.run(
-                variant=pt.variants[args.method], tiles_dirs=args.tiles, proposals_files=args.proposals,
-                targets_files=args.targets, out_dir=args.out, model_kwargs=dict(cfg.finetune.model),
-                train_kwargs=pt.train_kwargs(), seed=cfg.seed, input_size=pt.input_size,
-                flip_probability=pt.flip_probability, max_boxes=pt.max_boxes, enhancement=dict(pt.enhancement),
-                encoder_head_hidden=pt.encoder_head_hidden, freeze_backbone=pt.freeze_backbone,
-                temperature=pt.temperature, align_weight=pt.align_weight, loss_kwargs=dict(pt.loss),
-                device=pt.device, wandb_mode=pt.wandb_mode)
-        elif args.command == "loss-curves":
-            from mutdet.stages.loss_curves import plot_loss_curves
-
-            plot_loss_curves({label: Path(path) for label, path in args.run}, args.out, title=args.title)
-        elif args.command == "tables":
-            from mutdet.stages import tables
-
-            cfg = load_config(args.config)
-            written = tables.run(metrics=args.metrics, out_dir=args.out, **tables.kwargs_from_config(cfg))
-            print(f"tables and figures: {written['index']}")
-        elif args.command == "finetune":
-            from mutdet.io.datasets import list_image_ids
-            from mutdet.stages import finetune
-
-            cfg = load_config(args.config)
-            ft, ds = cfg.finetune, cfg.dataset(args.dataset)
-            finetune.run(
-                tiles_dirs=args.tiles, test_tiles_dirs=args.test_tiles, out_dir=args.out,
-                model_kwargs=dict(ft.model), train_kwargs=ft.train_kwargs(args.epochs),
-                image_ids=None if args.image_ids is None else list_image_ids(Path(), args.image_ids, ds.image_extensions),
-                init=args.init, seed=cfg.seed, classes=list(ds.classes), input_size=ft.input_size,
-                flip_probability=ft.flip_probability, loss_kwargs=dict(ft.loss), device=ft.device,
-                wandb_mode=ft.wandb_mode, merge_iou=ft.merge_iou, num_select=ft.num_select,
-                score_threshold=ft.score_threshold, eval_batch_size=ft.eval_batch_size)
-        elif args.command == "detect":
-            from mutdet.stages import detect
-
-            detect.run(checkpoint=args.checkpoint, images=args.images, out_dir=args.out, tile_size=args.tile_size,
-                       gap=args.gap, rates=tuple(args.rates), device=args.device,
-                       score_threshold=args.score_threshold, previews=not args.no_previews)
-        elif args.command == "merge":
-            from mutdet.stages import merge
-
-            classes = load_config(args.config).dataset(args.dataset).classes if args.dataset else None
-            merge.run(args.detections, args.tiles, args.out, args.iou, task1_dir=args.task1_dir, classes=classes)
-        elif args.command == "evaluate":
-            from mutdet.stages import evaluate
-
-            cfg = load_config(args.config)
-            evaluate.run(dataset=cfg.dataset(args.dataset), split=args.split, out_dir=args.out,
-                         detections=args.detections, task1_dir=args.task1_dir,
-                         iou_thresholds=tuple(args.iou_thresholds), use_07_metric=not args.all_points,
-                         on_bad_object=cfg.on_bad_object)
-        elif args.command == "subset":
-            from mutdet.stages import subset
-
-            cfg = load_config(args.config)
-            subset.run(cfg, args.dataset, args.split, args.fraction, args.out,
-                       seed=cfg.seed if args.seed is None else args.seed, nested=args.nested)
-        elif args.command == "config":
-            import yaml
-
-            from mutdet.io.atomic import write_text
-
-            text = yaml.safe_dump(json.loads(json.dumps(dict(load_config(args.config).raw), default=str)),
-                                  sort_keys=False)
-            if args.out is None:
-                print(text, end="")
-            else:
-                write_text(args.out, text)
-        elif args.command == "outputs":
-            from mutdet.stages import outputs
-
-            print(outputs.describe(load_config(args.config)))
+            command.run(load_config(args.config), args)
+        else:
+            command.run(args)
     except Exception as exc:
         # mutdet's own errors (bad config, labels, artefacts, weights, tiles) and bad values/paths are
         # the user's to fix: one clear line (the traceback with --verbose). Anything else is a bug.

@@ -2,12 +2,23 @@
 
 The schema (``workflow/schemas/config.schema.yaml``) is the single source of truth for keys, types,
 descriptions and defaults. :func:`validate_config` fills the defaults and raises :class:`ConfigError`
-naming every offending key; :func:`load_config` turns the result into :class:`Config`. Only the
-Snakefile and ``mutdet.stages`` read configs; library modules take plain arguments.
+naming every offending key; :func:`from_dict` turns the result into :class:`Config` and makes every
+check that spans sections (datasets and variants named elsewhere, ``cluster.pca_dim`` against the
+detector and the embedding backbone), so a bad config fails ``snakemake -n``, not a job.
+
+How a value reaches a job: the workflow validates the config once, writes the resolved whole to
+``<results>/configs/config-<digest>.json`` (:meth:`mutdet.layout.Layout.config_file`) and every job
+reads that file; each stage's ``run(cfg, *, paths)`` is the one place that turns config into library
+arguments. A rule's rerun trigger is the digest of the sections its outputs depend on,
+:func:`job_sections` below, so changing an unrelated section reruns nothing.
+
+Only the Snakefile, ``mutdet.cli`` and ``mutdet.stages`` read configs; library modules take plain
+arguments.
 """
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import re
 from collections.abc import Mapping
@@ -24,6 +35,17 @@ SCHEMA_PATH = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "co
 
 class ConfigError(ValueError):
     """A configuration that does not match the schema; the message names the key(s)."""
+
+
+def params_digest(params: Any) -> str:
+    """SHA-1 hex digest of JSON-serialisable parameters (keys sorted): behind folder tags, resume keys
+    and the rules' rerun triggers."""
+    return hashlib.sha1(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# Keys that moved; a config using the old place gets told the new one.
+MOVED_KEYS = {("pretrain", "temperature"): "pretrain.loss.temperature",
+              ("pretrain", "align_weight"): "pretrain.loss.align_weight"}
 
 
 def load_schema() -> dict:
@@ -61,6 +83,9 @@ def validate_config(raw: Mapping[str, Any] | None, source: str = "config") -> di
         ConfigError: listing each problem as ``<source>: <key.path>: <message>``.
     """
     instance = copy.deepcopy(dict(raw or {}))
+    for (section, key), new in MOVED_KEYS.items():
+        if isinstance(instance.get(section), Mapping) and key in instance[section]:
+            raise ConfigError(f"invalid configuration\n  {source}: {section}.{key}: moved to {new}")
     validator = _Validator(load_schema())
     errors = sorted(validator.iter_errors(instance), key=lambda e: list(map(str, e.absolute_path)))
     if errors:
@@ -237,15 +262,13 @@ class PretrainConfig:
     max_boxes: int | None
     flip_probability: float
     freeze_backbone: bool
-    temperature: float
-    align_weight: float
     enhancement: Mapping[str, Any]
     encoder_head_hidden: int
     device: str
     wandb_mode: str | None
     loss_curves: Mapping[str, str | None]
     train: Mapping[str, Any]
-    loss: Mapping[str, Any]
+    loss: Mapping[str, Any]  # detection loss weights and costs + temperature, align_weight
 
     def train_kwargs(self) -> dict:
         """TrainConfig fields of the pre-training run."""
@@ -264,19 +287,86 @@ class Config:
     results: Path
     seed: int
     on_bad_object: str  # error | skip
-    datasets: Mapping[str, DatasetConfig] = field(default_factory=dict)
-    proposals: ProposalsConfig | None = None
-    fractions: FractionsConfig | None = None
-    embedding: EmbeddingConfig | None = None
-    cluster: ClusterConfig | None = None
-    finetune: FinetuneConfig | None = None
-    pretrain: PretrainConfig | None = None
-    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    datasets: Mapping[str, DatasetConfig]
+    proposals: ProposalsConfig
+    fractions: FractionsConfig
+    embedding: EmbeddingConfig
+    cluster: ClusterConfig
+    finetune: FinetuneConfig
+    pretrain: PretrainConfig
+    tables: Mapping[str, Any]
+    raw: Mapping[str, Any] = field(repr=False, compare=False)  # the validated mapping, defaults filled in
 
     def dataset(self, name: str) -> DatasetConfig:
         if name not in self.datasets:
             raise ConfigError(f"datasets: no dataset named {name!r} (have {sorted(self.datasets)})")
         return self.datasets[name]
+
+    def variant(self, name: str):
+        """The flags of a ``pretrain.variants`` entry (:class:`mutdet.variants.PretrainVariant`)."""
+        if name not in self.pretrain.variants:
+            raise ConfigError(f"pretrain.variants: no variant named {name!r} (have {sorted(self.pretrain.variants)})")
+        return self.pretrain.variants[name]
+
+    def pretraining_needed(self) -> bool:
+        """Whether the run pre-trains anything (a fine-tuning init or the loss-curve figure names a variant)."""
+        return bool(self.proposals.datasets) and (
+            any(i != "none" for r in self.finetune.runs for i in r.inits)
+            or any(v is not None for v in self.pretrain.loss_curves.values()))
+
+    def digest(self) -> str:
+        """Digest of the whole resolved config (names the file the jobs read)."""
+        return params_digest(self.raw)
+
+    def sections(self, stage: str, *, dataset: str | None = None, variant: str | None = None) -> dict:
+        """The parts of the config that outputs of ``stage`` depend on: see :func:`job_sections`."""
+        return job_sections(self, stage, dataset=dataset, variant=variant)
+
+    def sections_digest(self, stage: str, *, dataset: str | None = None, variant: str | None = None) -> str:
+        """Digest of :meth:`sections`: a rule's rerun trigger (its params change when they change)."""
+        return params_digest(self.sections(stage, dataset=dataset, variant=variant))
+
+
+def job_sections(cfg: Config, stage: str, *, dataset: str | None = None, variant: str | None = None) -> dict:
+    """What the outputs of one job of ``stage`` depend on in the resolved config.
+
+    This table is the contract between a stage and the workflow's rerun triggers: a stage reads only
+    keys listed here for it (it receives the whole config, so a key outside its part would be read
+    correctly but not rerun it when changed). Sections are chosen so that extending the sweep (a
+    fraction, an init, a schedule, a variant) leaves every existing job's part unchanged. A variant
+    enters by its resolved flags, so spelling out a preset's flags changes nothing.
+    """
+    from dataclasses import asdict
+
+    raw = cfg.raw
+
+    def data(name: str) -> dict:
+        return {"on_bad_object": raw["on_bad_object"], "datasets": {name: raw["datasets"][name]}}
+
+    def without(section: str, *keys: str) -> dict:
+        return {k: v for k, v in raw[section].items() if k not in keys}
+
+    parts = {
+        "demo_data": lambda: {"datasets": {dataset: raw["datasets"][dataset]}},
+        "tile": lambda: data(dataset),
+        "evaluate": lambda: data(dataset),
+        "subset": lambda: {**data(dataset), "seed": raw["seed"], "fractions": {"nested": raw["fractions"]["nested"]}},
+        "propose": lambda: {"proposals": without("proposals", "datasets")},
+        "embed": lambda: {"embedding": raw["embedding"]},
+        "cluster": lambda: {"seed": raw["seed"], "cluster": raw["cluster"]},
+        "pretrain": lambda: {"seed": raw["seed"], "finetune": {"model": raw["finetune"]["model"]},
+                             "pretrain": {**without("pretrain", "variants", "loss_curves"),
+                                          "variant": {k: v for k, v in asdict(cfg.variant(variant)).items()
+                                                      if k != "name"}}},
+        "loss_curves": lambda: {"loss_curves": raw["pretrain"]["loss_curves"]},
+        "finetune": lambda: {"seed": raw["seed"], **data(dataset), "finetune": without("finetune", "runs")},
+        "tables": lambda: {"tables": raw["tables"], "finetune": {"runs": raw["finetune"]["runs"]},
+                           "classes": {name: d["classes"] for name, d in raw["datasets"].items()}},
+        "config": lambda: dict(raw),
+    }
+    if stage not in parts:
+        raise ConfigError(f"job_sections: unknown stage {stage!r} (have {sorted(parts)})")
+    return parts[stage]()
 
 
 def _dataset(name: str, d: dict) -> DatasetConfig:
@@ -391,20 +481,41 @@ def _pretrain(p: dict, finetune: FinetuneConfig, proposals: ProposalsConfig) -> 
             raise ConfigError(f"pretrain.loss_curves.{key}: {name!r} is not a pretrain.variants name "
                               f"(have {sorted(variants)})")
     scalars = {k: p[k] for k in ("epochs", "input_size", "max_boxes", "flip_probability", "freeze_backbone",
-                                 "temperature", "align_weight", "encoder_head_hidden", "device", "wandb_mode")}
+                                 "encoder_head_hidden", "device", "wandb_mode")}
     return PretrainConfig(variants=MappingProxyType(variants), **scalars,
                           enhancement=MappingProxyType(dict(p["enhancement"])),
                           loss_curves=MappingProxyType(dict(p["loss_curves"])),
                           train=MappingProxyType(dict(p["train"])), loss=MappingProxyType(dict(p["loss"])))
 
 
+# Channels of the embedding backbones' C5 (the embeddings' dimension D).
+EMBEDDING_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
+
+
+def _check_across_sections(cfg: Config) -> None:
+    """Checks that span sections, made once when the config is read (at DAG time under Snakemake)."""
+    for name in cfg.tables["compare"]:
+        if name not in cfg.datasets:
+            raise ConfigError(f"tables.compare.{name}: names no dataset (have {sorted(cfg.datasets)})")
+    if not cfg.pretraining_needed():
+        return
+    pca_dim, embed_dim = cfg.cluster.pca_dim, cfg.finetune.model["embed_dim"]
+    if pca_dim != embed_dim:
+        raise ConfigError(f"cluster.pca_dim ({pca_dim}) must equal finetune.model.embed_dim ({embed_dim}): the "
+                          f"pre-training targets are aligned with the detector's {embed_dim}-d object embeddings")
+    backbone_dim = EMBEDDING_DIMS[cfg.embedding.backbone]
+    if pca_dim > backbone_dim:
+        raise ConfigError(f"cluster.pca_dim ({pca_dim}) exceeds the dimension of embedding.backbone "
+                          f"{cfg.embedding.backbone} ({backbone_dim})")
+
+
 def from_dict(raw: Mapping[str, Any] | None, source: str = "config") -> Config:
-    """Validate a config mapping and build the frozen :class:`Config`."""
+    """Validate a config mapping and build the frozen :class:`Config` (every cross-section check too)."""
     d = validate_config(raw, source)
     datasets = MappingProxyType({name: _dataset(name, ds) for name, ds in d["datasets"].items()})
     finetune = _finetune(d["finetune"], datasets)
     proposals = _proposals(d["proposals"], datasets)
-    return Config(
+    cfg = Config(
         results=Path(d["results"]),
         seed=d["seed"],
         on_bad_object=d["on_bad_object"],
@@ -417,8 +528,11 @@ def from_dict(raw: Mapping[str, Any] | None, source: str = "config") -> Config:
         cluster=ClusterConfig(**d["cluster"]),
         finetune=finetune,
         pretrain=_pretrain(d["pretrain"], finetune, proposals),
+        tables=MappingProxyType(d["tables"]),
         raw=MappingProxyType(d),
     )
+    _check_across_sections(cfg)
+    return cfg
 
 
 def load_config(path_or_json: str | Path) -> Config:
@@ -433,6 +547,12 @@ def load_config(path_or_json: str | Path) -> Config:
     path = Path(text)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
+    if path.suffix == ".json":  # JSON read as YAML 1.1 would turn numbers like 1e-05 into strings
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}: not valid JSON: {exc}") from None
+        return from_dict(raw, str(path))
     try:
         with open(path) as fh:
             raw = yaml.safe_load(fh)

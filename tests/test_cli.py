@@ -25,3 +25,24 @@ def test_errors_are_one_clear_line_and_exit_2(tmp_path, caplog):
     caplog.clear()
     assert main(["tile", "--config", cfg, "--dataset", "d", "--split", "val", "--out", str(tmp_path / "o")]) == 2
     assert "no split named 'val'" in caplog.text
+
+
+def test_a_command_takes_every_setting_from_the_config_file(tmp_path):
+    """Settings reach a stage from the config file the command is given, whatever section they sit in:
+    the subset command gets `seed` and `fractions.nested` (once command-line flags the rule had to pass)."""
+    from mutdet.data.fractions import fraction_subset
+
+    (tmp_path / "images").mkdir()
+    ids = [f"img{k:02d}" for k in range(10)]
+    for image_id in ids:
+        (tmp_path / "images" / f"{image_id}.png").write_bytes(b"")
+    config = tmp_path / "config.yaml"
+    for seed, nested in ((7, True), (8, False)):
+        config.write_text(json.dumps({"seed": seed, "fractions": {"nested": nested}, "datasets": {"d": {
+            "root": str(tmp_path), "format": "dota", "classes": ["a"], "splits": {"train": {}}}}}))
+        out = tmp_path / f"frac-{seed}.txt"
+        assert main(["subset", "--config", str(config), "--dataset", "d", "--split", "train", "--fraction", "0.3",
+                     "--out", str(out)]) == 0
+        expected = fraction_subset(ids, 0.3, seed=seed, nested=nested)
+        assert [line for line in out.read_text().splitlines() if not line.startswith("#")] == list(expected.ids)
+        assert f"# seed: {seed}" in out.read_text() and expected.method == ("permutation" if nested else "choice")

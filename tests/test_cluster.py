@@ -4,6 +4,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from mutdet.config import from_dict
 from mutdet.embedding.artefacts import (check_join, read_embeddings, read_targets, vector_column, vector_matrix,
                                         write_embeddings)
 from mutdet.embedding.cluster import (ClusterFitError, ClusterModel, fit_cluster_model, fit_pca, fit_spherical_kmeans,
@@ -151,10 +152,13 @@ def write_shards(folder, sizes=(70, 50), params=None) -> list:
     return paths
 
 
+def cluster_config(seed=42, **kw):
+    return from_dict({"seed": seed, "cluster": {"pca_dim": 8, "k": 6, **kw}})
+
+
 def run_cluster(files, out, **kw):
     targets = [out / f"targets-{i}.parquet" for i in range(len(files))]
-    manifest = cluster.run(embedding_files=files, target_files=targets, out_dir=out,
-                           **{"pca_dim": 8, "k": 6, "seed": 42, **kw})
+    manifest = cluster.run(cluster_config(**kw), embedding_files=files, target_files=targets, out_dir=out)
     return manifest, targets
 
 
@@ -199,4 +203,5 @@ def test_cluster_stage_rejects_mixed_embeddings_and_tiny_pools(tmp_path):
     with pytest.raises(ClusterFitError, match=r"cluster.k \(256\)"):
         run_cluster(files, tmp_path / "out", pca_dim=8, k=256)
     with pytest.raises(ValueError, match="2 embedding files but 1 target files"):
-        cluster.run(embedding_files=files, target_files=[tmp_path / "t.parquet"], out_dir=tmp_path / "out")
+        cluster.run(cluster_config(), embedding_files=files, target_files=[tmp_path / "t.parquet"],
+                    out_dir=tmp_path / "out")

@@ -94,3 +94,59 @@ def test_pretrained_init_needs_pretraining_data():
     raw["proposals"]["datasets"] = ["tiny/train"]
     with pytest.raises(ConfigError, match="'mutdett' is neither `none` nor a pretrain.variants name"):
         from_dict(raw)
+
+
+def test_loss_defaults_are_the_libraries_defaults():
+    """The schema lists every loss key with the value the library would use (no drift between them)."""
+    import inspect
+
+    from mutdet.losses import build_criterion
+    from mutdet.losses.pretrain import PretrainCriterion
+
+    cfg = from_dict({})
+    library = {name: p.default for name, p in inspect.signature(build_criterion).parameters.items()
+               if name.startswith(("loss_", "cost_", "focal_"))}
+    assert dict(cfg.finetune.loss) == library
+    alignment = {name: p.default for name, p in inspect.signature(PretrainCriterion.__init__).parameters.items()
+                 if name not in ("self", "detection", "variant")}
+    assert dict(cfg.pretrain.loss) == {**library, **alignment}
+
+
+def test_pretrain_loss_settings_reach_their_criterion():
+    from mutdet.losses.pretrain import build_pretrain_criterion
+
+    cfg = from_dict({"pretrain": {"loss": {"temperature": 0.5, "align_weight": 3.0, "loss_giou": 4.0}}})
+    criterion = build_pretrain_criterion(variant=cfg.variant("mutdet"), num_classes=4, num_decoder_layers=2,
+                                         **cfg.pretrain.loss)
+    assert criterion.temperature == 0.5 and criterion.weight_dict["loss_align"] == 3.0
+    assert criterion.weight_dict["loss_giou"] == 4.0 and criterion.weight_dict["loss_giou_0"] == 4.0
+
+
+def test_cross_section_checks(tmp_path):
+    with pytest.raises(ConfigError, match=r"cluster.pca_dim \(64\) must equal finetune.model.embed_dim \(256\)"):
+        from_dict({"cluster": {"pca_dim": 64}, "proposals": {"datasets": ["d/train"]},
+                   "datasets": {"d": {"root": str(tmp_path), "format": "dota", "classes": ["a"], "splits": {"train": {}}}}})
+    with pytest.raises(ConfigError, match=r"cluster.pca_dim \(1024\) exceeds the dimension of embedding.backbone resnet18"):
+        from_dict({"cluster": {"pca_dim": 1024}, "finetune": {"model": {"embed_dim": 1024}},
+                   "embedding": {"backbone": "resnet18"}, "proposals": {"datasets": ["d/train"]},
+                   "datasets": {"d": {"root": str(tmp_path), "format": "dota", "classes": ["a"], "splits": {"train": {}}}}})
+    with pytest.raises(ConfigError, match=r"tables.compare.dior: names no dataset"):
+        from_dict({"tables": {"compare": {"dior": "DIOR-R"}}})
+    with pytest.raises(ConfigError, match="finetune.loss: Additional properties are not allowed"):
+        from_dict({"finetune": {"loss": {"loss_gio": 1.0}}})
+    with pytest.raises(ConfigError, match="pretrain.align_weight: moved to pretrain.loss.align_weight"):
+        from_dict({"pretrain": {"align_weight": 1.0}})
+    # without pre-training nothing ties pca_dim to the detector
+    assert from_dict({"cluster": {"pca_dim": 64}}).cluster.pca_dim == 64
+
+
+def test_sections_change_only_with_what_a_job_depends_on():
+    base = from_dict({})
+    assert base.sections_digest("cluster") == from_dict({"tables": {"num_tiles": 9}}).sections_digest("cluster")
+    assert base.sections_digest("cluster") != from_dict({"cluster": {"k": 9}}).sections_digest("cluster")
+    assert base.sections_digest("cluster") != from_dict({"seed": 1}).sections_digest("cluster")
+    more = from_dict({"pretrain": {"variants": {"detreg": {}, "mutdet": {}, "other": {"base": "mutdet"}}}})
+    assert base.sections_digest("pretrain", variant="mutdet") == more.sections_digest("pretrain", variant="mutdet")
+    assert base.digest() != more.digest()
+    with pytest.raises(ConfigError, match="unknown stage 'tiles'"):
+        base.sections("tiles")

@@ -13,6 +13,7 @@ import torch
 import torchvision
 
 from mutdet.boxes import le90_to_polygon
+from mutdet.config import ConfigError, from_dict
 from mutdet.embedding import backbone as backbone_module
 from mutdet.embedding.artefacts import (JoinError, check_join, embeddings_schema, read_embeddings, vector_column,
                                         vector_matrix, write_embeddings)
@@ -165,8 +166,8 @@ def test_stage_fails_on_missing_weights_before_reading_tiles(tmp_path, empty_hub
     tiles_dir, proposals_dir = write_inputs(tmp_path)
     monkeypatch.setattr(embed.TileImages, "__getitem__", lambda *a: pytest.fail("a tile was read"))
     with pytest.raises(BackboneWeightsError, match="resnet18-f37072fd.pth"):
-        embed.run(tiles_dir=tiles_dir, proposals_dir=proposals_dir, out_dir=tmp_path / "out",
-                  **{**SMALL, "weights": "imagenet"})
+        embed.run(small_config(weights="imagenet"), tiles_dir=tiles_dir, proposals_dir=proposals_dir,
+                  out_dir=tmp_path / "out")
     assert not (tmp_path / "out" / "parts").exists()
 
 
@@ -191,8 +192,12 @@ def direct_embeddings(tiles_dir, proposals_dir):
     return np.stack(out)
 
 
+def small_config(**overrides):
+    return from_dict({"embedding": {**SMALL, **overrides}})
+
+
 def run_small(tiles_dir, proposals_dir, out_dir, **overrides):
-    return embed.run(tiles_dir=tiles_dir, proposals_dir=proposals_dir, out_dir=out_dir, **{**SMALL, **overrides})
+    return embed.run(small_config(**overrides), tiles_dir=tiles_dir, proposals_dir=proposals_dir, out_dir=out_dir)
 
 
 def test_embed_stage_end_to_end(tmp_path):
@@ -270,8 +275,8 @@ def test_bad_inputs_are_named(tmp_path):
     write_artefact(tiles.slice(1), tiles_dir / "tiles.parquet", "tiles")
     with pytest.raises(ArtefactError, match=r"proposals\.parquet: 1 tile\(s\) with proposals are not listed in .*tiles"):
         run_small(tiles_dir, proposals_dir, tmp_path / "out")
-    with pytest.raises(ValueError, match="embedding.precision"):
-        run_small(tiles_dir, proposals_dir, tmp_path / "out", precision="fp8")
+    with pytest.raises(ConfigError, match="embedding.precision"):  # the config rejects it, before any job
+        small_config(precision="fp8")
 
 
 def test_embedding_dimension_follows_the_backbone():

@@ -47,7 +47,7 @@ DETECTIONS = [
 
 
 @pytest.fixture
-def dataset(tmp_path):
+def cfg(tmp_path):
     root = tmp_path / "tiny"
     (root / "images").mkdir(parents=True)
     (root / "labelTxt").mkdir()
@@ -56,7 +56,12 @@ def dataset(tmp_path):
         (root / "labelTxt" / f"{image_id}.txt").write_text("\n".join(lines) + "\n")
     config = from_dict({"datasets": {"tiny": {"root": str(root), "format": "dota", "classes": CLASSES,
                                               "class_aliases": {"Airplane": "plane"}, "splits": {"val": {}}}}})
-    return config.dataset("tiny")
+    return config
+
+
+def skipping(cfg):
+    """The same config with ``on_bad_object: skip``."""
+    return from_dict({**cfg.raw, "on_bad_object": "skip"})
 
 
 def _write_detections(path, frame="image", rows=DETECTIONS):
@@ -81,10 +86,10 @@ def _check(metrics):
     assert metrics["num_images"] == 3
 
 
-def test_parquet_detections(dataset, tmp_path, caplog):
+def test_parquet_detections(cfg, tmp_path, caplog):
     out = tmp_path / "eval"
     with caplog.at_level(logging.INFO, logger="mutdet"):
-        metrics = evaluate.run(dataset=dataset, split="val", out_dir=out,
+        metrics = evaluate.run(cfg, dataset="tiny", split="val", out_dir=out,
                                detections=_write_detections(tmp_path / "dets.parquet"))
     _check(metrics)
     on_disk = json.loads((out / "metrics.json").read_text())
@@ -96,44 +101,43 @@ def test_parquet_detections(dataset, tmp_path, caplog):
     assert "plane" in caplog.text and "66.67" in caplog.text and "mean" in caplog.text
 
 
-def test_task1_folder_gives_the_same_metrics(dataset, tmp_path):
+def test_task1_folder_gives_the_same_metrics(cfg, tmp_path):
     folder = tmp_path / "task1"
     write_task1(folder, [r[0] for r in DETECTIONS], [r[1] for r in DETECTIONS], [r[2] for r in DETECTIONS],
                 le90_to_polygon(np.array([r[3] for r in DETECTIONS])), CLASSES)
-    metrics = evaluate.run(dataset=dataset, split="val", out_dir=tmp_path / "eval", task1_dir=folder)
+    metrics = evaluate.run(cfg, dataset="tiny", split="val", out_dir=tmp_path / "eval", task1_dir=folder)
     _check(metrics)
     assert metrics["task1_dir"] == str(folder)
 
 
-def test_all_points_option(dataset, tmp_path):
-    metrics = evaluate.run(dataset=dataset, split="val", out_dir=tmp_path / "eval",
+def test_all_points_option(cfg, tmp_path):
+    metrics = evaluate.run(cfg, dataset="tiny", split="val", out_dir=tmp_path / "eval",
                            detections=_write_detections(tmp_path / "dets.parquet"), use_07_metric=False,
                            iou_thresholds=(0.5,))
     assert metrics["classes"]["plane"]["AP50"] == pytest.approx(2 / 3)
     assert metrics["settings"]["ap"] == "all_points" and "AP75" not in metrics["mean"]
 
 
-def test_bad_label_lines_error_or_are_listed(dataset, tmp_path):
-    (dataset.root / "labelTxt" / "P3.txt").write_text("1 2 3 4 5 6 plane\n")
+def test_bad_label_lines_error_or_are_listed(cfg, tmp_path):
+    (cfg.dataset("tiny").root / "labelTxt" / "P3.txt").write_text("1 2 3 4 5 6 plane\n")
     dets = _write_detections(tmp_path / "dets.parquet")
     with pytest.raises(AnnotationError, match="P3.txt:1"):
-        evaluate.run(dataset=dataset, split="val", out_dir=tmp_path / "eval", detections=dets)
-    metrics = evaluate.run(dataset=dataset, split="val", out_dir=tmp_path / "eval", detections=dets,
-                           on_bad_object="skip")
+        evaluate.run(cfg, dataset="tiny", split="val", out_dir=tmp_path / "eval", detections=dets)
+    metrics = evaluate.run(skipping(cfg), dataset="tiny", split="val", out_dir=tmp_path / "eval", detections=dets)
     assert len(metrics["skipped_objects"]) == 1 and metrics["skipped_objects"][0]["line"] == 1
 
 
-def test_input_errors(dataset, tmp_path):
+def test_input_errors(cfg, tmp_path):
     dets = _write_detections(tmp_path / "dets.parquet")
     with pytest.raises(ValueError, match="exactly one"):
-        evaluate.run(dataset=dataset, split="val", out_dir=tmp_path / "eval")
+        evaluate.run(cfg, dataset="tiny", split="val", out_dir=tmp_path / "eval")
     with pytest.raises(ValueError, match="exactly one"):
-        evaluate.run(dataset=dataset, split="val", out_dir=tmp_path / "eval", detections=dets, task1_dir=tmp_path)
+        evaluate.run(cfg, dataset="tiny", split="val", out_dir=tmp_path / "eval", detections=dets, task1_dir=tmp_path)
     with pytest.raises(ArtefactError, match="'tile' frame"):
-        evaluate.run(dataset=dataset, split="val", out_dir=tmp_path / "eval",
+        evaluate.run(cfg, dataset="tiny", split="val", out_dir=tmp_path / "eval",
                      detections=_write_detections(tmp_path / "tiles.parquet", frame="tile"))
     stray = [*DETECTIONS, ("P9", "ship", 0.5, box(0, 0, 5, 5))]
     with pytest.raises(ArtefactError, match=r"not in split 'val' of tiny: \['P9'\]"):
-        evaluate.run(dataset=dataset, split="val", out_dir=tmp_path / "eval",
+        evaluate.run(cfg, dataset="tiny", split="val", out_dir=tmp_path / "eval",
                      detections=_write_detections(tmp_path / "stray.parquet", rows=stray))
     assert not (tmp_path / "eval" / "metrics.json").exists()

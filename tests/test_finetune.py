@@ -15,13 +15,13 @@ from mutdet.engine.checkpoint import load_checkpoint, save_checkpoint
 from mutdet.engine.transfer import transfer_state_dict
 from mutdet.engine.tracking import read_jsonl
 from mutdet.io.artefacts import read_artefact, read_metadata
-from mutdet.stages import finetune, tile
+from mutdet.stages import evaluate, finetune, tile
 
 CLASSES = ["plane", "ship"]
 TINY = dict(backbone="light", frozen_stages=-1, frozen_bn=False, embed_dim=32, num_heads=4, num_levels=2,
             num_points=2, num_encoder_layers=1, num_decoder_layers=1, ffn_dim=64, dropout=0.0, num_queries=10,
-            num_denoising_queries=6, norm_groups=8)
-TRAIN = dict(epochs=1, max_iterations=3, batch_size=2, lr=1e-4, warmup_iterations=2, lr_decay_epochs=[],
+            num_denoising_queries=6)
+TRAIN = dict(max_iterations=3, batch_size=2, lr=1e-4, warmup_iterations=2, lr_decay_epochs=[],
              num_workers=0, log_every=1, checkpoint_every_iterations=2, progress=False)
 
 
@@ -51,16 +51,20 @@ def write_dota(root, ids):
 def test_finetune_end_to_end_and_resume(tmp_path):
     root = tmp_path / "data"
     write_dota(root, ["a", "b", "c", "d"])
-    cfg = from_dict({"results": str(tmp_path / "results"), "datasets": {"d": {
-        "root": str(root), "format": "dota", "classes": CLASSES, "tiling": {"size": 64, "gap": 16},
-        "splits": {"train": {"list": "train.txt"}, "test": {"list": "test.txt"}}}}})
-    tile.run(cfg, "d", "train", 0, tmp_path / "tiles_train")
-    tile.run(cfg, "d", "test", 0, tmp_path / "tiles_test")
+    def make_config(**train):
+        return from_dict({"results": str(tmp_path / "results"), "datasets": {"d": {
+            "root": str(root), "format": "dota", "classes": CLASSES, "tiling": {"size": 64, "gap": 16},
+            "splits": {"train": {"list": "train.txt"}, "test": {"list": "test.txt"}}}},
+            "finetune": {"model": TINY, "train": {**TRAIN, **train}, "input_size": 64, "num_select": 20}})
+
+    cfg = make_config()
+    tile.run(cfg, dataset="d", split="train", shard=0, out_dir=tmp_path / "tiles_train")
+    tile.run(cfg, dataset="d", split="test", shard=0, out_dir=tmp_path / "tiles_test")
     out = tmp_path / "ft"
-    kwargs = dict(tiles_dirs=[tmp_path / "tiles_train"], test_tiles_dirs=[tmp_path / "tiles_test"], out_dir=out,
-                  model_kwargs=TINY, train_kwargs=TRAIN, image_ids=["a", "b"], seed=0, classes=CLASSES,
-                  input_size=64, num_select=20, dataset=cfg.dataset("d"), test_split="test")
-    result = finetune.run(**kwargs)
+    (tmp_path / "subset.txt").write_text("a\nb\n")
+    kwargs = dict(dataset="d", epochs=1, tiles_dirs=[tmp_path / "tiles_train"], test_tiles_dirs=[tmp_path / "tiles_test"],
+                  image_ids_file=tmp_path / "subset.txt", init="none", out_dir=out)
+    result = finetune.run(cfg, **kwargs)
     assert result["train"]["step"] == 3 and result["train"]["finished"]
     records = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in records)
@@ -75,7 +79,7 @@ def test_finetune_end_to_end_and_resume(tmp_path):
     assert tiles_dets.num_rows > 0 and set(tiles_dets.column("id").to_pylist()) <= set(
         read_artefact(tmp_path / "tiles_test" / "tiles.parquet", "tiles").column("tile_id").to_pylist())
     assert set(merged.column("id").to_pylist()) == {"d"} and 0 < merged.num_rows <= tiles_dets.num_rows
-    metrics = json.loads((out / "evaluation" / "metrics.json").read_text())
+    metrics = evaluate.run(cfg, dataset="d", split="test", out_dir=out, detections=out / "detections.parquet")
     assert metrics["split"] == "test" and "AP50" in metrics["mean"]
     # the checkpoint alone rebuilds the same detector: identical outputs on the same input
     from mutdet.engine.inference import load_detector
@@ -93,14 +97,14 @@ def test_finetune_end_to_end_and_resume(tmp_path):
     assert not torch.equal(a["pred_logits"], build_detector(num_classes=len(CLASSES), **TINY).eval()(image)["pred_logits"])
     # rerun with a longer schedule: resumes at step 3 and continues to 4
     before = (out / "metrics.jsonl").read_text()
-    again = finetune.run(**{**kwargs, "train_kwargs": {**TRAIN, "max_iterations": 4}})
+    again = finetune.run(make_config(max_iterations=4), **kwargs)
     assert again["train"]["step"] == 4
     assert (out / "metrics.jsonl").read_text().startswith(before)
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3, 4]
     # a new initialisation is not hidden by the finished state of the old one: set aside, trained anew
     init = tmp_path / "init.pt"
     save_checkpoint(init, model=build_detector(num_classes=len(CLASSES), **{**TINY, "dropout": 0.0}))
-    fresh = finetune.run(**{**kwargs, "init": init})
+    fresh = finetune.run(cfg, **{**kwargs, "init": init})
     assert fresh["train"]["step"] == 3
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
     assert len(list((out / "checkpoints" / "stale").glob("last-*.pt"))) == 1

@@ -20,12 +20,11 @@ from mutdet.io.artefacts import read_artefact, write_artefact
 from mutdet.models import build_detector
 from mutdet.stages import pretrain, tile
 from mutdet.stages.loss_curves import plot_loss_curves, read_metrics
-from mutdet.variants import variant_from_dict
 from tests.test_finetune import CLASSES, TINY, write_dota
 
 DIM = TINY["embed_dim"]
 K = 3
-TRAIN = dict(epochs=1, max_iterations=2, batch_size=2, lr=1e-4, warmup_iterations=1, lr_decay_epochs=[],
+TRAIN = dict(max_iterations=2, batch_size=2, lr=1e-4, warmup_iterations=1, lr_decay_epochs=[],
              num_workers=0, log_every=1, checkpoint_every_iterations=1, progress=False)
 SMALL = {"enhancement": {"num_layers": 1, "num_heads": 4, "mlp_dim": 32}, "encoder_head_hidden": 32}
 
@@ -46,7 +45,7 @@ def artefacts(tmp_path_factory):
     cfg = from_dict({"results": str(tmp / "results"), "datasets": {"d": {
         "root": str(root), "format": "dota", "classes": CLASSES, "tiling": {"size": 64, "gap": 16},
         "splits": {"train": {"list": "train.txt"}, "test": {"list": "test.txt"}}}}})
-    tile.run(cfg, "d", "train", 0, tmp / "tiles")
+    tile.run(cfg, dataset="d", split="train", shard=0, out_dir=tmp / "tiles")
     objects = read_artefact(tmp / "tiles" / "objects.parquet", "objects").to_pydict()
     rows = {k: [] for k in ("tile_id", "proposal_index", "cx", "cy", "w", "h", "theta", "polygon")}
     by_tile: dict[str, list[int]] = {}
@@ -106,12 +105,15 @@ def test_dataset_refuses_targets_of_other_proposals(artefacts, tmp_path):
         ProposalTileDataset([artefacts["tiles"]], [artefacts["proposals"]], [])
 
 
-def _run(artefacts, out, variant="mutdet", **over):
-    kwargs = dict(variant=variant_from_dict(variant), tiles_dirs=[artefacts["tiles"]],
-                  proposals_files=[artefacts["proposals"]], targets_files=[artefacts["targets"]], out_dir=out,
-                  model_kwargs=TINY, train_kwargs=TRAIN, seed=0, input_size=64, device="cpu", **SMALL)
-    kwargs.update(over)
-    return pretrain.run(**kwargs)
+def pretrain_config(variant="mutdet", **train):
+    return from_dict({"finetune": {"model": TINY}, "pretrain": {
+        "variants": {"detreg": {}, "mutdet": {}}, "epochs": 1, "input_size": 64, "device": "cpu", "train": {**TRAIN, **train},
+        **SMALL}})
+
+
+def _run(artefacts, out, variant="mutdet", **train):
+    return pretrain.run(pretrain_config(variant, **train), variant=variant, tiles_dirs=[artefacts["tiles"]],
+                        proposals_files=[artefacts["proposals"]], targets_files=[artefacts["targets"]], out_dir=out)
 
 
 def test_pretrain_mutdet_resume_checkpoint_and_transfer(artefacts, tmp_path):
@@ -124,7 +126,7 @@ def test_pretrain_mutdet_resume_checkpoint_and_transfer(artefacts, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["variant"]["siamese"] is True and config["num_classes"] == K
     # rerun with a longer schedule resumes from checkpoints/last.pt
-    again = _run(artefacts, out, train_kwargs={**TRAIN, "max_iterations": 3})
+    again = _run(artefacts, out, max_iterations=3)
     assert again["train"]["step"] == 3
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
 
@@ -162,7 +164,7 @@ def test_pretrain_mutdet_resume_checkpoint_and_transfer(artefacts, tmp_path):
 
 def test_pretrain_detreg_is_class_agnostic(artefacts, tmp_path):
     out = tmp_path / "detreg"
-    _run(artefacts, out, variant="detreg", train_kwargs={**TRAIN, "max_iterations": 1})
+    _run(artefacts, out, variant="detreg", max_iterations=1)
     ckpt = load_checkpoint(out / "checkpoint.pt")
     assert ckpt["model"]["detector.class_heads.0.weight"].shape[0] == 1
     assert not any(k.startswith(("mutual_enhancement.", "encoder_embedding_head.")) for k in ckpt["model"])
@@ -183,9 +185,9 @@ def test_loss_curves_png_and_bad_log(tmp_path):
         read_metrics(bad)
 
 
-def test_cli_rejects_unknown_method(tmp_path, caplog):
+def test_cli_rejects_unknown_variant(tmp_path, caplog):
     from mutdet.cli import main
 
-    code = main(["pretrain", "--config", "{}", "--method", "mutdett", "--tiles", str(tmp_path),
+    code = main(["pretrain", "--config", "{}", "--variant", "mutdett", "--tiles", str(tmp_path),
                  "--proposals", str(tmp_path / "p"), "--targets", str(tmp_path / "t"), "--out", str(tmp_path / "o")])
-    assert code == 2 and "--method 'mutdett': not a pretrain.variants name" in caplog.text
+    assert code == 2 and "pretrain.variants: no variant named 'mutdett' (have ['detreg', 'mutdet'])" in caplog.text

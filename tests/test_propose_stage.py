@@ -79,7 +79,7 @@ def count_calls(monkeypatch):
 def test_graph_stage_outputs_and_manifest(tiles, tmp_path):
     folder, rows = tiles
     out = tmp_path / "out"
-    manifest = propose.run(config(), "d", "train", 0, folder, out)
+    manifest = propose.run(config(), dataset="d", split="train", shard=0, tiles_dir=folder, out_dir=out)
     table = read_artefact(out / "proposals.parquet", "proposals")
     assert pq.read_schema(out / "proposals.parquet").remove_metadata().equals(PROPOSALS_SCHEMA)
     assert set(table.column("method").to_pylist()) == {"graph"}
@@ -107,13 +107,13 @@ def test_graph_stage_outputs_and_manifest(tiles, tmp_path):
 def test_resume_reuses_parts_and_recomputes_on_parameter_change(tiles, tmp_path, count_calls):
     folder, _ = tiles
     out = tmp_path / "out"
-    propose.run(config(), "d", "train", 0, folder, out)
+    propose.run(config(), dataset="d", split="train", shard=0, tiles_dir=folder, out_dir=out)
     assert count_calls == {"tiles": 5, "builds": 1, "fail_at": None}
     first = read_artefact(out / "proposals.parquet", "proposals")
 
     # Final file lost: everything comes back from the parts, the proposer is not even built.
     (out / "proposals.parquet").unlink()
-    manifest = propose.run(config(), "d", "train", 0, folder, out)
+    manifest = propose.run(config(), dataset="d", split="train", shard=0, tiles_dir=folder, out_dir=out)
     assert count_calls["tiles"] == 5 and count_calls["builds"] == 1
     assert manifest["tiles_reused"] == 5 and manifest["tiles_computed"] == 0
     assert read_artefact(out / "proposals.parquet", "proposals").equals(first)
@@ -122,9 +122,9 @@ def test_resume_reuses_parts_and_recomputes_on_parameter_change(tiles, tmp_path,
     count_calls.update(tiles=0, fail_at=3)
     changed = config(max_per_tile=3)
     with pytest.raises(KeyboardInterrupt):
-        propose.run(changed, "d", "train", 0, folder, out)
+        propose.run(changed, dataset="d", split="train", shard=0, tiles_dir=folder, out_dir=out)
     count_calls.update(tiles=0, fail_at=None)
-    manifest = propose.run(changed, "d", "train", 0, folder, out)
+    manifest = propose.run(changed, dataset="d", split="train", shard=0, tiles_dir=folder, out_dir=out)
     assert count_calls["tiles"] == 3  # chunk 0 (2 tiles) was done; chunks 1 and 2 are not
     assert manifest["tiles_reused"] == 2 and manifest["proposals_per_tile"]["max"] <= 3
     assert len(list((out / "parts").glob("chunk-*.parquet"))) == 3  # stale parts removed
@@ -134,7 +134,7 @@ def test_bad_tiles_reported_by_name_or_raised(tiles, tmp_path):
     folder, rows = tiles
     (folder / rows[1]["tile_path"]).write_bytes(b"not a png")
     (folder / rows[3]["tile_path"]).unlink()
-    manifest = propose.run(config(), "d", "train", 0, folder, tmp_path / "out")
+    manifest = propose.run(config(), dataset="d", split="train", shard=0, tiles_dir=folder, out_dir=tmp_path / "out")
     assert [(b["tile_id"], b["reason"]) for b in manifest["bad_tiles"]] == [
         (rows[1]["tile_id"], "not a decodable image"), (rows[3]["tile_id"], "file not found")]
     assert manifest["proposals_per_tile"]["tiles"] == 3
@@ -143,11 +143,11 @@ def test_bad_tiles_reported_by_name_or_raised(tiles, tmp_path):
     # Repaired tiles are picked up by a rerun: chunks that held bad tiles are not reused.
     (folder / rows[1]["tile_path"]).write_bytes((folder / rows[0]["tile_path"]).read_bytes())
     (folder / rows[3]["tile_path"]).write_bytes((folder / rows[0]["tile_path"]).read_bytes())
-    manifest = propose.run(config(), "d", "train", 0, folder, tmp_path / "out")
+    manifest = propose.run(config(), dataset="d", split="train", shard=0, tiles_dir=folder, out_dir=tmp_path / "out")
     assert manifest["bad_tiles"] == [] and manifest["tiles_reused"] == 1
     (folder / rows[1]["tile_path"]).write_bytes(b"not a png")
     with pytest.raises(propose.BadTileError, match=rf"{rows[1]['tile_path']}: tile {rows[1]['tile_id']}: not a"):
-        propose.run(config(on_bad_tile="error"), "d", "train", 0, folder, tmp_path / "out2")
+        propose.run(config(on_bad_tile="error"), dataset="d", split="train", shard=0, tiles_dir=folder, out_dir=tmp_path / "out2")
 
 
 @pytest.fixture
@@ -165,7 +165,7 @@ def sam_config(checkpoint, **proposals):
 
 def test_sam_stage_with_a_tiny_model(tiles, tmp_path, tiny_checkpoint):
     folder, _ = tiles
-    manifest = propose.run(sam_config(tiny_checkpoint), "d", "train", 0, folder, tmp_path / "out")
+    manifest = propose.run(sam_config(tiny_checkpoint), dataset="d", split="train", shard=0, tiles_dir=folder, out_dir=tmp_path / "out")
     table = read_artefact(tmp_path / "out" / "proposals.parquet", "proposals").to_pydict()
     assert set(table["method"]) == {"sam"}
     assert 0 < manifest["proposals_per_tile"]["min"] and manifest["proposals_per_tile"]["max"] <= 4
@@ -178,9 +178,9 @@ def test_sam_checkpoint_errors_before_any_work(tiles, tmp_path, tiny_checkpoint)
     folder, _ = tiles
     out = tmp_path / "out"
     with pytest.raises(SamCheckpointError, match=r"missing\.pth not found.*model_type vit_b"):
-        propose.run(sam_config(tmp_path / "missing.pth"), "d", "train", 0, folder, out)
+        propose.run(sam_config(tmp_path / "missing.pth"), dataset="d", split="train", shard=0, tiles_dir=folder, out_dir=out)
     with pytest.raises(SamCheckpointError, match="proposals.sam.checkpoint is not set"):
-        propose.run(sam_config(None), "d", "train", 0, folder, out)
+        propose.run(sam_config(None), dataset="d", split="train", shard=0, tiles_dir=folder, out_dir=out)
     assert not (out / "parts").exists()
 
 
@@ -188,8 +188,8 @@ def test_read_proposals_concatenates_shards_lazily(tiles, tmp_path):
     folder, _ = tiles
     other = tmp_path / "tiles1"
     write_tiles(other, n=3, seed=1)
-    propose.run(config(), "d", "train", 0, folder, tmp_path / "s0")
-    propose.run(config(), "d", "train", 1, other, tmp_path / "s1")
+    propose.run(config(), dataset="d", split="train", shard=0, tiles_dir=folder, out_dir=tmp_path / "s0")
+    propose.run(config(), dataset="d", split="train", shard=1, tiles_dir=other, out_dir=tmp_path / "s1")
     paths = [tmp_path / "s0" / "proposals.parquet", tmp_path / "s1" / "proposals.parquet"]
     dataset = read_proposals(paths)
     n0, n1 = (pq.read_metadata(p).num_rows for p in paths)

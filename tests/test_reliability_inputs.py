@@ -87,12 +87,12 @@ def perfect_detections(path, objects: dict[str, list[tuple[str, list[float]]]]):
 def test_tiling_outside_object_is_an_error_naming_file_and_line(tmp_path, case):
     root = make_dataset(tmp_path / "data", {"a": [line(PLANE), line(OUTSIDE[case], "ship")]})
     with pytest.raises(AnnotationError, match=rf"a\.txt:2: object entirely outside the {WIDTH}x{HEIGHT} image"):
-        tile.run(config(root), "d", "val", 0, tmp_path / "out")
+        tile.run(config(root), dataset="d", split="val", shard=0, out_dir=tmp_path / "out")
 
 
 def test_tiling_skips_counts_and_lists_outside_objects(tmp_path):
     root = make_dataset(tmp_path / "data", {"a": [line(PLANE)] + [line(p, "ship") for p in OUTSIDE.values()]})
-    summary = tile.run(config(root, "skip"), "d", "val", 0, tmp_path / "out")
+    summary = tile.run(config(root, "skip"), dataset="d", split="val", shard=0, out_dir=tmp_path / "out")
     assert summary["skipped_objects"] == 3
     assert [s["line"] for s in summary["skipped"]["objects"]] == [2, 3, 4]
     assert all("entirely outside" in s["reason"] and s["file"].endswith("a.txt")
@@ -105,7 +105,7 @@ def test_tiling_accounts_for_objects_that_no_tile_holds(tmp_path):
     # Mostly outside: inside the image, but no window holds 70 % of it.
     mostly_out = [WIDTH - 10, 20, WIDTH + 90, 20, WIDTH + 90, 50, WIDTH - 10, 50]
     root = make_dataset(tmp_path / "data", {"a": [line(PLANE), line(mostly_out, "ship")]})
-    summary = tile.run(config(root), "d", "val", 0, tmp_path / "out")
+    summary = tile.run(config(root), dataset="d", split="val", shard=0, out_dir=tmp_path / "out")
     assert summary["objects_in_no_tile"] == 1
     assert summary["not_tiled"] == [{"image_id": "a", "object_index": 1, "file": str(root / "labelTxt" / "a.txt"),
                                      "line": 2}]
@@ -115,13 +115,11 @@ def test_evaluation_drops_outside_objects_like_tiling(tmp_path):
     labels = {"a": [line(PLANE), line(OUTSIDE["beyond the width"], "ship"), line(SHIP, "ship")],
               "b": [line(PLANE)]}
     root = make_dataset(tmp_path / "data", labels)
-    ds = config(root).dataset("d")
     dets = perfect_detections(tmp_path / "dets.parquet", {"a": [("plane", PLANE), ("ship", SHIP)],
                                                          "b": [("plane", PLANE)]})
     with pytest.raises(AnnotationError, match=r"a\.txt:2: object entirely outside"):
-        evaluate.run(dataset=ds, split="val", out_dir=tmp_path / "eval", detections=dets)
-    metrics = evaluate.run(dataset=ds, split="val", out_dir=tmp_path / "eval", detections=dets,
-                           on_bad_object="skip")
+        evaluate.run(config(root), dataset="d", split="val", out_dir=tmp_path / "eval", detections=dets)
+    metrics = evaluate.run(config(root, "skip"), dataset="d", split="val", out_dir=tmp_path / "eval", detections=dets)
     # before: the outside ship counted as a missed ground truth (ship AP 0.5 with perfect detections)
     assert metrics["classes"]["ship"]["num_gt"] == 1 and metrics["classes"]["ship"]["AP50"] == pytest.approx(1.0)
     assert metrics["mean"]["AP50"] == pytest.approx(1.0)
@@ -135,12 +133,10 @@ def test_evaluation_leaves_out_and_lists_skipped_images(tmp_path):
     root = make_dataset(tmp_path / "data", {"a": [line(PLANE)], "b": [line(SHIP, "ship")], "c": [line(PLANE)]})
     (root / "images" / "b.png").write_bytes(b"not a png")
     (root / "images" / "c.png").write_bytes(image_bytes(".png")[:3000])  # truncated
-    ds = config(root).dataset("d")
     dets = perfect_detections(tmp_path / "dets.parquet", {"a": [("plane", PLANE)]})
     with pytest.raises(AnnotationError, match=r"b\.png"):
-        evaluate.run(dataset=ds, split="val", out_dir=tmp_path / "eval", detections=dets)
-    metrics = evaluate.run(dataset=ds, split="val", out_dir=tmp_path / "eval", detections=dets,
-                           on_bad_object="skip")
+        evaluate.run(config(root), dataset="d", split="val", out_dir=tmp_path / "eval", detections=dets)
+    metrics = evaluate.run(config(root, "skip"), dataset="d", split="val", out_dir=tmp_path / "eval", detections=dets)
     # before: b's ship and c's plane were misses (mean AP50 0.5 with perfect detections on a)
     assert metrics["num_images"] == 1
     assert metrics["classes"]["plane"]["num_gt"] == 1 and metrics["classes"]["ship"]["num_gt"] == 0
@@ -149,7 +145,7 @@ def test_evaluation_leaves_out_and_lists_skipped_images(tmp_path):
     assert sorted(skipped) == ["b", "c"] and "b.png" in skipped["b"] and "truncated" in skipped["c"]
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["skipped_images"] == metrics["skipped_images"]
     # the tile stage skips the same images
-    summary = tile.run(config(root, "skip"), "d", "val", 0, tmp_path / "out")
+    summary = tile.run(config(root, "skip"), dataset="d", split="val", shard=0, out_dir=tmp_path / "out")
     assert sorted(s["image_id"] for s in summary["skipped"]["images"]) == ["b", "c"]
 
 
@@ -157,8 +153,8 @@ def test_detections_on_skipped_images_are_left_out_and_counted(tmp_path):
     root = make_dataset(tmp_path / "data", {"a": [line(PLANE)], "b": [line(PLANE)]})
     (root / "images" / "b.png").write_bytes(b"not a png")
     dets = perfect_detections(tmp_path / "dets.parquet", {"a": [("plane", PLANE)], "b": [("plane", PLANE)]})
-    metrics = evaluate.run(dataset=config(root).dataset("d"), split="val", out_dir=tmp_path / "eval",
-                           detections=dets, on_bad_object="skip")
+    metrics = evaluate.run(config(root, "skip"), dataset="d", split="val", out_dir=tmp_path / "eval",
+                           detections=dets)
     assert metrics["mean"]["AP50"] == pytest.approx(1.0) and metrics["mean"]["num_detections"] == 1
     assert metrics["detections_on_skipped_images"] == 1
 
@@ -190,8 +186,8 @@ def test_truncated_jpeg_in_tiling_is_an_error_or_a_skipped_image(tmp_path):
     jpg = root / "images" / "b.jpg"
     jpg.write_bytes(jpg.read_bytes()[:-200])
     with pytest.raises(AnnotationError, match=rf"{jpg}: truncated"):
-        tile.run(config(root), "d", "val", 0, tmp_path / "out")
-    summary = tile.run(config(root, "skip"), "d", "val", 0, tmp_path / "out2")
+        tile.run(config(root), dataset="d", split="val", shard=0, out_dir=tmp_path / "out")
+    summary = tile.run(config(root, "skip"), dataset="d", split="val", shard=0, out_dir=tmp_path / "out2")
     assert summary["skipped_images"] == 1 and summary["skipped"]["images"][0]["image_id"] == "b"
     assert "truncated" in summary["skipped"]["images"][0]["reason"]
 
@@ -218,7 +214,7 @@ def test_bad_image_id_in_list_file(tmp_path):
 def test_tiling_stops_on_a_whitespace_id_before_any_work(tmp_path):
     root = make_dataset(tmp_path / "data", {"a": [line(PLANE)], "b c": [line(PLANE)]})
     with pytest.raises(AnnotationError, match=r"image id 'b c'"):
-        tile.run(config(root, "skip"), "d", "val", 0, tmp_path / "out")
+        tile.run(config(root, "skip"), dataset="d", split="val", shard=0, out_dir=tmp_path / "out")
     assert not (tmp_path / "out" / "parts").exists()
 
 
@@ -256,7 +252,7 @@ def test_label_file_without_image_is_warned_and_counted(tmp_path, caplog):
     orphan = root / "labelTxt" / "ghost.txt"
     orphan.write_text(line(PLANE) + "\n")
     with caplog.at_level(logging.WARNING, logger="mutdet"):
-        summary = tile.run(config(root), "d", "val", 0, tmp_path / "out")
+        summary = tile.run(config(root), dataset="d", split="val", shard=0, out_dir=tmp_path / "out")
     assert summary["labels_without_image"] == 1 and summary["skipped"]["labels_without_image"] == [str(orphan)]
     assert str(orphan) in caplog.text
 
@@ -272,7 +268,7 @@ def test_bad_values_in_detections_name_the_file(tmp_path, column, value):
     bad = tmp_path / "bad.parquet"
     write_artefact(table, bad, "detections", metadata={"frame": "image"})
     with pytest.raises(ArtefactError, match=rf"{bad}: row 1: {column} "):
-        evaluate.run(dataset=config(root).dataset("d"), split="val", out_dir=tmp_path / "eval", detections=bad)
+        evaluate.run(config(root), dataset="d", split="val", out_dir=tmp_path / "eval", detections=bad)
 
 
 def test_detect_checks_image_ids_before_any_work(tmp_path):

@@ -11,38 +11,57 @@ import pytest
 
 from mutdet import paper
 from mutdet.boxes import le90_to_polygon
+from mutdet.config import from_dict
 from mutdet.io.artefacts import write_artefact
-from mutdet.stages.tables import MISSING, NO_PAPER, latex_escape, parse_metrics_path, pick_tiles, run
+from mutdet.layout import FinetuneJob
+from mutdet.report.tables import MISSING, NO_PAPER
+from mutdet.stages.tables import RunFiles, run
 
 CLASSES = ["plane", "ship"]
 
 
-def metrics_path(results: Path, init: str, fraction: str, epochs: int, dataset: str = "synthetic",
-                 split: str = "test") -> Path:
-    return results / "finetune" / f"init~{init}" / f"frac~{fraction}" / f"epochs~{epochs}" / dataset / split / "metrics.json"
+def make_config(tmp_path: Path, datasets: dict[str, list[str]] | None = None, **tables):
+    """A validated config with ``datasets`` (name -> classes) and the given ``tables`` settings."""
+    datasets = datasets or {"synthetic": CLASSES}
+    return from_dict({"results": str(tmp_path / "results"),
+                      "datasets": {name: {"root": str(tmp_path / name), "format": "dota", "classes": classes}
+                                   for name, classes in datasets.items()},
+                      "tables": tables})
 
 
-def write_metrics(results: Path, init: str, fraction: str, epochs: int, ap50: float | None, ap75: float | None = 0.1,
-                  per_class: dict | None = None, dataset: str = "synthetic", split: str = "test") -> Path:
-    """A metrics.json as :mod:`mutdet.stages.evaluate` writes it (AP as fractions in [0, 1])."""
+def run_files(root: Path, init: str, fraction: float, epochs: int, dataset: str = "synthetic",
+              split: str = "test") -> RunFiles:
+    """A run's files in a folder that says nothing about the run (the stage must not read settings from paths)."""
+    folder = root / f"run{len(list(root.glob('run*'))) if root.is_dir() else 0}"
+    folder.mkdir(parents=True)
+    return RunFiles(job=FinetuneJob(dataset, "train", split, init, fraction, epochs),
+                    metrics=folder / "metrics.json", detections=folder / "dets.parquet")
+
+
+def write_metrics(files: RunFiles, ap50: float | None, ap75: float | None = 0.1, per_class: dict | None = None,
+                  **overrides) -> RunFiles:
+    """The run's metrics.json as :mod:`mutdet.stages.evaluate` writes it (AP as fractions in [0, 1])."""
     per_class = per_class or {c: ap50 for c in CLASSES}
     metrics = {
-        "dataset": dataset, "split": split, "detections": "x.parquet", "num_images": 2,
+        "dataset": files.job.dataset, "split": files.job.split, "detections": "x.parquet", "num_images": 2,
         "settings": {"iou_thresholds": [0.5, 0.75], "use_07_metric": True},
         "classes": {c: {"AP50": v, "AP75": ap75, "num_gt": 3, "num_detections": 5, "num_difficult": 0}
                     for c, v in per_class.items()},
         "mean": {"AP50": ap50, "AP75": ap75, "num_classes": len(per_class), "num_gt": 6, "num_detections": 10},
-        "skipped_objects": [], "mutdet_version": "0.1.0", "code_version": "mutdet 0.1.0",
+        "skipped_objects": [], "mutdet_version": "0.1.0", "code_version": "mutdet 0.1.0", **overrides,
     }
-    path = metrics_path(results, init, fraction, epochs, dataset, split)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(metrics, indent=2, sort_keys=True))
-    return path
+    files.metrics.write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    return files
 
 
 def read_csv(path: Path) -> list[dict]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+def header_of(path: Path) -> list[str]:
+    with open(path, newline="") as f:
+        return next(csv.reader(f))
 
 
 def row_of(rows: list[dict], first: str, value: str) -> dict:
@@ -54,16 +73,15 @@ def row_of(rows: list[dict], first: str, value: str) -> dict:
 def sweep(tmp_path):
     """none / detreg / mutdet at 100 % for 8 epochs, mutdet also at 10 % and at 4 epochs; detreg at 10 % listed
     but not done yet (no file)."""
-    results = tmp_path / "results"
-    paths = [
-        write_metrics(results, "none", "1.0", 8, 0.1234, 0.05, per_class={"plane": 0.2, "ship": None}),
-        write_metrics(results, "detreg", "1.0", 8, 0.25, 0.125),
-        write_metrics(results, "mutdet", "1.0", 8, 0.3, 0.2),
-        write_metrics(results, "mutdet", "0.1", 8, 0.15),
-        write_metrics(results, "mutdet", "1.0", 4, 0.22),
-        metrics_path(results, "detreg", "0.1", 8),  # in the sweep, no metrics yet
+    root = tmp_path / "runs"
+    return [
+        write_metrics(run_files(root, "none", 1.0, 8), 0.1234, 0.05, per_class={"plane": 0.2, "ship": None}),
+        write_metrics(run_files(root, "detreg", 1.0, 8), 0.25, 0.125),
+        write_metrics(run_files(root, "mutdet", 1.0, 8), 0.3, 0.2),
+        write_metrics(run_files(root, "mutdet", 0.1, 8), 0.15),
+        write_metrics(run_files(root, "mutdet", 1.0, 4), 0.22),
+        run_files(root, "detreg", 0.1, 8),  # in the sweep, no metrics yet
     ]
-    return results, paths
 
 
 def test_paper_numbers_are_the_papers():
@@ -75,12 +93,11 @@ def test_paper_numbers_are_the_papers():
 
 
 def test_main_table_ours_in_percent_beside_the_paper(sweep, tmp_path):
-    _, paths = sweep
-    out = run(metrics=paths, out_dir=tmp_path / "out", compare={"synthetic": "DIOR-R"})
+    cfg = make_config(tmp_path, compare={"synthetic": "DIOR-R"})
+    out = run(cfg, runs=sweep, test_tiles={}, out_dir=tmp_path / "out")
     csv_path = out["tables"]["main_synthetic"]["csv"]
-    with open(csv_path, newline="") as f:
-        header = next(csv.reader(f))
-    assert header == ["method", "plane", "ship", "AP50", "AP50 paper (DIOR-R)", "AP75", "AP75 paper (DIOR-R)"]
+    assert header_of(csv_path) == ["method", "plane", "ship", "AP50", "AP50 paper (DIOR-R)", "AP75",
+                                   "AP75 paper (DIOR-R)"]
     rows = read_csv(csv_path)
     none = row_of(rows, "method", "none")
     assert none["AP50"] == "12.3" and none["AP75"] == "5.0" and none["AP50 paper (DIOR-R)"] == "65.7"
@@ -92,30 +109,38 @@ def test_main_table_ours_in_percent_beside_the_paper(sweep, tmp_path):
     upd = row_of(rows, "method", "UP-DETR (paper only)")
     assert upd["AP50 paper (DIOR-R)"] == "67.1" and upd["AP75 paper (DIOR-R)"] == "48.4" and upd["AP50"] == ""
     md = out["tables"]["main_synthetic"]["md"].read_text()
-    assert "| DETReg | 25.0 | 25.0 | 25.0 | 67.9 | 12.5 | 49.1 |" in md and "8 epochs" in md
+    assert "| DETReg | 25.0 | 25.0 | 25.0 | 67.9 | 12.5 | 49.1 |" in md and "synthetic test:" in md and "8 epochs" in md
+    assert out["index"] == tmp_path / "out" / "index.md" and out["index"].is_file()
+
+
+def test_methods_in_the_papers_row_order_then_the_configs(sweep, tmp_path):
+    cfg = make_config(tmp_path, methods={"mutdet": "MutDet", "mine": "Mine", "none": "none"},
+                      compare={"synthetic": "DIOR-R"})
+    out = run(cfg, runs=sweep, test_tiles={}, out_dir=tmp_path / "out")
+    assert [r["method"] for r in read_csv(out["tables"]["main_synthetic"]["csv"])] == [
+        "none", "MutDet", "Mine", "UP-DETR (paper only)", "AlignDet (paper only)", "DETReg (paper only)"]
+    assert header_of(out["tables"]["low_data_synthetic"]["csv"])[1::2] == ["none", "MutDet", "Mine"]
 
 
 def test_low_data_table_shows_missing_runs_and_paper_fractions(sweep, tmp_path):
-    _, paths = sweep
-    out = run(metrics=paths, out_dir=tmp_path / "out", compare={"synthetic": "DIOR-R"})
+    out = run(make_config(tmp_path, compare={"synthetic": "DIOR-R"}), runs=sweep, test_tiles={},
+              out_dir=tmp_path / "out")
     rows = read_csv(out["tables"]["low_data_synthetic"]["csv"])
     assert [r["data fraction"] for r in rows] == ["10 %", "25 %", "50 %", "100 %"]
     ten = row_of(rows, "data fraction", "10 %")
     assert ten["MutDet"] == "15.0" and ten["MutDet paper (DIOR-R)"] == "56.9"
     assert ten["DETReg"] == MISSING and ten["DETReg paper (DIOR-R)"] == "50.8"  # listed, no metrics yet
     assert ten["none"] == MISSING and row_of(rows, "data fraction", "100 %")["none"] == "12.3"
-    assert out["missing_metrics"] == [str(paths[-1])]
-    assert str(paths[-1]) in out["index"].read_text()
+    assert out["missing_metrics"] == [str(sweep[-1].metrics)]
+    assert str(sweep[-1].metrics) in out["index"].read_text()
 
 
 def test_ablation_table_maps_our_schedules_onto_the_papers(sweep, tmp_path):
-    _, paths = sweep
-    out = run(metrics=paths, out_dir=tmp_path / "out", compare={"synthetic": "DIOR-R"}, paper_epochs={4: 12, 8: 24})
+    cfg = make_config(tmp_path, compare={"synthetic": "DIOR-R"}, paper_epochs={"4": 12, "8": 24})
+    out = run(cfg, runs=sweep, test_tiles={}, out_dir=tmp_path / "out")
     path = out["tables"]["ablation_synthetic"]["csv"]
-    with open(path, newline="") as f:
-        header = next(csv.reader(f))
-    assert header == ["pre-training", "4 ep (paper 12 ep)", "paper (DIOR-R) 12 ep", "8 ep (paper 24 ep)",
-                      "paper (DIOR-R) 24 ep"]
+    assert header_of(path) == ["pre-training", "4 ep (paper 12 ep)", "paper (DIOR-R) 12 ep", "8 ep (paper 24 ep)",
+                               "paper (DIOR-R) 24 ep"]
     rows = read_csv(path)
     assert [r["pre-training"] for r in rows] == [label for label, _ in paper.ABLATION["DIOR-R"]]
     full = row_of(rows, "pre-training", "+ encoder loss and siamese head (full MutDet)")
@@ -126,31 +151,35 @@ def test_ablation_table_maps_our_schedules_onto_the_papers(sweep, tmp_path):
 
 
 def test_epochs_the_paper_lacks_and_datasets_without_comparison(sweep, tmp_path):
-    _, paths = sweep
-    out = run(metrics=paths, out_dir=tmp_path / "out", compare={"synthetic": "DIOR-R"})  # identity: 4, 8 epochs
+    out = run(make_config(tmp_path, compare={"synthetic": "DIOR-R"}), runs=sweep, test_tiles={},
+              out_dir=tmp_path / "out")  # paper_epochs identity: 4, 8 epochs
     rows = read_csv(out["tables"]["ablation_synthetic"]["csv"])
     assert {r["paper (DIOR-R) 8 ep"] for r in rows} == {NO_PAPER}
-    plain = run(metrics=paths, out_dir=tmp_path / "plain")  # no compare: no paper columns at all
-    with open(plain["tables"]["main_synthetic"]["csv"], newline="") as f:
-        assert not any("paper" in h for h in next(csv.reader(f)))
+    plain = run(make_config(tmp_path), runs=sweep, test_tiles={}, out_dir=tmp_path / "plain")  # no paper columns
+    assert not any("paper" in h for h in header_of(plain["tables"]["main_synthetic"]["csv"]))
     assert "not compared" in plain["tables"]["main_synthetic"]["md"].read_text()
 
 
 def test_table_without_any_run_is_written_with_a_note(tmp_path):
-    out = run(metrics=[], out_dir=tmp_path / "out", compare={"dior": "DIOR-R"})
+    cfg = make_config(tmp_path, {"dior": CLASSES}, compare={"dior": "DIOR-R"})
+    out = run(cfg, runs=[], test_tiles={}, out_dir=tmp_path / "out")
     rows = read_csv(out["tables"]["main_dior"]["csv"])
     assert row_of(rows, "method", "MutDet")["AP50"] == MISSING
     assert row_of(rows, "method", "MutDet")["AP50 paper (DIOR-R)"] == "70.7"
     for name in ("main_dior", "low_data_dior", "ablation_dior"):
         assert "No fine-tuning metrics for dior" in out["tables"][name]["md"].read_text()
     assert out["figures"]["ap50_vs_fraction_dior"].is_file()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        ["index.md", "ap50_vs_fraction_dior.png"] + [f"{t}_dior.{e}" for t in ("main", "low_data", "ablation")
+                                                     for e in ("csv", "md", "tex")])
 
 
-def test_latex_is_booktabs_and_escaped(tmp_path):
-    results = tmp_path / "results"
-    path = write_metrics(results, "mutdet", "0.5", 3, 0.5, dataset="my_data",
-                         per_class={"storage_tank": 0.5, "a&b": 0.4})
-    out = run(metrics=[path], out_dir=tmp_path / "out", compare={"my_data": "DIOR-R"})
+def test_class_order_of_the_config_and_latex_escaping(tmp_path):
+    cfg = make_config(tmp_path, {"my_data": ["storage_tank", "a&b"]}, compare={"my_data": "DIOR-R"})
+    files = write_metrics(run_files(tmp_path / "runs", "mutdet", 0.5, 3, dataset="my_data"), 0.5,
+                          per_class={"a&b": 0.4, "storage_tank": 0.5})  # the file's order is not the table's
+    out = run(cfg, runs=[files], test_tiles={}, out_dir=tmp_path / "out")
+    assert header_of(out["tables"]["main_my_data"]["csv"])[:3] == ["method", "storage_tank", "a&b"]
     tex = out["tables"]["low_data_my_data"]["tex"].read_text()
     assert "\\toprule" in tex and "\\midrule" in tex and "\\bottomrule" in tex
     assert "my\\_data" in tex and "50 \\%" in tex and "my_data" not in tex.replace("my\\_data", "")
@@ -161,21 +190,37 @@ def test_latex_is_booktabs_and_escaped(tmp_path):
     # every unescaped & is a column separator: the same number in each row
     body = [line for line in main.splitlines() if line.endswith("\\\\")]
     assert len({len(re.findall(r"(?<!\\)&", line)) for line in body}) == 1
-    assert latex_escape("5% of a_b & c") == "5\\% of a\\_b \\& c"
 
 
-def test_bad_paths_raise_naming_the_file(tmp_path):
-    bad = tmp_path / "results" / "finetune" / "init~none" / "fraction~1.0" / "epochs~4" / "d" / "test" / "metrics.json"
-    with pytest.raises(ValueError, match=re.escape(str(bad))):
-        run(metrics=[bad], out_dir=tmp_path / "out")
-    elsewhere = tmp_path / "metrics.json"
-    with pytest.raises(ValueError, match=re.escape(str(elsewhere))):
-        parse_metrics_path(elsewhere)
-    percent = write_metrics(tmp_path / "r", "none", "1.0", 4, 65.7)  # percent instead of a fraction
-    with pytest.raises(ValueError, match=re.escape(str(percent))):
-        run(metrics=[percent], out_dir=tmp_path / "out")
-    r = parse_metrics_path(metrics_path(tmp_path, "mutdet", "0.25", 12, "dota", "val"))
-    assert (r.init, r.fraction, r.epochs, r.dataset, r.split) == ("mutdet", 0.25, 12, "dota", "val")
+def test_bad_metrics_and_runs_raise_naming_the_file(tmp_path):
+    cfg = make_config(tmp_path)
+    root = tmp_path / "runs"
+
+    def check(runs, match):
+        with pytest.raises(ValueError, match=match):
+            run(cfg, runs=runs, test_tiles={}, out_dir=tmp_path / "out")
+
+    percent = write_metrics(run_files(root, "none", 1.0, 4), 65.7)  # percent instead of a fraction
+    check([percent], re.escape(str(percent.metrics)) + ".*fraction in \\[0, 1\\]")
+    broken = run_files(root, "none", 1.0, 4)
+    broken.metrics.write_text("{not json")
+    check([broken], re.escape(str(broken.metrics)) + ": not valid JSON")
+    other_split = write_metrics(run_files(root, "none", 1.0, 4), 0.5, split="val")  # claims another run
+    check([other_split], re.escape(str(other_split.metrics)) + ": split 'val' in the file, 'test'")
+    ok = write_metrics(run_files(root, "none", 1.0, 4), 0.5)
+    twice = write_metrics(run_files(root, "none", 1.0, 4), 0.6)
+    check([ok, twice], re.escape(f"{twice.metrics}: same run (init, fraction, epochs, dataset) as {ok.metrics}"))
+    on_val = run_files(root, "mutdet", 1.0, 4, split="val")
+    check([ok, on_val], re.escape(str(on_val.metrics)) + ".*evaluated on split 'val' and 'test'")
+    with pytest.raises(ValueError, match="tables.ablation: 4 inits"):
+        run(make_config(tmp_path, ablation=["a", "b", "c", "d"]), runs=[ok], test_tiles={}, out_dir=tmp_path / "out")
+    # a metrics.json that does not say which dataset and split it is of is taken as the run's
+    unlabelled = RunFiles(ok.job, ok.metrics, ok.detections)
+    data = json.loads(ok.metrics.read_text())
+    del data["dataset"], data["split"]
+    ok.metrics.write_text(json.dumps(data))
+    out = run(cfg, runs=[unlabelled], test_tiles={}, out_dir=tmp_path / "out")
+    assert row_of(read_csv(out["tables"]["low_data_synthetic"]["csv"]), "data fraction", "100 %")["none"] == "50.0"
 
 
 def make_tiles(folder: Path, counts: dict[str, int], size: int = 48) -> dict[str, np.ndarray]:
@@ -198,24 +243,42 @@ def make_tiles(folder: Path, counts: dict[str, int], size: int = 48) -> dict[str
     return boxes_of
 
 
-def test_figures_are_readable_pngs_and_the_grid_skips_methods_without_detections(sweep, tmp_path):
-    results, paths = sweep
-    boxes = make_tiles(tmp_path / "tiles", {"t0": 1, "t1": 3, "t2": 2, "t3": 0})
+def write_detections(path: Path, boxes: dict[str, np.ndarray]) -> None:
+    """Tile-frame detections: each ground-truth box twice, scored 0.9 and 0.1."""
     dets = [{"id": t, "class_id": 0, "class_name": "plane", "score": s, **dict(zip(["cx", "cy", "w", "h", "theta"], b))}
             for t, bs in boxes.items() for b in bs for s in (0.9, 0.1)]
-    write_artefact(pa.Table.from_pylist(dets), paths[2].parent / "detections_tiles.parquet", "detections",
-                   metadata={"frame": "tile"})  # mutdet only
-    out = run(metrics=paths, out_dir=tmp_path / "out", compare={"synthetic": "DIOR-R"},
-              test_tiles_dirs={"synthetic": [tmp_path / "tiles"]}, num_tiles=2, score_threshold=0.3)
+    write_artefact(pa.Table.from_pylist(dets), path, "detections", metadata={"frame": "tile"})
+
+
+def test_figures_and_the_grid_read_the_declared_detections_only(sweep, tmp_path):
+    boxes = make_tiles(tmp_path / "tiles", {"t0": 1, "t1": 3, "t2": 2, "t3": 0})
+    none, detreg, mutdet = sweep[:3]
+    # mutdet's detections are declared in a folder of their own; detreg's lie beside its metrics.json under
+    # the old name but are not declared (its declared file does not exist): the grid must not use them
+    mutdet = RunFiles(mutdet.job, mutdet.metrics, tmp_path / "elsewhere" / "mutdet_dets.parquet")
+    write_detections(mutdet.detections, boxes)
+    write_detections(detreg.metrics.parent / "detections_tiles.parquet", boxes)
+    runs = [none, detreg, mutdet, *sweep[3:]]
+    cfg = make_config(tmp_path, compare={"synthetic": "DIOR-R"}, num_tiles=2, score_threshold=0.3)
+    out = run(cfg, runs=runs, test_tiles={"synthetic": [tmp_path / "tiles"]}, out_dir=tmp_path / "out")
     plot = cv2.imread(str(out["figures"]["ap50_vs_fraction_synthetic"]))
     grid = cv2.imread(str(out["figures"]["detections_synthetic"]))
+    assert out["figures"]["detections_synthetic"] == tmp_path / "out" / "detections_synthetic.png"
     assert plot is not None and plot.shape[0] > 100
-    assert grid is not None and grid.shape[1] == 2 * 256  # ground truth + mutdet
-    assert set(out["skipped"]["detections_synthetic"]) == {"none", "detreg"}
-    assert "detections_tiles.parquet" in out["skipped"]["detections_synthetic"]["none"]
+    # ground truth + mutdet; header, 2 tiles (name strip + 256-pixel cells), the score note, one legend line
+    assert grid is not None and grid.shape == (24 + 2 * (24 + 256) + 24 + 24, 2 * 256, 3)
+    assert out["skipped"]["detections_synthetic"] == {"none": f"no detections file {none.detections}",
+                                                      "detreg": f"no detections file {detreg.detections}"}
     index = out["index"].read_text()
     for name in ("main_synthetic.md", "low_data_synthetic.csv", "ablation_synthetic.tex",
-                 "ap50_vs_fraction_synthetic.png", "detections_synthetic.png"):
+                 "ap50_vs_fraction_synthetic.png", "detections_synthetic.png", "2 test tiles", "score >= 0.3"):
         assert name in index
-    objects = {t: {"boxes": b} for t, b in boxes.items()}
-    assert pick_tiles(objects, 3) == ["t1", "t2", "t0"]
+
+    def mutdet_cells(image: np.ndarray) -> list[np.ndarray]:
+        return [image[24 + k * 280 + 24: 24 + (k + 1) * 280, 256:] for k in range(2)]
+
+    assert all((cell != 30).any() for cell in mutdet_cells(grid))  # detections scoring 0.9 drawn
+    strict = run(make_config(tmp_path, compare={"synthetic": "DIOR-R"}, num_tiles=2, score_threshold=0.95),
+                 runs=runs, test_tiles={"synthetic": [tmp_path / "tiles"]}, out_dir=tmp_path / "strict")
+    strict_grid = cv2.imread(str(strict["figures"]["detections_synthetic"]))
+    assert all((cell == 30).all() for cell in mutdet_cells(strict_grid))  # none scores 0.95: bare tiles

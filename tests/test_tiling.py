@@ -122,7 +122,7 @@ def test_tile_stage_outputs_resume_and_parameter_change(tmp_path, dota_config):
     write_dataset(root)
     raw = dota_config(root, tiling={"size": 256, "gap": 64})
     out = tmp_path / "out"
-    summary = tile.run(from_dict(raw), "d", "train", 0, out, threads=2)
+    summary = tile.run(from_dict(raw), dataset="d", split="train", shard=0, out_dir=out, threads=2)
     tiles = read_artefact(out / "tiles.parquet", "tiles")
     objects = read_artefact(out / "objects.parquet", "objects")
     assert summary["images"] == 3 and summary["images_reused"] == 0
@@ -132,10 +132,10 @@ def test_tile_stage_outputs_resume_and_parameter_change(tmp_path, dota_config):
         assert cv2.imread(str(out / rel)).shape == (256, 256, 3)
     assert json.loads((out / "summary.json").read_text())["objects_per_class"] == {"ship": objects.num_rows}
     # rerun: nothing recomputed; a tiling change recomputes everything
-    again = tile.run(from_dict(raw), "d", "train", 0, out, threads=1)
+    again = tile.run(from_dict(raw), dataset="d", split="train", shard=0, out_dir=out, threads=1)
     assert again["images_reused"] == 3 and again["tiles"] == summary["tiles"]
     raw["datasets"]["d"]["tiling"]["size"] = 320
-    changed = tile.run(from_dict(raw), "d", "train", 0, out, threads=1)
+    changed = tile.run(from_dict(raw), dataset="d", split="train", shard=0, out_dir=out, threads=1)
     assert changed["images_reused"] == 0 and changed["tiles"] != summary["tiles"]
     pngs = list((out / "images").rglob("*.png"))
     assert len(pngs) == changed["tiles"]  # stale tiles of the old size are gone
@@ -150,9 +150,9 @@ def test_tile_stage_bad_objects_and_images(tmp_path, dota_config):
     (root / "images" / "im2.png").write_bytes(b"not a png")
     raw = dota_config(root, tiling={"size": 256, "gap": 64})
     with pytest.raises(AnnotationError, match=r"im1\.txt:9: expected 9 or 10 tokens"):
-        tile.run(from_dict(raw), "d", "train", 0, tmp_path / "out", threads=1)
+        tile.run(from_dict(raw), dataset="d", split="train", shard=0, out_dir=tmp_path / "out", threads=1)
     raw["on_bad_object"] = "skip"
-    summary = tile.run(from_dict(raw), "d", "train", 0, tmp_path / "out2", threads=2)
+    summary = tile.run(from_dict(raw), dataset="d", split="train", shard=0, out_dir=tmp_path / "out2", threads=2)
     assert summary["skipped_objects"] == 1 and summary["skipped_images"] == 1
     assert "im2.png" in summary["skipped"]["images"][0]["reason"]
     assert summary["skipped"]["objects"][0]["line"] == 9
@@ -162,7 +162,7 @@ def test_merge_stage_maps_tile_detections_to_images(tmp_path, dota_config):
     root = tmp_path / "data"
     write_dataset(root, n_images=1)
     out = tmp_path / "out"
-    tile.run(from_dict(dota_config(root, tiling={"size": 256, "gap": 64})), "d", "train", 0, out, threads=1)
+    tile.run(from_dict(dota_config(root, tiling={"size": 256, "gap": 64})), dataset="d", split="train", shard=0, out_dir=out, threads=1)
     objects = read_artefact(out / "objects.parquet", "objects")
     # pretend the detector found every ground-truth object in every tile
     dets = pa.table({
@@ -211,15 +211,15 @@ def test_tile_parts_follow_label_edits_and_code_updates(tmp_path, dota_config, m
     write_dataset(root)
     raw = dota_config(root, tiling={"size": 256, "gap": 64})
     out = tmp_path / "out"
-    first = tile.run(from_dict(raw), "d", "train", 0, out, threads=1)
+    first = tile.run(from_dict(raw), dataset="d", split="train", shard=0, out_dir=out, threads=1)
     label = root / "labelTxt" / "im1.txt"
     lines = label.read_text().splitlines(keepends=True)
     label.write_text("".join(lines[:-1]))  # one object fewer
-    edited = tile.run(from_dict(raw), "d", "train", 0, out, threads=1)
+    edited = tile.run(from_dict(raw), dataset="d", split="train", shard=0, out_dir=out, threads=1)
     assert edited["images_reused"] == first["images"] - 1
     objects = read_artefact(out / "objects.parquet", "objects")
-    fresh = tile.run(from_dict(raw), "d", "train", 0, tmp_path / "fresh", threads=1)
+    fresh = tile.run(from_dict(raw), dataset="d", split="train", shard=0, out_dir=tmp_path / "fresh", threads=1)
     assert objects.num_rows == fresh["objects"] < first["objects"]
     monkeypatch.setattr(tile, "code_version", lambda: "mutdet 9.9.9")
-    updated = tile.run(from_dict(raw), "d", "train", 0, out, threads=1)
+    updated = tile.run(from_dict(raw), dataset="d", split="train", shard=0, out_dir=out, threads=1)
     assert updated["images_reused"] == 0

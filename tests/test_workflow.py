@@ -59,6 +59,37 @@ def test_bad_config_key_fails_dry_run_naming_the_key(tmp_path):
     assert "datasets.tiny.tiling: Additional properties are not allowed ('sizee' was unexpected)" in proc.stdout + proc.stderr
 
 
+def job_counts(plan: str) -> dict[str, int]:
+    """Rule -> number of jobs, from the `Job stats` table of a dry run."""
+    counts = {}
+    for line in plan.split("Job stats:")[1].splitlines()[3:]:
+        if not line.strip():
+            break
+        name, count = line.split()
+        counts[name] = int(count)
+    counts.pop("total", None)
+    return counts
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda raw: raw["finetune"].setdefault("loss", {}).update(loss_gioux=3.0),
+     "finetune.loss: Additional properties are not allowed ('loss_gioux' was unexpected)"),
+    (lambda raw: raw["pretrain"].setdefault("loss", {}).update(temprature=0.1),
+     "pretrain.loss: Additional properties are not allowed ('temprature' was unexpected)"),
+    (lambda raw: raw["cluster"].update(pca_dim=16),
+     "cluster.pca_dim (16) must equal finetune.model.embed_dim (32)"),
+    (lambda raw: raw["pretrain"].update(temperature=0.1), "pretrain.temperature: moved to pretrain.loss.temperature"),
+])
+def test_cross_section_mistakes_fail_the_dry_run_naming_the_keys(tmp_path, change, message):
+    raw = yaml.safe_load(TEST_CONFIG.read_text())
+    change(raw)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    proc = snakemake("-n", "-d", str(tmp_path), "--configfile", str(bad), check=False)
+    assert proc.returncode != 0 and message in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    assert not (tmp_path / raw["results"]).exists()  # nothing ran, nothing was written
+
+
 def test_tiny_end_to_end_run_and_nothing_to_redo(tmp_path):
     snakemake("--cores", "2", "-d", str(tmp_path), "--configfile", str(TEST_CONFIG))
     raw = yaml.safe_load(TEST_CONFIG.read_text())
@@ -112,12 +143,36 @@ def test_tiny_end_to_end_run_and_nothing_to_redo(tmp_path):
     changed = tmp_path / "changed.yaml"
     changed.write_text(yaml.safe_dump(raw2))
     plan = snakemake("-n", "--cores", "2", "-d", str(tmp_path), "--configfile", str(changed)).stdout
-    counts = dict(line.split() for line in plan.split("Job stats:")[1].splitlines()[3:]
-                  if len(line.split()) == 2 and line.split()[1].isdigit())
+    counts = job_counts(plan)
     inits = len(run["inits"])
-    assert int(counts["finetune"]) == int(counts["evaluate"]) == inits and int(counts["tables"]) == 1
+    assert counts["finetune"] == counts["evaluate"] == inits and counts["tables"] == 1
     assert not {"tile", "propose", "embed", "cluster", "pretrain", "subset"} & set(counts)
     assert plan.count("fraction=0.5") == inits and "fraction=1.0" not in plan  # finetune jobs' wildcards
+    # a section only the tables read: only the tables (and the resolved config) are redone
+    raw3 = json.loads(json.dumps(raw))
+    raw3.setdefault("tables", {})["num_tiles"] = 2
+    changed.write_text(yaml.safe_dump(raw3))
+    counts = job_counts(snakemake("-n", "-d", str(tmp_path), "--configfile", str(changed)).stdout)
+    assert set(counts) == {"tables", "resolved_config", "all"}, counts
+    # a pre-training loss setting: both pre-training runs and what depends on them, nothing upstream
+    raw4 = json.loads(json.dumps(raw))
+    raw4["pretrain"].setdefault("loss", {})["temperature"] = 0.3
+    changed.write_text(yaml.safe_dump(raw4))
+    counts = job_counts(snakemake("-n", "-d", str(tmp_path), "--configfile", str(changed)).stdout)
+    pretrained_inits = len([i for i in run["inits"] if i != "none"])
+    assert counts["pretrain"] == 2 and counts["finetune"] == counts["evaluate"] == pretrained_inits, counts
+    assert not {"tile", "propose", "embed", "cluster", "subset"} & set(counts)
+
+    # Every job reads the whole validated config from the one file the run wrote, not a slice of it.
+    from mutdet.config import load_config
+
+    plan = snakemake("-n", "-p", "--forceall", "-d", str(tmp_path), "--configfile", str(TEST_CONFIG)).stdout
+    commands = [line for line in plan.splitlines() if " -m mutdet " in line]
+    config_files = {line.split("--config ")[1].split()[0] for line in commands if "--config " in line}
+    assert len(config_files) == 1 and len(commands) == sum(job_counts(plan).values()) - 1  # all but `all`
+    resolved = load_config(tmp_path / config_files.pop())
+    expected = from_dict({**raw, "results": raw["results"]})
+    assert dict(resolved.raw) == json.loads(json.dumps(dict(expected.raw)))
 
     # The evaluate rule on full-image detections made from the test split's own ground truth:
     # tile objects -> detections (tile frame) -> merge -> snakemake evaluates them.

@@ -20,6 +20,7 @@ loss are all other matched pairs of the batch, across images and, under DDP, acr
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -30,7 +31,7 @@ from mutdet.losses.criterion import SetCriterion
 from mutdet.models.denoising import denoising_indices
 from mutdet.variants import PretrainVariant
 
-__all__ = ["PretrainCriterion", "gather_pairs"]
+__all__ = ["PretrainCriterion", "build_pretrain_criterion", "gather_pairs"]
 
 
 class _GatherRows(torch.autograd.Function):
@@ -147,3 +148,17 @@ class PretrainCriterion(nn.Module):
                 losses["loss_align_siam"] = self._align(
                     *gather_matched(siamese["pred_embed"], align_targets, siam_indices[""]))
         return losses
+
+
+def build_pretrain_criterion(*, variant: PretrainVariant, num_classes: int, num_decoder_layers: int,
+                             **loss: float) -> PretrainCriterion:
+    """The pre-training criterion from one flat mapping of loss settings (``pretrain.loss``): keywords
+    of :class:`PretrainCriterion` (``temperature``, ``align_weight``, ...) go to it, the rest to
+    :func:`mutdet.losses.build_criterion` (detection weights and matcher costs). A new alignment weight
+    is a keyword of :class:`PretrainCriterion` plus its schema entry, nothing else."""
+    from mutdet.losses.criterion import build_criterion
+
+    own = set(inspect.signature(PretrainCriterion.__init__).parameters) - {"self", "detection", "variant"}
+    detection = build_criterion(num_classes=num_classes, num_decoder_layers=num_decoder_layers,
+                                **{k: v for k, v in loss.items() if k not in own})
+    return PretrainCriterion(detection=detection, variant=variant, **{k: v for k, v in loss.items() if k in own})

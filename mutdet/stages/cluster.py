@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from mutdet.config import Config
 from mutdet.embedding.artefacts import read_embeddings, vector_column, vector_matrix, write_targets
 from mutdet.embedding.cluster import ClusterFitError, fit_cluster_model
 from mutdet.io.artefacts import ArtefactError, read_metadata
@@ -63,20 +64,15 @@ def _fit_sample(files: list[Path], counts: list[int], max_fit_samples: int, rng:
     return np.concatenate(pieces)
 
 
-def run(*, embedding_files: list[str | Path], target_files: list[str | Path], out_dir: str | Path,
-        pca_dim: int = 256, k: int = 256, max_fit_samples: int = 200_000, seed: int = 42,
-        max_iter: int = 100) -> dict:
-    """Fit PCA + spherical k-means on the pool of ``embedding_files`` and write one targets file per input.
+def run(cfg: Config, *, embedding_files: list[str | Path], target_files: list[str | Path],
+        out_dir: str | Path) -> dict:
+    """Fit PCA + spherical k-means (``cluster`` section, seeded by ``seed``) on the pool of
+    ``embedding_files`` and write one targets file per input.
 
     Args:
         embedding_files: embeddings artefacts (one per shard).
         target_files: output targets artefacts, ``target_files[i]`` for ``embedding_files[i]``.
         out_dir: folder of ``pca_kmeans.npz`` and ``manifest.json``.
-        pca_dim: PCA output dimension (the width of the pre-training targets O).
-        k: clusters (pseudo-classes).
-        max_fit_samples: fit on a uniform sample of this many embeddings when the pool is larger.
-        seed: the global seed.
-        max_iter: Lloyd iterations at most.
     Returns:
         The manifest dict.
     Raises:
@@ -84,6 +80,8 @@ def run(*, embedding_files: list[str | Path], target_files: list[str | Path], ou
         ClusterFitError: a pool too small for ``pca_dim`` / ``k`` (see mutdet.embedding.cluster).
         ValueError: bad arguments.
     """
+    c, seed = cfg.cluster, cfg.seed
+    pca_dim, k, max_fit_samples, max_iter = c.pca_dim, c.k, c.max_fit_samples, c.max_iter
     embedding_files = [Path(p) for p in embedding_files]
     target_files = [Path(p) for p in target_files]
     out_dir = Path(out_dir)
@@ -91,11 +89,6 @@ def run(*, embedding_files: list[str | Path], target_files: list[str | Path], ou
         raise ValueError(f"cluster: {len(embedding_files)} embedding files but {len(target_files)} target files")
     if not embedding_files:
         raise ValueError("cluster: no embedding files given")
-    for key, value in (("pca_dim", pca_dim), ("k", k), ("max_fit_samples", max_fit_samples), ("max_iter", max_iter)):
-        if value < 1:
-            raise ValueError(f"cluster.{key} must be >= 1, got {value}")
-    if k > np.iinfo(np.int16).max + 1:
-        raise ValueError(f"cluster.k ({k}) does not fit the int16 cluster_id column (at most 32768)")
 
     counts = [read_embeddings(p, columns=["proposal_index"]).num_rows for p in embedding_files]
     embedding_params = _embedding_params(embedding_files)

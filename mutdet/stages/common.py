@@ -33,24 +33,6 @@ def params_hash(params: dict) -> str:
     return hashlib.sha1(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def chunk_part_path(out_dir: Path, chunk: int, phash: str) -> Path:
-    """Resume file of one chunk of tiles of a sharded stage (``<out>/parts/chunk-<k>.<hash>.parquet``)."""
-    return Path(out_dir) / "parts" / f"chunk-{chunk:05d}.{phash}.parquet"
-
-
-def part_metadata(path: Path) -> dict | None:
-    """The ``mutdet_*`` metadata of a resume part, or ``None`` if it is missing or unreadable
-    (an unreadable part is simply recomputed)."""
-    from mutdet.io.artefacts import read_metadata
-
-    if not Path(path).is_file():
-        return None
-    try:
-        return read_metadata(path)
-    except Exception:
-        return None
-
-
 def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,

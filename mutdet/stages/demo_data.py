@@ -53,7 +53,7 @@ def copy_deepforest(root: Path) -> dict:
     return {"source": str(src), "splits": counts}
 
 
-def run(cfg: Config, dataset: str) -> dict:
+def run(cfg: Config, *, dataset: str) -> dict:
     ds = cfg.dataset(dataset)
     root = ds.root
     root.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,7 @@ from mutdet.io.datasets import check_image_id
 from mutdet.io.images import read_image
 from mutdet.io.task1 import write_task1
 from mutdet.models import PostProcess
+from mutdet.report.draw import draw_boxes
 from mutdet.stages.common import code_version, log
 from mutdet.stages.merge import DEFAULT_MERGE_IOU
 from mutdet.tiling import TilingParams, iter_tiles, merge_detections, tile_boxes_to_image
@@ -104,21 +105,13 @@ def detect_image(model, image: np.ndarray, image_id: str, *, tiling: TilingParam
 
 def draw_detections(image: np.ndarray, labels, scores, boxes, classes: Sequence[str],
                     min_score: float = 0.3) -> np.ndarray:
-    """A copy of the BGR ``image`` with the oriented boxes (score >= ``min_score``) and ``class score``."""
-    canvas = image.copy()
-    rng = np.random.default_rng(0)
-    colours = [tuple(int(c) for c in rng.integers(64, 256, 3)) for _ in classes]
-    thickness = max(1, round(max(image.shape[:2]) / 800))
-    for label, score, box in zip(labels, scores, np.asarray(boxes).reshape(-1, 5)):
-        if score < min_score:
-            continue
-        poly = le90_to_polygon(box).reshape(4, 2).round().astype(np.int32)
-        colour = colours[int(label)]
-        cv2.polylines(canvas, [poly], isClosed=True, color=colour, thickness=thickness)
-        x, y = poly[:, 0].min(), poly[:, 1].min()
-        cv2.putText(canvas, f"{classes[int(label)]} {score:.2f}", (int(x), max(int(y) - 3, 10)),
-                    cv2.FONT_HERSHEY_SIMPLEX, 0.4 * thickness, colour, thickness, cv2.LINE_AA)
-    return canvas
+    """A copy of the BGR ``image`` with the oriented boxes (score >= ``min_score``) and ``class score``
+    (:func:`mutdet.report.draw.draw_boxes`, lines about 1 pixel per 800 of the image's longer side)."""
+    scores = np.asarray(scores, np.float64).reshape(-1)
+    keep = scores >= min_score
+    names = [classes[int(label)] for label in np.asarray(labels).reshape(-1)[keep]]
+    return draw_boxes(image, np.asarray(boxes).reshape(-1, 5)[keep], names, classes, scores=scores[keep],
+                      thickness=max(1, round(max(image.shape[:2]) / 800)))
 
 
 def run(*, checkpoint: Path, images: Sequence[Path], out_dir: Path, tile_size: int = 1024, gap: int = 200,

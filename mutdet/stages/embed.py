@@ -29,25 +29,20 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from mutdet.embedding.artefacts import (check_join, embeddings_schema, read_embeddings, vector_column,
-                                        write_embeddings)
+from mutdet.config import Config
+from mutdet.embedding.artefacts import check_join, embeddings_schema, vector_column, write_embeddings
 from mutdet.embedding.backbone import build_embedder, embedding_dim
-from mutdet.embedding.pipeline import PRECISIONS, TileImages, embed_tiles, tile_loader
+from mutdet.embedding.pipeline import TileImages, embed_tiles, tile_loader
 from mutdet.engine.device import resolve_device
-from mutdet.io.artefacts import ArtefactError, read_artefact, read_metadata
+from mutdet.io.artefacts import ArtefactError, read_artefact
 from mutdet.io.atomic import write_json
 from mutdet.io.identity import file_digest
-from mutdet.stages.common import chunk_part_path, code_version, log, params_hash, part_metadata
+from mutdet.stages import parts
+from mutdet.stages.common import code_version, log, params_hash
 
 
 class NonFiniteEmbeddingError(RuntimeError):
     """An embedding that is not finite in float16 (overflow under fp16 autocast, or broken weights)."""
-
-
-def _part_is_current(path: Path, phash: str, tile_ids: list[str], rows: int) -> bool:
-    meta = part_metadata(path)
-    return meta is not None and meta.get("params_hash") == phash and meta.get("tile_ids") == tile_ids \
-        and meta.get("rows") == rows
 
 
 def _group_by_tile(tile_ids: np.ndarray) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -66,23 +61,15 @@ def _group_by_tile(tile_ids: np.ndarray) -> tuple[list[str], np.ndarray, np.ndar
     return tiles, order, bounds
 
 
-def run(*, tiles_dir: str | Path, proposals_dir: str | Path, out_dir: str | Path, backbone: str = "resnet50",
-        weights: str = "imagenet", batch_size: int = 256, workers: int = 4, device: str = "auto",
-        precision: str = "fp32", context: float = 1.5, input_size: int = 1024, crop_size: int = 224,
-        checkpoint_every: int = 50) -> dict:
-    """Embed every proposal of ``proposals_dir/proposals.parquet`` into ``out_dir/embeddings.parquet``.
+def run(cfg: Config, *, tiles_dir: str | Path, proposals_dir: str | Path, out_dir: str | Path) -> dict:
+    """Embed every proposal of ``proposals_dir/proposals.parquet`` into ``out_dir/embeddings.parquet``
+    with the ``embedding`` section's backbone (its keys are described in the config schema; the
+    embedding dimension follows the backbone: 512 for resnet18/34, 2048 for resnet50/101).
 
     Args:
         tiles_dir: folder of ``tiles.parquet`` and the tile images.
         proposals_dir: folder of ``proposals.parquet`` (proposals of the tiles of ``tiles_dir``).
         out_dir: output folder (see the module docstring).
-        backbone: ``resnet18 | resnet34 | resnet50 | resnet101``; the embedding dimension follows it
-            (512 for resnet18/34, 2048 for resnet50/101).
-        weights: ``imagenet | none | <path to a torchvision state_dict>`` (see mutdet.embedding.backbone).
-        batch_size: crops per backbone pass. workers: tile-decoding processes (0: main process).
-        device: ``auto | cpu | cuda | cuda:N``. precision: ``fp32 | bf16 | fp16`` autocast on CUDA.
-        context: box enlargement in ``w`` and ``h``. input_size: longer tile side after resizing.
-        crop_size: crop side. checkpoint_every: tiles per resumable part.
     Returns:
         The manifest dict (also written to ``out_dir/manifest.json``).
     Raises:
@@ -92,15 +79,11 @@ def run(*, tiles_dir: str | Path, proposals_dir: str | Path, out_dir: str | Path
             cannot be read. NonFiniteEmbeddingError: an embedding that overflows float16.
     """
     tiles_dir, proposals_dir, out_dir = Path(tiles_dir), Path(proposals_dir), Path(out_dir)
-    for key, value, low in (("batch_size", batch_size, 1), ("workers", workers, 0), ("input_size", input_size, 32),
-                            ("crop_size", crop_size, 32), ("checkpoint_every", checkpoint_every, 1)):
-        if value < low:
-            raise ValueError(f"embedding.{key} must be >= {low}, got {value}")
-    if context <= 0:
-        raise ValueError(f"embedding.context must be positive, got {context}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"embedding.precision: {precision!r} is not one of {sorted(PRECISIONS)}")
-    torch_device = resolve_device(device, "embedding.device")
+    e = cfg.embedding
+    backbone, weights, precision, context = e.backbone, e.weights, e.precision, e.context
+    batch_size, workers, input_size, crop_size, checkpoint_every = (e.batch_size, e.workers, e.input_size,
+                                                                     e.crop_size, e.checkpoint_every)
+    torch_device = resolve_device(e.device, "embedding.device")
     dim = embedding_dim(backbone)
 
     tiles_file, proposals_file = tiles_dir / "tiles.parquet", proposals_dir / "proposals.parquet"
@@ -127,11 +110,10 @@ def run(*, tiles_dir: str | Path, proposals_dir: str | Path, out_dir: str | Path
                          "tiles": file_digest(tiles_file), "code_version": code_version(),
                          "weights_file": file_digest(weights) if weights not in ("imagenet", "none") else None})
     chunks = [range(s, min(s + checkpoint_every, len(tiles))) for s in range(0, len(tiles), checkpoint_every)]
-    chunk_ids = [[tiles[t] for t in c] for c in chunks]
-    chunk_rows = [int(bounds[c.stop] - bounds[c.start]) for c in chunks]
-    todo = [k for k in range(len(chunks))
-            if not _part_is_current(chunk_part_path(out_dir, k, phash), phash, chunk_ids[k], chunk_rows[k])]
-    reused = sum(chunk_rows[k] for k in range(len(chunks)) if k not in todo)
+    expect = [{"tile_ids": [tiles[t] for t in c], "rows": int(bounds[c.stop] - bounds[c.start])} for c in chunks]
+    paths = parts.chunk_paths(out_dir, phash, len(chunks))
+    todo = parts.todo(paths, phash, expect)
+    reused = sum(expect[k]["rows"] for k in range(len(chunks)) if k not in todo)
     log.info("embed %s (%s, %d-d): %d proposals on %d tiles (%d already done) -> %s",
              proposals_file, backbone, dim, proposals.num_rows, len(tiles), reused, out_dir)
 
@@ -166,15 +148,12 @@ def run(*, tiles_dir: str | Path, proposals_dir: str | Path, out_dir: str | Path
             part = pa.table({"tile_id": pa.array(tile_of_row[rows], pa.string()),
                              "proposal_index": pa.array(indices[rows], pa.int32()),
                              "embedding": vector_column(matrix)})
-            write_embeddings(part, chunk_part_path(out_dir, k, phash),
-                             {"params_hash": phash, "tile_ids": chunk_ids[k], "rows": chunk_rows[k]})
+            parts.write(part, paths[k], "embeddings", phash, **expect[k])
         progress.close()
     seconds = time.perf_counter() - start
     computed = proposals.num_rows - reused
 
-    parts = [chunk_part_path(out_dir, k, phash) for k in range(len(chunks))]
-    grouped = (pa.concat_tables([read_embeddings(p) for p in parts]) if parts
-               else embeddings_schema(dim).empty_table())
+    grouped, _ = parts.read(paths, "embeddings", empty=embeddings_schema(dim).empty_table())
     inverse = np.empty(len(order), dtype=np.int64)
     inverse[order] = np.arange(len(order))
     # Grouped row j is proposal row order[j]; proposal row i is grouped row inverse[i].
@@ -190,10 +169,7 @@ def run(*, tiles_dir: str | Path, proposals_dir: str | Path, out_dir: str | Path
     meta = {"params": params, "runtime": runtime, "code_version": code_version(), "proposals_file": str(proposals_file)}
     write_embeddings(embeddings, out_dir / "embeddings.parquet", meta)
     write_json(out_dir / "manifest.json", manifest)
-    current = set(parts)
-    for stale in (out_dir / "parts").glob("chunk-*.parquet"):
-        if stale not in current:
-            stale.unlink()
+    parts.remove_stale(out_dir, paths)
     log.info("embed: %d proposals -> %s (%d computed, %.1f proposals/s)", proposals.num_rows,
              out_dir / "embeddings.parquet", computed, manifest["proposals_per_second"] or 0.0)
     return manifest

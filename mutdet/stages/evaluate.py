@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 import mutdet
-from mutdet.config import DatasetConfig
+from mutdet.config import Config, DatasetConfig
 from mutdet.evaluation import ap_key, evaluate_detections
 from mutdet.evaluation.plots import plot_pr_curves
 from mutdet.io.annotations import AnnotationError, ClassMap
@@ -109,10 +109,13 @@ def format_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def run(*, dataset: DatasetConfig, split: str, out_dir: Path, detections: Path | None = None,
-        task1_dir: Path | None = None, iou_thresholds: Sequence[float] = (0.5, 0.75), use_07_metric: bool = True,
-        on_bad_object: str = "error") -> dict:
+def run(cfg: Config, *, dataset: str, split: str, out_dir: Path, detections: Path | None = None,
+        task1_dir: Path | None = None, iou_thresholds: Sequence[float] = (0.5, 0.75),
+        use_07_metric: bool = True) -> dict:
     """Evaluate one detection set on one split; write ``metrics.json`` and ``pr_curve.png`` to ``out_dir``.
+
+    The ground truth is read as the tile stage reads it (``on_bad_object`` included), so an image or
+    object that tiling skipped is skipped here too, and listed.
 
     Args:
         dataset, split: the labelled split to evaluate on (every image of it counts, with or without
@@ -123,14 +126,14 @@ def run(*, dataset: DatasetConfig, split: str, out_dir: Path, detections: Path |
             the two).
         iou_thresholds: IoU thresholds (a match needs IoU > threshold).
         use_07_metric: VOC07 11-point AP (DOTA) if true, else all-points AP.
-        on_bad_object: ``error`` or ``skip`` malformed label lines (skipped ones are listed in the output).
     Returns:
         The dict written to ``metrics.json``.
     """
     if (detections is None) == (task1_dir is None):
         raise ValueError("evaluate: give exactly one of detections (Parquet) or task1_dir (Task1 files)")
     out_dir = Path(out_dir)
-    gt, skipped_images = load_ground_truth(dataset, split, on_bad_object)
+    dataset = cfg.dataset(dataset)
+    gt, skipped_images = load_ground_truth(dataset, split, cfg.on_bad_object)
     skipped = [s.to_dict() for ann in gt.values() for s in ann.skipped]
     skipped_ids = {s["image_id"] for s in skipped_images}
     if detections is not None:

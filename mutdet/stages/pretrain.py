@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from mutdet.config import Config
 from mutdet.data.pretrain import ProposalTileDataset
 from mutdet.data.transforms import build_transforms
 from mutdet.engine import dist
@@ -32,8 +33,7 @@ from mutdet.engine.device import resolve_device
 from mutdet.engine.trainer import TrainConfig, Trainer
 from mutdet.io.atomic import write_json
 from mutdet.io.identity import file_digest, files_identity
-from mutdet.losses import build_criterion
-from mutdet.losses.pretrain import PretrainCriterion
+from mutdet.losses.pretrain import PretrainCriterion, build_pretrain_criterion
 from mutdet.models import build_detector
 from mutdet.models.pretrain import PretrainModel
 from mutdet.stages.common import code_version, log
@@ -43,70 +43,54 @@ __all__ = ["run", "build_pretrain_model"]
 
 
 def build_pretrain_model(*, variant: PretrainVariant, num_classes: int, model_kwargs: Mapping,
-                         enhancement: Mapping | None = None, encoder_head_hidden: int = 1024,
-                         freeze_backbone: bool = True, temperature: float = 0.2, align_weight: float = 1.0,
-                         loss_kwargs: Mapping | None = None) -> tuple[PretrainModel, PretrainCriterion]:
-    """The pre-training model and its criterion (``num_classes``: k pseudo-classes, or 1 for ``agnostic``)."""
+                         enhancement: Mapping, encoder_head_hidden: int, freeze_backbone: bool,
+                         loss: Mapping) -> tuple[PretrainModel, PretrainCriterion]:
+    """The pre-training model and its criterion (``num_classes``: k pseudo-classes, or 1 for ``agnostic``)
+    from the ``finetune.model`` keywords and the ``pretrain`` section's ``enhancement`` and ``loss``."""
     classes = 1 if variant.classes == "agnostic" else num_classes
     detector = build_detector(num_classes=classes, **model_kwargs)
-    enhancement = dict(enhancement or {})
-    model = PretrainModel(detector=detector, variant=variant,
-                          enhancement_layers=enhancement.get("num_layers", 3),
-                          enhancement_heads=enhancement.get("num_heads", 8),
-                          enhancement_mlp_dim=enhancement.get("mlp_dim", 2048),
+    model = PretrainModel(detector=detector, variant=variant, enhancement_layers=enhancement["num_layers"],
+                          enhancement_heads=enhancement["num_heads"], enhancement_mlp_dim=enhancement["mlp_dim"],
                           encoder_head_hidden=encoder_head_hidden, freeze_backbone=freeze_backbone)
-    shared = {k: model_kwargs[k] for k in ("num_angle_bins", "angle_radius") if k in model_kwargs}
-    detection = build_criterion(num_classes=classes, num_decoder_layers=len(detector.decoder.layers), **shared,
-                                **dict(loss_kwargs or {}))
-    criterion = PretrainCriterion(detection=detection, variant=variant, temperature=temperature,
-                                  align_weight=align_weight)
+    criterion = build_pretrain_criterion(variant=variant, num_classes=classes,
+                                         num_decoder_layers=len(detector.decoder.layers), **loss)
     return model, criterion
 
 
-def run(*, variant: PretrainVariant, tiles_dirs: Sequence[Path], proposals_files: Sequence[Path],
-        targets_files: Sequence[Path], out_dir: Path, model_kwargs: Mapping, train_kwargs: Mapping, seed: int = 0,
-        input_size: int | None = None, flip_probability: float = 0.25, max_boxes: int | None = None,
-        enhancement: Mapping | None = None, encoder_head_hidden: int = 1024, freeze_backbone: bool = True,
-        temperature: float = 0.2, align_weight: float = 1.0, loss_kwargs: Mapping | None = None,
-        device: str = "auto", wandb_mode: str | None = None) -> dict:
-    """Pre-train one variant.
+def run(cfg: Config, *, variant: str, tiles_dirs: Sequence[Path], proposals_files: Sequence[Path],
+        targets_files: Sequence[Path], out_dir: Path) -> dict:
+    """Pre-train the ``pretrain.variants`` entry ``variant`` with the ``pretrain`` section's settings on
+    the detector of ``finetune.model`` (so that the weights transfer).
 
     Args:
-        variant: the flags (:mod:`mutdet.variants`).
+        variant: a ``pretrain.variants`` name (its flags: :mod:`mutdet.variants`).
         tiles_dirs, proposals_files, targets_files: one entry per shard, in the same order.
         out_dir: output folder (module docstring).
-        model_kwargs: keywords of :func:`mutdet.models.build_detector` except ``num_classes`` (the
-            fine-tuning model's, so that the weights transfer).
-        train_kwargs: fields of :class:`mutdet.engine.trainer.TrainConfig` (``seed`` set from ``seed``).
-        seed: model initialisation, data order, augmentation.
-        input_size, flip_probability, max_boxes: data (see :class:`mutdet.data.pretrain.ProposalTileDataset`).
-        enhancement, encoder_head_hidden, freeze_backbone, temperature, align_weight, loss_kwargs: model
-            and losses (:func:`build_pretrain_model`).
-        device, wandb_mode: as for fine-tuning.
     Returns:
         ``{"train": trainer result, "checkpoint": path}``.
     """
+    pt, seed = cfg.pretrain, cfg.seed
+    variant = cfg.variant(variant)
+    model_kwargs, enhancement, loss = dict(cfg.finetune.model), dict(pt.enhancement), dict(pt.loss)
     out_dir = Path(out_dir)
-    torch_device = dist.init_distributed(resolve_device(device, "pretrain.device"))
+    torch_device = dist.init_distributed(resolve_device(pt.device, "pretrain.device"))
     torch.manual_seed(seed)
-    train_config = TrainConfig.from_dict({**train_kwargs, "seed": seed})
+    train_config = TrainConfig.from_dict({**pt.train_kwargs(), "seed": seed})
     dataset = ProposalTileDataset(tiles_dirs, proposals_files, targets_files,
-                                  class_agnostic=variant.classes == "agnostic", max_boxes=max_boxes,
-                                  transform=build_transforms(train=True, input_size=input_size,
-                                                             flip_probability=flip_probability))
+                                  class_agnostic=variant.classes == "agnostic", max_boxes=pt.max_boxes,
+                                  transform=build_transforms(train=True, input_size=pt.input_size,
+                                                             flip_probability=pt.flip_probability))
     if len(dataset) == 0:
         raise ValueError(f"pretrain: no tile with proposals in {[str(p) for p in proposals_files]}")
     model, criterion = build_pretrain_model(
         variant=variant, num_classes=dataset.num_classes, model_kwargs=model_kwargs, enhancement=enhancement,
-        encoder_head_hidden=encoder_head_hidden, freeze_backbone=freeze_backbone, temperature=temperature,
-        align_weight=align_weight, loss_kwargs=loss_kwargs)
+        encoder_head_hidden=pt.encoder_head_hidden, freeze_backbone=pt.freeze_backbone, loss=loss)
     params = json_safe({
         "kind": "pretrain", "variant": asdict(variant), "num_classes": dataset.num_classes,
-        "embedding_dim": dataset.dim, "model": dict(model_kwargs), "train": asdict(train_config),
-        "loss": dict(loss_kwargs or {}), "enhancement": dict(enhancement or {}),
-        "encoder_head_hidden": encoder_head_hidden, "freeze_backbone": freeze_backbone,
-        "temperature": temperature, "align_weight": align_weight, "input_size": input_size,
-        "flip_probability": flip_probability, "max_boxes": max_boxes, "seed": seed,
+        "embedding_dim": dataset.dim, "model": model_kwargs, "train": asdict(train_config),
+        "loss": loss, "enhancement": enhancement, "encoder_head_hidden": pt.encoder_head_hidden,
+        "freeze_backbone": pt.freeze_backbone, "input_size": pt.input_size,
+        "flip_probability": pt.flip_probability, "max_boxes": pt.max_boxes, "seed": seed,
         "tiles_dirs": list(tiles_dirs), "proposals_files": list(proposals_files),
         "targets_files": list(targets_files), "num_tiles": len(dataset), "code_version": code_version(),
     })
@@ -124,7 +108,7 @@ def run(*, variant: PretrainVariant, tiles_dirs: Sequence[Path], proposals_files
                   "tiles": [file_digest(Path(d) / "tiles.parquet") for d in tiles_dirs],
                   "proposals": files_identity(proposals_files), "targets": files_identity(targets_files)}
     trainer = Trainer(model=model, criterion=criterion, dataset=dataset, config=train_config, out_dir=out_dir,
-                      device=torch_device, run_config=params, resume_key=resume_key, wandb_mode=wandb_mode)
+                      device=torch_device, run_config=params, resume_key=resume_key, wandb_mode=pt.wandb_mode)
     result = trainer.fit()
     if not dist.is_main_process():
         return {"train": result, "checkpoint": None}

@@ -28,23 +28,17 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from mutdet.boxes import le90_to_polygon
-from mutdet.config import Config, ConfigError
-from mutdet.io.artefacts import SCHEMAS, read_artefact, read_metadata, write_artefact
+from mutdet.config import Config
+from mutdet.io.artefacts import SCHEMAS, read_artefact, write_artefact
 from mutdet.io.atomic import write_json
 from mutdet.proposals import ProposalSet, Proposer, build_proposer
 from mutdet.io.identity import file_digest
-from mutdet.stages.common import chunk_part_path, code_version, log, params_hash, part_metadata
+from mutdet.stages import parts
+from mutdet.stages.common import code_version, log, params_hash
 
 
 class BadTileError(RuntimeError):
     """A tile image that is missing or cannot be decoded (``proposals.on_bad_tile: error``)."""
-
-
-def _part_is_current(path: Path, phash: str, tile_ids: list[str]) -> bool:
-    meta = part_metadata(path)
-    # A chunk with undecodable tiles is retried: the tiles may have been repaired since.
-    return (meta is not None and meta.get("params_hash") == phash and meta.get("tile_ids") == tile_ids
-            and not meta.get("bad_tiles"))
 
 
 def _read_tile(path: Path) -> tuple[np.ndarray | None, str | None]:
@@ -100,19 +94,17 @@ def _count_summary(counts: np.ndarray) -> dict:
             "mean": float(counts.mean()), "max": int(counts.max()), "tiles_without_proposals": int((counts == 0).sum())}
 
 
-def run(cfg: Config, dataset: str, split: str, shard: int, tiles_dir: str | Path, out_dir: str | Path) -> dict:
+def run(cfg: Config, *, dataset: str, split: str, shard: int, tiles_dir: str | Path, out_dir: str | Path) -> dict:
     """Propose on every tile of ``tiles_dir`` (one shard of ``dataset``/``split``) into ``out_dir``.
 
     Returns the manifest dict (also written to ``out_dir/manifest.json``).
 
     Raises:
-        ConfigError: no ``proposals`` section. SamCheckpointError (mutdet.proposals.sam): a missing or
+        SamCheckpointError (mutdet.proposals.sam): a missing or
             mismatched SAM checkpoint, before any tile is processed. BadTileError: an undecodable tile
             with ``on_bad_tile: error``. ArtefactError: a missing or malformed ``tiles.parquet``.
     """
     p = cfg.proposals
-    if p is None:
-        raise ConfigError("proposals: section missing from the configuration")
     tiles_dir, out_dir = Path(tiles_dir), Path(out_dir)
     tiles_file = tiles_dir / "tiles.parquet"
     tiles = read_artefact(tiles_file, "tiles", columns=["tile_id", "tile_path"]).to_pylist()
@@ -125,7 +117,9 @@ def run(cfg: Config, dataset: str, split: str, shard: int, tiles_dir: str | Path
     every = p.checkpoint_every
     chunks = [tiles[i:i + every] for i in range(0, len(tiles), every)]
     chunk_ids = [[t["tile_id"] for t in c] for c in chunks]
-    todo = [k for k in range(len(chunks)) if not _part_is_current(chunk_part_path(out_dir, k, phash), phash, chunk_ids[k])]
+    paths = parts.chunk_paths(out_dir, phash, len(chunks))
+    # A chunk with undecodable tiles is retried: the tiles may have been repaired since.
+    todo = parts.todo(paths, phash, [{"tile_ids": ids, "bad_tiles": []} for ids in chunk_ids])
     reused = sum(len(chunks[k]) for k in range(len(chunks)) if k not in todo)
     log.info("propose %s/%s shard %d (%s): %d tiles (%d already done) -> %s",
              dataset, split, shard, p.method, len(tiles), reused, out_dir)
@@ -136,15 +130,13 @@ def run(cfg: Config, dataset: str, split: str, shard: int, tiles_dir: str | Path
     start = time.perf_counter()
     for k in todo:
         table, bad = _propose_chunk(proposer, chunks[k], tiles_dir, p.method, p.on_bad_tile, progress)
-        write_artefact(table, chunk_part_path(out_dir, k, phash), "proposals",
-                       {"params_hash": phash, "tile_ids": chunk_ids[k], "bad_tiles": bad})
+        parts.write(table, paths[k], "proposals", phash, tile_ids=chunk_ids[k], bad_tiles=bad)
     progress.close()
     seconds = time.perf_counter() - start
     computed = len(tiles) - reused
 
-    parts = [chunk_part_path(out_dir, k, phash) for k in range(len(chunks))]
-    proposals = read_artefact(parts, "proposals")
-    bad_tiles = [b for part in parts for b in read_metadata(part)["bad_tiles"]]
+    proposals, metas = parts.read(paths, "proposals")
+    bad_tiles = [b for meta in metas for b in meta["bad_tiles"]]
     bad_ids = {b["tile_id"] for b in bad_tiles}
     per_tile = dict.fromkeys((t["tile_id"] for t in tiles if t["tile_id"] not in bad_ids), 0)
     per_tile.update(Counter(proposals.column("tile_id").to_pylist()))
@@ -160,10 +152,7 @@ def run(cfg: Config, dataset: str, split: str, shard: int, tiles_dir: str | Path
             "split": split, "shard": shard}
     write_artefact(proposals, out_dir / "proposals.parquet", "proposals", meta)
     write_json(out_dir / "manifest.json", manifest)
-    current = set(parts)
-    for stale in (out_dir / "parts").glob("chunk-*.parquet"):
-        if stale not in current:
-            stale.unlink()
+    parts.remove_stale(out_dir, paths)
     if bad_tiles:
         log.warning("%d tile(s) could not be decoded (on_bad_tile: report); listed in %s",
                     len(bad_tiles), out_dir / "manifest.json")

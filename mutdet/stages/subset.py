@@ -13,7 +13,9 @@ from mutdet.io.datasets import list_image_ids
 from mutdet.stages.common import log
 
 
-def run(cfg: Config, dataset: str, split: str, fraction: float, out: str | Path, seed: int, nested: bool = False) -> Subset:
+def run(cfg: Config, *, dataset: str, split: str, fraction: float, out: str | Path) -> Subset:
+    """Write the ``fraction`` subset of ``dataset``/``split`` (drawn with ``seed``, ``fractions.nested``) to ``out``."""
+    seed, nested = cfg.seed, cfg.fractions.nested
     ds = cfg.dataset(dataset)
     sp = ds.split(split)
     ids = list_image_ids(sp.images, sp.list, ds.image_extensions)

@@ -35,11 +35,12 @@ from tqdm import tqdm
 
 from mutdet.config import Config
 from mutdet.io.annotations import AnnotationError, ClassMap
-from mutdet.io.artefacts import SCHEMAS, read_artefact, read_metadata, write_artefact
+from mutdet.io.artefacts import SCHEMAS, write_artefact
 from mutdet.io.atomic import write_bytes, write_json
 from mutdet.io.datasets import (LABEL_SUFFIX, find_image, labels_without_image, list_image_ids, load_image,
                                  shard_ids)
-from mutdet.stages.common import code_version, log, params_hash, part_metadata
+from mutdet.stages import parts
+from mutdet.stages.common import code_version, log, params_hash
 from mutdet.tiling import TilingParams, iter_tiles
 
 # Lossless PNG, fast: level 1 with Huffman-only coding encodes ~35% faster than OpenCV's default
@@ -87,13 +88,6 @@ def _raw_identity(job: "_Job") -> dict:
     return {"image": image, "label": label, "code_version": job.code_version}
 
 
-def _part_is_current(job: "_Job") -> bool:
-    objects_part, tiles_part = _part_paths(job.out_dir, job.image_id)
-    meta = part_metadata(tiles_part)
-    return (objects_part.is_file() and meta is not None and meta.get("params_hash") == job.params_hash
-            and meta.get("inputs") == _raw_identity(job))
-
-
 def _tile_one(job: _Job) -> dict:
     """Tile one image; write its PNGs and parts. Returns the image's counts and skips."""
     cv2.setNumThreads(1)
@@ -116,6 +110,10 @@ def _tile_one(job: _Job) -> dict:
         difficult = ann.difficult if ann is not None else np.zeros(0, dtype=np.int8)
         skipped_objects = [s.to_dict() for s in ann.skipped] if ann is not None else []
         image_dir = job.out_dir / "images" / job.image_id
+        # The image's old part goes first: a kill below must not leave a part that looks current while
+        # the PNGs it lists are gone or of other parameters.
+        for part in _part_paths(job.out_dir, job.image_id):
+            part.unlink(missing_ok=True)
         shutil.rmtree(image_dir, ignore_errors=True)  # stale tiles of earlier parameters
         height, width = image.shape[:2]
         tiled = np.zeros(len(labels), dtype=bool)
@@ -144,11 +142,11 @@ def _tile_one(job: _Job) -> dict:
         del image
         not_tiled = [{"image_id": job.image_id, "object_index": int(i), "file": ann.file, "line": ann.line(i)}
                      for i in np.flatnonzero(~tiled)]
-    meta = {"params_hash": job.params_hash, "inputs": inputs, "skipped_objects": skipped_objects,
-            "skipped_image": skipped_image, "not_tiled": not_tiled}
+    meta = {"inputs": inputs, "skipped_objects": skipped_objects, "skipped_image": skipped_image,
+            "not_tiled": not_tiled}
     objects_part, tiles_part = _part_paths(job.out_dir, job.image_id)
-    write_artefact(_table(object_rows, "objects"), objects_part, "objects", meta)
-    write_artefact(_table(tile_rows, "tiles"), tiles_part, "tiles", meta)  # written last: marks the part done
+    parts.write(_table(object_rows, "objects"), objects_part, "objects", job.params_hash, **meta)
+    parts.write(_table(tile_rows, "tiles"), tiles_part, "tiles", job.params_hash, **meta)
     return {"image_id": job.image_id, "tiles": len(tile_rows), "objects": len(object_rows)}
 
 
@@ -159,7 +157,7 @@ def _table(rows: list[dict], kind: str) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=schema)
 
 
-def run(cfg: Config, dataset: str, split: str, shard: int, out_dir: str | Path, threads: int = 1) -> dict:
+def run(cfg: Config, *, dataset: str, split: str, shard: int, out_dir: str | Path, threads: int = 1) -> dict:
     """Tile shard ``shard`` of ``dataset``/``split`` into ``out_dir``; returns the summary dict."""
     ds = cfg.dataset(dataset)
     sp = ds.split(split)
@@ -187,7 +185,8 @@ def run(cfg: Config, dataset: str, split: str, shard: int, out_dir: str | Path, 
              tiling=tiling, out_dir=out_dir, params_hash=phash, code_version=code_version())
         for i in ids
     ]
-    todo = [j for j in jobs if not _part_is_current(j)]
+    paths = [_part_paths(out_dir, i) for i in ids]  # (objects, tiles) of each image
+    todo = [jobs[k] for k in parts.todo(paths, phash, [{"inputs": _raw_identity(j)} for j in jobs])]
     log.info("tile %s/%s shard %d/%d: %d images (%d already done), %d worker(s)",
              dataset, split, shard, ds.shards, len(jobs), len(jobs) - len(todo), threads)
     progress = tqdm(total=len(todo), desc=f"tile {dataset}/{split}/{shard}", unit="img", mininterval=1.0)
@@ -202,15 +201,11 @@ def run(cfg: Config, dataset: str, split: str, shard: int, out_dir: str | Path, 
             progress.update()
     progress.close()
 
-    tiles = read_artefact([_part_paths(out_dir, i)[1] for i in ids], "tiles")
-    objects = read_artefact([_part_paths(out_dir, i)[0] for i in ids], "objects")
-    skipped_objects, skipped_images, not_tiled = [], [], []
-    for i in ids:
-        meta = read_metadata(_part_paths(out_dir, i)[1])
-        skipped_objects += meta["skipped_objects"]
-        not_tiled += meta["not_tiled"]
-        if meta["skipped_image"]:
-            skipped_images.append(meta["skipped_image"])
+    objects, _ = parts.read([p[0] for p in paths], "objects")
+    tiles, metas = parts.read([p[1] for p in paths], "tiles")
+    skipped_objects = [s for meta in metas for s in meta["skipped_objects"]]
+    skipped_images = [meta["skipped_image"] for meta in metas if meta["skipped_image"]]
+    not_tiled = [t for meta in metas for t in meta["not_tiled"]]
     summary = {
         "dataset": dataset, "split": split, "shard": shard, "images": len(ids),
         "images_reused": len(jobs) - len(todo), "tiles": tiles.num_rows, "objects": objects.num_rows,

@@ -1,26 +1,26 @@
-# Shared set-up: validated config, the mutdet command, output layout, targets.
+# Shared set-up: the validated config, the file every job reads it from, the mutdet command, targets.
+#
+# How configuration reaches a job: `CONFIG` is validated here once (a wrong key, a loss-weight typo or a
+# cross-section mismatch stops `snakemake -n` with a message naming the keys). When the run starts, the
+# resolved whole is written to LAYOUT.config_file() (named by its content digest) and every job reads
+# it with `--config`. A rule's rerun trigger is its `sections` param: the digest of the config parts its
+# outputs depend on (mutdet.config.job_sections), so editing an unrelated section reruns nothing. The
+# config file is passed as a pathlib.Path param: Snakemake compares only plain values (str, numbers,
+# containers) between runs, so the file's name, which changes with any edit, triggers nothing itself.
 import functools
 import json
 import shlex
 import sys
+from pathlib import Path
 
 from mutdet.config import from_dict
-from mutdet.stages.layout import (
-    FINETUNE_DIR,
-    LOGS_DIR,
-    PRETRAIN_RUN_DIR,
-    TABLES_DIR,
-    TILES_DIR,
-    embedding_tag,
-    pretrain_dir,
-    proposals_tag,
-)
+from mutdet.layout import Layout
 
-# Validates against workflow/schemas/config.schema.yaml and fills defaults; a wrong key or type stops
-# here (also under `snakemake -n`) with a message naming the key.
 CONFIG = from_dict(config, "config")
+LAYOUT = Layout(CONFIG)
 RESULTS = str(CONFIG.results)
-LOGS = f"{RESULTS}/{LOGS_DIR}"
+LOGS = str(LAYOUT.logs_dir())
+CONFIG_FILE = LAYOUT.config_file()
 # The running interpreter's mutdet (the .venv); under --use-conda the env's python resolves it.
 MUTDET = (
     "python -m mutdet"
@@ -33,9 +33,6 @@ MUTDET = (
 LAUNCH = f"{MUTDET}.engine.launch"
 
 NAME = r"[A-Za-z0-9][A-Za-z0-9_-]*"
-# Tags of the parameters that determine proposals and embeddings (folder names; see pretrain_data.smk).
-PROPOSALS_TAG = proposals_tag(CONFIG)
-EMBED_TAG = embedding_tag(CONFIG)
 
 
 wildcard_constraints:
@@ -44,37 +41,27 @@ wildcard_constraints:
     shard=r"\d+",
     fraction=r"(0?\.\d+|1\.0|1)",
     run=r"[A-Za-z0-9][A-Za-z0-9_~.=/-]*",
-    ptag=NAME,
     init=NAME,
     epochs=r"\d+",
-    etag=NAME,
     variant=NAME,
 
 
-def dataset_config_json(name, seed=False):
-    """The part of the config one dataset's jobs depend on (a params change reruns just them)."""
-    raw = CONFIG.raw
-    part = {"results": raw["results"], "on_bad_object": raw["on_bad_object"], "datasets": {name: raw["datasets"][name]}}
-    if seed:
-        part["seed"] = raw["seed"]
-    return json.dumps(part, sort_keys=True)
+onstart:
+    # Written once per configuration (its name is its content digest), atomically, before any job.
+    if not CONFIG_FILE.is_file():
+        from mutdet.io.atomic import write_text
+
+        write_text(CONFIG_FILE, json.dumps(dict(CONFIG.raw), sort_keys=True, indent=1, default=str) + "\n")
 
 
-def pretrain_config_json(name):
-    """Config part of the per-shard pre-training data jobs of one dataset."""
-    raw = CONFIG.raw
-    part = json.loads(dataset_config_json(name))
-    part.update(proposals=raw["proposals"], embedding=raw["embedding"])
-    return json.dumps(part, sort_keys=True)
+def p(path):
+    """A Layout path as the string Snakemake patterns use."""
+    return str(path)
 
 
-def pretrain_shard_files(kind):
-    """Per-shard files of every `proposals.datasets` split: kind is proposals | embeddings | targets."""
-    return [
-        str(pretrain_dir(RESULTS, kind, name, split, shard, CONFIG) / f"{kind}.parquet")
-        for name, split in CONFIG.proposals.datasets
-        for shard in range(CONFIG.dataset(name).shards)
-    ]
+def sections(stage, **wildcards):
+    """A rule's rerun trigger: the digest of the config parts its outputs depend on."""
+    return lambda w: CONFIG.sections_digest(stage, **{k: w[v] for k, v in wildcards.items()})
 
 
 def dataset_inputs(name, split=None):
@@ -121,134 +108,96 @@ def _raw_files_per_image(name, split):
     return files
 
 
-def tiles_path(dataset, split, shard, name):
-    return f"{RESULTS}/{TILES_DIR.format(dataset=dataset, split=split, shard=shard)}/{name}"
+def split_tiles(dataset, split):
+    """`tiles.parquet` of every shard of a split."""
+    return [p(d / "tiles.parquet") for d in LAYOUT.split_tiles_dirs(dataset, split)]
+
+
+def pretrain_files(kind):
+    """Per-shard files of every `proposals.datasets` shard: kind is tiles | proposals | embeddings | targets."""
+    path = {
+        "tiles": LAYOUT.tiles_table,
+        "proposals": lambda *s: LAYOUT.proposals_dir(*s) / "proposals.parquet",
+        "embeddings": lambda *s: LAYOUT.embeddings_dir(*s) / "embeddings.parquet",
+        "targets": LAYOUT.targets_file,
+    }[kind]
+    return [p(path(*shard)) for shard in LAYOUT.pretrain_shards()]
 
 
 def all_tiles():
-    return [
-        tiles_path(name, split, shard, "tiles.parquet")
-        for name, ds in CONFIG.datasets.items()
-        for split in ds.splits
-        for shard in range(ds.shards)
-    ]
+    return [p(LAYOUT.tiles_table(name, split, k)) for name, ds in CONFIG.datasets.items() for split in ds.splits
+            for k in range(ds.shards)]
 
 
 def all_fractions():
-    return [
-        f"{RESULTS}/{name}/fractions/{split}/frac~{value}.txt"
-        for name, split in CONFIG.fractions.datasets
-        for value in CONFIG.fractions.values
-    ]
+    return [p(LAYOUT.fractions_file(name, split, value)) for name, split in CONFIG.fractions.datasets
+            for value in CONFIG.fractions.values]
 
 
 def finetune_run(dataset):
-    """The `finetune.runs` entry of a dataset."""
+    """The `finetune.runs` entry of a dataset (entries of one dataset share their splits)."""
     return next(r for r in CONFIG.finetune.runs if r.dataset == dataset)
-
-
-def finetune_tiles(dataset, split):
-    return [tiles_path(dataset, split, shard, "tiles.parquet") for shard in range(CONFIG.dataset(dataset).shards)]
-
-
-def finetune_config_json(name):
-    """Config part of one dataset's fine-tuning jobs: not the sweep itself (`runs`), so adding a
-    fraction, an init or a schedule leaves the other jobs' parameters unchanged."""
-    part = json.loads(dataset_config_json(name, seed=True))
-    part["finetune"] = {**CONFIG.raw["finetune"], "runs": []}
-    return json.dumps(part, sort_keys=True)
-
-
-def pretrain_run_dir(variant):
-    run_dir = PRETRAIN_RUN_DIR.format(ptag=PROPOSALS_TAG, etag=EMBED_TAG, variant=variant)
-    return f"{RESULTS}/{run_dir}"
-
-
-def pretrain_checkpoint(variant):
-    return f"{pretrain_run_dir(variant)}/checkpoint.pt"
-
-
-def pretrain_variant_json(variant):
-    """Config part of one variant's pre-training job: its own flags, the shared settings and the
-    detector shape (`finetune.model`); other variants and the sweep do not enter."""
-    raw = CONFIG.raw
-    if variant not in raw["pretrain"]["variants"]:
-        raise ValueError(f"pretrain: no variant {variant!r} in pretrain.variants (have {sorted(raw['pretrain']['variants'])})")
-    pretrain = {**raw["pretrain"], "variants": {variant: raw["pretrain"]["variants"][variant]},
-                "loss_curves": {"with": None, "without": None}}
-    part = {"seed": raw["seed"], "finetune": {"model": raw["finetune"]["model"]}, "pretrain": pretrain}
-    return json.dumps(part, sort_keys=True)
-
-
-def pretrain_tiles():
-    """Tiles folders' `tiles.parquet` of every pre-training shard (the order of pretrain_shard_files)."""
-    return [
-        tiles_path(name, split, shard, "tiles.parquet")
-        for name, split in CONFIG.proposals.datasets
-        for shard in range(CONFIG.dataset(name).shards)
-    ]
-
-
-def finetune_init_inputs(init):
-    return [] if init == "none" else [pretrain_checkpoint(init)]
 
 
 def all_pretrain_variants():
     """Variants the sweep fine-tunes from, plus those of the loss-curve figure."""
+    if not CONFIG.pretraining_needed():
+        return []
     names = {i for r in CONFIG.finetune.runs for i in r.inits if i != "none"}
     names |= {v for v in CONFIG.pretrain.loss_curves.values() if v is not None}
     return sorted(names)
 
 
+def loss_curve_variants():
+    """(legend label, variant) of the loss-curve figure."""
+    return [(f"{v} ({k} enhancement)", v) for k, v in CONFIG.pretrain.loss_curves.items() if v is not None]
+
+
 def loss_curves_figure():
-    lc = CONFIG.pretrain.loss_curves
-    if lc["with"] is None or not CONFIG.proposals.datasets:
-        return []
-    return [f"{RESULTS}/pretrain/{PROPOSALS_TAG}/{EMBED_TAG}/loss_curves.png"]
-
-
-def finetune_dir(run, init, fraction, epochs):
-    return FINETUNE_DIR.format(init=init, fraction=fraction, epochs=epochs, dataset=run.dataset, split=run.test_split)
+    return [p(LAYOUT.loss_curves_figure())] if loss_curve_variants() and CONFIG.pretraining_needed() else []
 
 
 def all_finetune_metrics():
-    """Every job of the sweep: the union of the `finetune.runs` entries (shared jobs once)."""
-    paths = [
-        f"{RESULTS}/{finetune_dir(r, init, fraction, epochs)}/metrics.json"
-        for r in CONFIG.finetune.runs
-        for init in r.inits
-        for fraction in r.fractions
-        for epochs in r.epochs
-    ]
-    return list(dict.fromkeys(paths))
+    return [p(LAYOUT.job_dir(job) / "metrics.json") for job in LAYOUT.finetune_jobs()]
 
 
 def finetuned_datasets():
     return list(dict.fromkeys(r.dataset for r in CONFIG.finetune.runs))
 
 
+def tables_inputs():
+    """What `mutdet tables` reads, as the JSON it takes: each run's metrics and tile detections, and the
+    test tiles of every fine-tuned dataset; the same files are the rule's inputs."""
+    runs = [{"dataset": j.dataset, "train_split": j.train_split, "split": j.split, "init": j.init,
+             "fraction": j.fraction, "epochs": j.epochs, "metrics": p(LAYOUT.job_dir(j) / "metrics.json"),
+             "detections": p(LAYOUT.job_dir(j) / "detections_tiles.parquet")} for j in LAYOUT.finetune_jobs()]
+    test_tiles = {d: [p(t) for t in LAYOUT.split_tiles_dirs(d, finetune_run(d).test_split)] for d in finetuned_datasets()}
+    return {"runs": runs, "test_tiles": test_tiles}
+
+
 def table_outputs():
+    tables = LAYOUT.tables_dir()
     names = {}
     for d in finetuned_datasets():
         for table in ("main", "low_data", "ablation"):
             names[f"{table}_{d}"] = report(
-                f"{RESULTS}/{TABLES_DIR}/{table}_{d}.csv",
+                p(tables / f"{table}_{d}.csv"),
                 caption=f"../report/{table}.rst",
                 category="Tables",
                 subcategory=d,
                 labels={"table": table, "dataset": d},
             )
-            names[f"{table}_{d}_md"] = f"{RESULTS}/{TABLES_DIR}/{table}_{d}.md"
-            names[f"{table}_{d}_tex"] = f"{RESULTS}/{TABLES_DIR}/{table}_{d}.tex"
+            names[f"{table}_{d}_md"] = p(tables / f"{table}_{d}.md")
+            names[f"{table}_{d}_tex"] = p(tables / f"{table}_{d}.tex")
         names[f"ap50_vs_fraction_{d}"] = report(
-            f"{RESULTS}/{TABLES_DIR}/ap50_vs_fraction_{d}.png",
+            p(tables / f"ap50_vs_fraction_{d}.png"),
             caption="../report/ap50_vs_fraction.rst",
             category="Figures",
             subcategory=d,
             labels={"figure": "AP50 vs data fraction", "dataset": d},
         )
         names[f"detections_{d}"] = report(
-            f"{RESULTS}/{TABLES_DIR}/detections_{d}.png",
+            p(tables / f"detections_{d}.png"),
             caption="../report/detections.rst",
             category="Figures",
             subcategory=d,

@@ -10,7 +10,8 @@ for _name, _ds in CONFIG.datasets.items():
             manifest=str(_ds.root / "MANIFEST.json"),
         params:
             mutdet=MUTDET,
-            config=dataset_config_json(_name),
+            config=CONFIG_FILE,
+            sections=CONFIG.sections_digest("demo_data", dataset=_name),
             dataset=_name,
         log:
             f"{LOGS}/demo_data/{_name}.log",

@@ -5,18 +5,18 @@ rule subset:
     input:
         lambda w: dataset_inputs(w.dataset, w.split),
     output:
-        f"{RESULTS}/{{dataset}}/fractions/{{split}}/frac~{{fraction}}.txt",
+        p(LAYOUT.fractions_file("{dataset}", "{split}", "{fraction}")),
     params:
         mutdet=MUTDET,
-        config=lambda w: dataset_config_json(w.dataset, seed=True),
-        nested=lambda w: "--nested" if CONFIG.fractions.nested else "",
+        config=CONFIG_FILE,
+        sections=sections("subset", dataset="dataset"),
     log:
         f"{LOGS}/subset/{{dataset}}/{{split}}/frac~{{fraction}}.log",
     conda:
         "../../envs/mutdet.yaml"
     shell:
         "{params.mutdet} subset --config {params.config:q} --dataset {wildcards.dataset} --split {wildcards.split}"
-        " --fraction {wildcards.fraction} {params.nested} --out {output:q} > {log:q} 2>&1"
+        " --fraction {wildcards.fraction} --out {output:q} > {log:q} 2>&1"
 
 
 # Any `<run>/<dataset>/<split>/detections.parquet` (full-image frame) -> metrics beside it.
@@ -30,7 +30,8 @@ rule evaluate:
         pr_curve=f"{RESULTS}/{{run}}/{{dataset}}/{{split}}/pr_curve.png",
     params:
         mutdet=MUTDET,
-        config=lambda w: dataset_config_json(w.dataset),
+        config=CONFIG_FILE,
+        sections=sections("evaluate", dataset="dataset"),
         out=lambda w, output: os.path.dirname(output.metrics),
     log:
         f"{LOGS}/evaluate/{{run}}/{{dataset}}/{{split}}.log",

@@ -2,27 +2,30 @@
 # The evaluate rule (evaluate.smk) scores `detections.parquet` into `metrics.json` beside it.
 # Only the final checkpoint and detections are declared outputs: the resume state (checkpoints/last.pt,
 # metrics.jsonl) must survive a failed or killed job.
+FINETUNE_DIR = LAYOUT.finetune_dir("{init}", "{fraction}", "{epochs}", "{dataset}", "{split}")
 
 
 rule finetune:
     input:
-        train=lambda w: finetune_tiles(w.dataset, finetune_run(w.dataset).train_split),
-        test=lambda w: finetune_tiles(w.dataset, w.split),
-        subset=lambda w: f"{RESULTS}/{w.dataset}/fractions/{finetune_run(w.dataset).train_split}/frac~{w.fraction}.txt",
-        init=lambda w: finetune_init_inputs(w.init),
+        train=lambda w: split_tiles(w.dataset, finetune_run(w.dataset).train_split),
+        test=lambda w: split_tiles(w.dataset, w.split),
+        subset=lambda w: p(LAYOUT.fractions_file(w.dataset, finetune_run(w.dataset).train_split, w.fraction)),
+        init=lambda w: [] if w.init == "none" else [p(LAYOUT.pretrain_checkpoint(w.init))],
     output:
-        checkpoint=f"{RESULTS}/{FINETUNE_DIR}/checkpoint.pt",
-        detections=f"{RESULTS}/{FINETUNE_DIR}/detections.parquet",
+        checkpoint=p(FINETUNE_DIR / "checkpoint.pt"),
+        detections=p(FINETUNE_DIR / "detections.parquet"),
+        tile_detections=p(FINETUNE_DIR / "detections_tiles.parquet"),
     params:
         mutdet=MUTDET,
         launch=LAUNCH,
-        config=lambda w: finetune_config_json(w.dataset),
-        tiles=lambda w, input: [os.path.dirname(p) for p in input.train],
-        test_tiles=lambda w, input: [os.path.dirname(p) for p in input.test],
+        config=CONFIG_FILE,
+        sections=sections("finetune", dataset="dataset"),
+        tiles=lambda w, input: [os.path.dirname(f) for f in input.train],
+        test_tiles=lambda w, input: [os.path.dirname(f) for f in input.test],
         out=lambda w, output: os.path.dirname(output.checkpoint),
         init=lambda w, input: input.init[0] if input.init else "none",
     log:
-        f"{LOGS}/{FINETUNE_DIR}.log",
+        p(LAYOUT.logs_dir() / f"{FINETUNE_DIR.relative_to(RESULTS)}.log"),
     threads: 2
     resources:
         gpu=1,

@@ -6,19 +6,20 @@
 
 rule pretrain:
     input:
-        tiles=pretrain_tiles(),
-        proposals=pretrain_shard_files("proposals"),
-        targets=pretrain_shard_files("targets"),
+        tiles=pretrain_files("tiles"),
+        proposals=pretrain_files("proposals"),
+        targets=pretrain_files("targets"),
     output:
-        checkpoint=f"{RESULTS}/pretrain/{{ptag}}/{{etag}}/{{variant}}/checkpoint.pt",
+        checkpoint=p(LAYOUT.pretrain_checkpoint("{variant}")),
     params:
         mutdet=MUTDET,
         launch=LAUNCH,
-        config=lambda w: pretrain_variant_json(w.variant),
-        tiles=lambda w, input: [os.path.dirname(p) for p in input.tiles],
+        config=CONFIG_FILE,
+        sections=sections("pretrain", variant="variant"),
+        tiles=lambda w, input: [os.path.dirname(f) for f in input.tiles],
         out=lambda w, output: os.path.dirname(output.checkpoint),
     log:
-        f"{LOGS}/pretrain/{{ptag}}/{{etag}}/{{variant}}.log",
+        f"{LOGS}/pretrain/{LAYOUT.proposals_tag}/{LAYOUT.embedding_tag}/{{variant}}.log",
     threads: 2
     resources:
         gpu=1,
@@ -26,30 +27,25 @@ rule pretrain:
         "../../envs/mutdet.yaml"
     shell:
         "{params.launch} --gpus {resources.gpu} --torchrun --"
-        " {params.mutdet} pretrain --config {params.config:q} --method {wildcards.variant} --tiles {params.tiles:q}"
+        " {params.mutdet} pretrain --config {params.config:q} --variant {wildcards.variant} --tiles {params.tiles:q}"
         " --proposals {input.proposals:q} --targets {input.targets:q} --out {params.out:q} --threads {threads}"
         " > {log:q} 2>&1"
 
 
 rule loss_curves:
     input:
-        [pretrain_checkpoint(v) for v in CONFIG.pretrain.loss_curves.values() if v is not None],
+        [p(LAYOUT.pretrain_checkpoint(v)) for _, v in loss_curve_variants()],
     output:
-        report(
-            f"{RESULTS}/pretrain/{{ptag}}/{{etag}}/loss_curves.png",
-            caption="../report/loss_curves.rst",
-            category="Pre-training",
-        ),
+        report(p(LAYOUT.loss_curves_figure()), caption="../report/loss_curves.rst", category="Pre-training"),
     params:
         mutdet=MUTDET,
-        runs=lambda w, input: " ".join(
-            f"--run {shlex.quote(label)} {shlex.quote(os.path.join(os.path.dirname(p), 'metrics.jsonl'))}"
-            for label, p in zip(
-                [f"{v} ({k} enhancement)" for k, v in CONFIG.pretrain.loss_curves.items() if v is not None], input
-            )
+        sections=CONFIG.sections_digest("loss_curves"),
+        runs=" ".join(
+            f"--run {shlex.quote(label)} {shlex.quote(p(LAYOUT.pretrain_dir(v) / 'metrics.jsonl'))}"
+            for label, v in loss_curve_variants()
         ),
     log:
-        f"{LOGS}/pretrain/{{ptag}}/{{etag}}/loss_curves.log",
+        f"{LOGS}/pretrain/{LAYOUT.proposals_tag}/{LAYOUT.embedding_tag}/loss_curves.log",
     conda:
         "../../envs/mutdet.yaml"
     shell:

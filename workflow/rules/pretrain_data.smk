@@ -1,22 +1,25 @@
 # Pre-training data: proposals -> embeddings per shard, then one clustering over all shards.
-# Output folders carry a tag of the parameters that determine them (e.g. `graph-1a2b3c4d`), so
-# changing a proposal or embedding parameter makes new outputs instead of mixing old and new.
+# Output folders carry a tag of the parameters that determine them (e.g. `graph-1a2b3c4d`; see
+# mutdet.layout), so changing a proposal or embedding parameter makes new outputs instead of mixing
+# old and new.
+SHARD = ("{dataset}", "{split}", "{shard}")
 
 
 rule propose:
     input:
-        tiles=tiles_path("{dataset}", "{split}", "{shard}", "tiles.parquet"),
+        tiles=p(LAYOUT.tiles_table(*SHARD)),
     output:
-        proposals=f"{RESULTS}/{{dataset}}/proposals/{{ptag}}/{{split}}/shard-{{shard}}/proposals.parquet",
-        manifest=f"{RESULTS}/{{dataset}}/proposals/{{ptag}}/{{split}}/shard-{{shard}}/manifest.json",
+        proposals=p(LAYOUT.proposals_dir(*SHARD) / "proposals.parquet"),
+        manifest=p(LAYOUT.proposals_dir(*SHARD) / "manifest.json"),
     params:
         mutdet=MUTDET,
         launch=LAUNCH,
-        config=lambda w: pretrain_config_json(w.dataset),
+        config=CONFIG_FILE,
+        sections=sections("propose"),
         tiles=lambda w, input: os.path.dirname(input.tiles),
         out=lambda w, output: os.path.dirname(output.proposals),
     log:
-        f"{LOGS}/propose/{{dataset}}/{{ptag}}/{{split}}/shard-{{shard}}.log",
+        f"{LOGS}/propose/{{dataset}}/{LAYOUT.proposals_tag}/{{split}}/shard-{{shard}}.log",
     threads: 2
     resources:
         gpu=1 if CONFIG.proposals.method == "sam" else 0,
@@ -30,19 +33,20 @@ rule propose:
 
 rule embed:
     input:
-        tiles=tiles_path("{dataset}", "{split}", "{shard}", "tiles.parquet"),
-        proposals=f"{RESULTS}/{{dataset}}/proposals/{{ptag}}/{{split}}/shard-{{shard}}/proposals.parquet",
+        tiles=p(LAYOUT.tiles_table(*SHARD)),
+        proposals=p(LAYOUT.proposals_dir(*SHARD) / "proposals.parquet"),
     output:
-        embeddings=f"{RESULTS}/{{dataset}}/embeddings/{{ptag}}/{{etag}}/{{split}}/shard-{{shard}}/embeddings.parquet",
+        embeddings=p(LAYOUT.embeddings_dir(*SHARD) / "embeddings.parquet"),
     params:
         mutdet=MUTDET,
         launch=LAUNCH,
-        config=lambda w: pretrain_config_json(w.dataset),
+        config=CONFIG_FILE,
+        sections=sections("embed"),
         tiles=lambda w, input: os.path.dirname(input.tiles),
         proposals=lambda w, input: os.path.dirname(input.proposals),
         out=lambda w, output: os.path.dirname(output.embeddings),
     log:
-        f"{LOGS}/embed/{{dataset}}/{{ptag}}/{{etag}}/{{split}}/shard-{{shard}}.log",
+        f"{LOGS}/embed/{{dataset}}/{LAYOUT.proposals_tag}/{LAYOUT.embedding_tag}/{{split}}/shard-{{shard}}.log",
     threads: 2
     resources:
         gpu=1,
@@ -56,17 +60,18 @@ rule embed:
 
 rule cluster:
     input:
-        embeddings=pretrain_shard_files("embeddings"),
+        embeddings=pretrain_files("embeddings"),
     output:
-        model=f"{RESULTS}/targets/{PROPOSALS_TAG}/{EMBED_TAG}/pca_kmeans.npz",
-        manifest=f"{RESULTS}/targets/{PROPOSALS_TAG}/{EMBED_TAG}/manifest.json",
-        targets=pretrain_shard_files("targets"),
+        model=p(LAYOUT.cluster_dir() / "pca_kmeans.npz"),
+        manifest=p(LAYOUT.cluster_dir() / "manifest.json"),
+        targets=pretrain_files("targets"),
     params:
         mutdet=MUTDET,
-        config=json.dumps({"seed": CONFIG.seed, "cluster": CONFIG.raw["cluster"]}, sort_keys=True),
+        config=CONFIG_FILE,
+        sections=CONFIG.sections_digest("cluster"),
         out=lambda w, output: os.path.dirname(output.model),
     log:
-        f"{LOGS}/cluster/{PROPOSALS_TAG}/{EMBED_TAG}.log",
+        f"{LOGS}/cluster/{LAYOUT.proposals_tag}/{LAYOUT.embedding_tag}.log",
     threads: 2
     conda:
         "../../envs/mutdet.yaml"

@@ -4,39 +4,34 @@
 
 rule tables:
     input:
-        metrics=all_finetune_metrics(),
-        tiles=[t for d in finetuned_datasets() for t in finetune_tiles(d, finetune_run(d).test_split)],
+        metrics=[r["metrics"] for r in tables_inputs()["runs"]],
+        detections=[r["detections"] for r in tables_inputs()["runs"]],
+        tiles=[p(Path(d) / "tiles.parquet") for dirs in tables_inputs()["test_tiles"].values() for d in dirs],
     output:
-        index=f"{RESULTS}/{TABLES_DIR}/index.md",
+        index=p(LAYOUT.tables_dir() / "index.md"),
         **table_outputs(),
     params:
         mutdet=MUTDET,
-        config=json.dumps(
-            {
-                "results": CONFIG.raw["results"],
-                "datasets": CONFIG.raw["datasets"],
-                "finetune": {"runs": CONFIG.raw["finetune"]["runs"]},
-                "proposals": {"datasets": CONFIG.raw["proposals"]["datasets"]},
-                "pretrain": {"variants": CONFIG.raw["pretrain"]["variants"], "loss_curves": CONFIG.raw["pretrain"]["loss_curves"]},
-                "tables": CONFIG.raw["tables"],
-            },
-            sort_keys=True,
-        ),
+        config=CONFIG_FILE,
+        sections=CONFIG.sections_digest("tables"),
+        inputs=json.dumps(tables_inputs(), sort_keys=True),
         out=lambda w, output: os.path.dirname(output.index),
     log:
         f"{LOGS}/tables.log",
     conda:
         "../../envs/mutdet.yaml"
     shell:
-        "{params.mutdet} tables --config {params.config:q} --metrics {input.metrics:q} --out {params.out:q} > {log:q} 2>&1"
+        "{params.mutdet} tables --config {params.config:q} --inputs {params.inputs:q} --out {params.out:q}"
+        " > {log:q} 2>&1"
 
 
 rule resolved_config:
     output:
-        report(f"{RESULTS}/config.resolved.yaml", caption="../report/config.rst", category="Configuration"),
+        report(p(LAYOUT.resolved_config()), caption="../report/config.rst", category="Configuration"),
     params:
         mutdet=MUTDET,
-        config=json.dumps(dict(CONFIG.raw), sort_keys=True, default=str),
+        config=CONFIG_FILE,
+        sections=CONFIG.sections_digest("config"),
     log:
         f"{LOGS}/resolved_config.log",
     conda:

@@ -6,12 +6,13 @@ rule tile:
         lambda w: dataset_inputs(w.dataset, w.split),
         raw=lambda w: raw_files(w.dataset, w.split, w.shard),
     output:
-        tiles=f"{RESULTS}/{TILES_DIR}/tiles.parquet",
-        objects=f"{RESULTS}/{TILES_DIR}/objects.parquet",
-        summary=f"{RESULTS}/{TILES_DIR}/summary.json",
+        tiles=p(LAYOUT.tiles_dir("{dataset}", "{split}", "{shard}") / "tiles.parquet"),
+        objects=p(LAYOUT.tiles_dir("{dataset}", "{split}", "{shard}") / "objects.parquet"),
+        summary=p(LAYOUT.tiles_dir("{dataset}", "{split}", "{shard}") / "summary.json"),
     params:
         mutdet=MUTDET,
-        config=lambda w: dataset_config_json(w.dataset),
+        config=CONFIG_FILE,
+        sections=sections("tile", dataset="dataset"),
         out=lambda w, output: os.path.dirname(output.tiles),
     log:
         f"{LOGS}/tile/{{dataset}}/{{split}}/shard-{{shard}}.log",

@@ -1,0 +1,278 @@
+"""The paper's tables from our fine-tuning results, ours beside the paper's, as Markdown / CSV / LaTeX.
+
+``metrics.json`` (written by :mod:`mutdet.stages.evaluate`) stores AP as a fraction in ``[0, 1]``;
+tables show percent with one decimal. The paper's numbers come from :mod:`mutdet.paper`.
+
+Cell markers: :data:`MISSING` (``n/a``) where we have no number (run not done, method not run, AP
+undefined), :data:`NO_PAPER` (``—``) where the paper reports none. The LaTeX tables are booktabs
+tables (``\\usepackage{booktabs}``).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mutdet import paper
+from mutdet.io.atomic import write_text
+
+__all__ = ["MISSING", "NO_PAPER", "DatasetRuns", "RunResult", "Table", "ablation_table", "latex_escape",
+           "low_data_table", "main_table", "read_metrics", "write_table"]
+
+MISSING = "n/a"
+NO_PAPER = "—"
+
+
+# ----------------------------------------------------------------------------------------------- runs
+
+
+def read_metrics(path: Path, *, dataset: str, split: str) -> dict:
+    """``metrics.json`` at ``path`` of a run on ``split`` of ``dataset``; AP values must be fractions in [0, 1].
+
+    Raises:
+        ValueError naming ``path`` for invalid JSON, a missing ``classes`` / ``mean``, a dataset or split
+        other than the run's (where the file records them), or an AP outside [0, 1].
+    """
+    try:
+        metrics = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON: {exc}") from None
+    if not isinstance(metrics, dict):
+        raise ValueError(f"{path}: not an evaluation metrics file (a JSON object)")
+    for key in ("classes", "mean"):
+        if not isinstance(metrics.get(key), dict):
+            raise ValueError(f"{path}: missing key {key!r} of an evaluation metrics file")
+    for key, ours in (("dataset", dataset), ("split", split)):
+        if metrics.get(key, ours) != ours:
+            raise ValueError(f"{path}: {key} {metrics[key]!r} in the file, {ours!r} in the run it is given for")
+    for name, entry in [("mean", metrics["mean"]), *metrics["classes"].items()]:
+        for k, v in entry.items():
+            if k.startswith("AP") and v is not None and not 0.0 <= float(v) <= 1.0:
+                raise ValueError(f"{path}: {name} {k} = {v}; metrics.json stores AP as a fraction in [0, 1]")
+    return metrics
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """One fine-tuning run: its settings, its metrics (None: not done yet) and its tile-frame detections."""
+
+    init: str
+    fraction: float
+    epochs: int
+    metrics: Mapping | None = None
+    detections: Path | None = None
+
+    def ap(self, key: str, class_name: str | None = None) -> float | None:
+        """Mean (or per-class) AP ``key`` (``"AP50"``, ``"AP75"``) in percent; None if unknown."""
+        if self.metrics is None:
+            return None
+        entry = self.metrics["mean"] if class_name is None else self.metrics["classes"].get(class_name)
+        value = None if entry is None else entry.get(key)
+        return None if value is None else 100.0 * float(value)
+
+
+@dataclass
+class DatasetRuns:
+    """The runs of one of our datasets and how it maps onto the paper."""
+
+    name: str
+    runs: list[RunResult]
+    paper: str | None  # paper dataset compared with, None: no comparison
+    classes: list[str]  # per-class columns, in order
+    split: str | None = None  # the split evaluated on (captions)
+
+    def find(self, init: str, fraction: float, epochs: int | None) -> RunResult | None:
+        for r in self.runs:
+            if r.init == init and abs(r.fraction - fraction) < 1e-9 and r.epochs == epochs:
+                return r
+        return None
+
+    @property
+    def schedule(self) -> int | None:
+        """The longest schedule at fraction 1.0 (of any fraction if none), None without runs."""
+        full = [r.epochs for r in self.runs if abs(r.fraction - 1.0) < 1e-9] or [r.epochs for r in self.runs]
+        return max(full, default=None)
+
+    def paper_header(self) -> str:
+        return f"paper ({self.paper})"
+
+
+# --------------------------------------------------------------------------------------------- tables
+
+
+@dataclass
+class Table:
+    """A rendered table: header and rows of strings, a caption and notes (shown under the table)."""
+
+    name: str
+    caption: str
+    header: list[str]
+    rows: list[list[str]]
+    notes: list[str] = field(default_factory=list)
+
+    def markdown(self) -> str:
+        def line(cells: Sequence[str]) -> str:
+            return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+        rule = "|" + "|".join(["---"] + ["---:"] * (len(self.header) - 1)) + "|"  # numbers right-aligned
+        out = [f"**{self.caption}**", "", line(self.header), rule]
+        out += [line(r) for r in self.rows]
+        if self.notes:
+            out += [""] + [f"- {n}" for n in self.notes]
+        return "\n".join(out) + "\n"
+
+    def csv(self) -> str:
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(self.header)
+        writer.writerows(self.rows)
+        return buf.getvalue()
+
+    def latex(self) -> str:
+        spec = "l" + "r" * (len(self.header) - 1)
+        out = ["\\begin{table}[t]", "\\centering", f"\\caption{{{latex_escape(self.caption)}}}",
+               f"\\label{{tab:{latex_escape(self.name)}}}", f"\\begin{{tabular}}{{{spec}}}", "\\toprule",
+               " & ".join(latex_escape(c) for c in self.header) + " \\\\", "\\midrule"]
+        out += [" & ".join(latex_escape(c) for c in r) + " \\\\" for r in self.rows]
+        out += ["\\bottomrule", "\\end{tabular}"]
+        if self.notes:
+            out += ["\\par\\footnotesize " + " ".join(latex_escape(n) for n in self.notes)]
+        out += ["\\end{table}"]
+        return "\n".join(out) + "\n"
+
+
+_LATEX = {"\\": "\\textbackslash{}", "&": "\\&", "%": "\\%", "$": "\\$", "#": "\\#", "_": "\\_", "{": "\\{",
+          "}": "\\}", "~": "\\textasciitilde{}", "^": "\\textasciicircum{}", NO_PAPER: "---"}
+
+
+def latex_escape(text: str) -> str:
+    """Escape LaTeX specials (``_``, ``%``, ``&``, ...); the no-number dash becomes ``---``."""
+    return "".join(_LATEX.get(ch, ch) for ch in text)
+
+
+def write_table(table: Table, out_dir: Path) -> dict[str, Path]:
+    """Write ``<name>.md``, ``<name>.csv`` and ``<name>.tex`` to ``out_dir``; returns extension -> path."""
+    paths = {}
+    for ext, text in (("md", table.markdown()), ("csv", table.csv()), ("tex", table.latex())):
+        paths[ext] = Path(out_dir) / f"{table.name}.{ext}"
+        write_text(paths[ext], text)
+    return paths
+
+
+def _ours(value: float | None) -> str:
+    return MISSING if value is None or math.isnan(value) else f"{value:.1f}"
+
+
+def _theirs(value: float | None) -> str:
+    return NO_PAPER if value is None else f"{value:.1f}"
+
+
+def _percent(fraction: float) -> str:
+    return f"{100 * fraction:g} %"
+
+
+def _missing_notes(ds: DatasetRuns, runs: list[RunResult | None], what: str) -> list[str]:
+    if not ds.runs:
+        return [f"No fine-tuning metrics for {ds.name} yet: every cell of ours is {MISSING}."]
+    if not any(r is not None and r.metrics is not None for r in runs):
+        return [f"No run of {what} has metrics yet: every cell of ours is {MISSING}."]
+    return []
+
+
+def main_table(ds: DatasetRuns, methods: Mapping[str, str]) -> Table:
+    """Tables 2/3: per-class AP50, then AP50 and AP75 with the paper's numbers, one row per method
+    (``methods``: our init -> the paper's label, in row order) at fraction 1.0 and the longest schedule;
+    the paper's other methods as rows marked "paper only"."""
+    epochs = ds.schedule
+    header = ["method", *ds.classes, "AP50"] + ([f"AP50 {ds.paper_header()}"] if ds.paper else []) + ["AP75"] + (
+        [f"AP75 {ds.paper_header()}"] if ds.paper else [])
+    rows, used = [], []
+    for init, label in methods.items():
+        r = ds.find(init, 1.0, epochs)
+        used.append(r)
+        ap50, ap75 = paper.main_ap(ds.paper, label) or (None, None)
+        row = [label] + [_ours(r.ap("AP50", c) if r else None) for c in ds.classes]
+        row += [_ours(r.ap("AP50") if r else None)] + ([_theirs(ap50)] if ds.paper else [])
+        row += [_ours(r.ap("AP75") if r else None)] + ([_theirs(ap75)] if ds.paper else [])
+        rows.append(row)
+    notes = _missing_notes(ds, used, "the main comparison")
+    if ds.paper:
+        for label in paper.MAIN_METHODS:
+            if label not in methods.values():
+                ap50, ap75 = paper.main_ap(ds.paper, label)
+                rows.append([f"{label} (paper only)"] + [""] * len(ds.classes)  # not part of our sweep
+                            + ["", _theirs(ap50), "", _theirs(ap75)])
+        notes.append(f"Paper columns: {paper.DETECTOR} on the {ds.paper} test set, not our {ds.name} data; "
+                     "the paper gives no per-class numbers here.")
+    else:
+        notes.append(f"{ds.name} is not compared with a paper dataset (set compare); no paper columns.")
+    caption = (f"{ds.name} {ds.split or 'test'}: AP (%) after fine-tuning on all training data "
+               f"for {epochs if epochs is not None else '?'} epochs; per-class columns are AP50.")
+    return Table(f"main_{ds.name}", caption, header, rows, notes)
+
+
+def low_data_table(ds: DatasetRuns, methods: Mapping[str, str]) -> Table:
+    """The low-data table: AP50 per data fraction (rows: ours and the paper's) and method (columns),
+    ours beside the paper's, at the main table's schedule."""
+    epochs = ds.schedule
+    fractions = {r.fraction for r in ds.runs} | set(paper.LOW_DATA.get(ds.paper or "", {}))
+    header = ["data fraction"]
+    for label in methods.values():
+        header += [label] + ([f"{label} {ds.paper_header()}"] if ds.paper else [])
+    rows, used = [], []
+    for frac in sorted(fractions):
+        row = [_percent(frac)]
+        for init, label in methods.items():
+            r = ds.find(init, frac, epochs)
+            used.append(r)
+            row.append(_ours(r.ap("AP50") if r else None))
+            if ds.paper:
+                row.append(_theirs(paper.low_data_ap50(ds.paper, frac, label)))
+        rows.append(row)
+    notes = _missing_notes(ds, used, "the low-data sweep")
+    if ds.paper and ds.paper not in paper.LOW_DATA:
+        notes.append(f"The paper reports low-data results on {', '.join(paper.LOW_DATA)} only, not {ds.paper}.")
+    elif ds.paper:
+        notes.append(f"Paper columns: {paper.DETECTOR} on {ds.paper}, not our {ds.name} data.")
+    caption = (f"{ds.name}: AP50 (%) against the fraction of training data used for fine-tuning "
+               f"({epochs if epochs is not None else '?'} epochs).")
+    return Table(f"low_data_{ds.name}", caption, header, rows, notes)
+
+
+def ablation_table(ds: DatasetRuns, ablation: Sequence[str | None], paper_epochs: Mapping[int, int]) -> Table:
+    """The ablation table: rows = our inits of the paper's five ablation rows (``ablation``, in the paper's
+    order, None: not run), columns = our schedules at fraction 1.0, ours beside the paper's AP50 (our
+    epochs mapped to the paper's by ``paper_epochs``, identity for epochs not listed)."""
+    labels = [label for label, _ in paper.ABLATION["DIOR-R"]]
+    if len(ablation) != len(labels):
+        raise ValueError(f"ablation: {len(ablation)} inits {list(ablation)}; the paper's ablation has {len(labels)} rows")
+    # our schedules at 100 % data; else any of ours; without runs the schedules the comparison would use
+    epochs_list = (sorted({r.epochs for r in ds.runs if abs(r.fraction - 1.0) < 1e-9})
+                   or sorted({r.epochs for r in ds.runs}) or sorted(paper_epochs) or list(paper.ABLATION_EPOCHS))
+    header = ["pre-training"]
+    for e in epochs_list:
+        pe = paper_epochs.get(e, e)
+        header.append(f"{e} ep" + (f" (paper {pe} ep)" if ds.paper else ""))
+        if ds.paper:
+            header.append(f"{ds.paper_header()} {pe} ep")
+    rows, used = [], []
+    for k, (init, label) in enumerate(zip(ablation, labels)):
+        row = [label]
+        for e in epochs_list:
+            r = ds.find(init, 1.0, e) if init is not None else None  # None: this row is not in the sweep
+            used.append(r)
+            row.append(_ours(r.ap("AP50") if r else None))
+            if ds.paper:
+                row.append(_theirs(paper.ablation_ap50(ds.paper, k, paper_epochs.get(e, e))))
+        rows.append(row)
+    notes = _missing_notes(ds, used, "the ablation")
+    notes.append("Rows (our init names): " + ", ".join(f"{lab} = {init or 'not run'}"
+                                                       for init, lab in zip(ablation, labels)) + ".")
+    if ds.paper and ds.paper not in paper.ABLATION:
+        notes.append(f"The paper reports the ablation on {', '.join(paper.ABLATION)} only, not {ds.paper}.")
+    caption = f"{ds.name}: ablation of the pre-training components, AP50 (%) after each fine-tuning schedule."
+    return Table(f"ablation_{ds.name}", caption, header, rows, notes)
