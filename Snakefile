@@ -3,8 +3,13 @@ from snakemake.utils import min_version
 
 min_version("9.0")
 
-# `--configfile X` replaces the default config instead of being merged into it.
+# `--configfile X` replaces the default config instead of being merged into it. The default is read
+# by mutdet first: a YAML syntax error is then reported with its line and column (for a file given with
+# --configfile, Snakemake reports it without them; `mutdet config --config FILE` shows where).
 if not workflow.overwrite_configfiles:
+    from mutdet.config import read_yaml
+
+    read_yaml("config.yaml")
 
     configfile: "config.yaml"
 

@@ -32,6 +32,7 @@ CHILD = textwrap.dedent('''
     import json, sys, time
     import torch
     from torch.utils.data import DataLoader
+    from mutdet.config import from_dict
     from mutdet.data.datasets import collate
     from mutdet.data.pretrain import ProposalTileDataset
     from mutdet.data.transforms import build_transforms
@@ -48,9 +49,11 @@ CHILD = textwrap.dedent('''
                                transform=build_transforms(train=True, input_size=args["input_size"]))
     loader = DataLoader(data, batch_size=args["batch_size"], shuffle=True, collate_fn=collate, num_workers=0,
                         generator=torch.Generator().manual_seed(0))
+    pt = from_dict({"pretrain": {"enhancement": args["enhancement"]}}).pretrain  # the schema's defaults
     model, criterion = build_pretrain_model(variant=variant, num_classes=data.num_classes, model_kwargs=args["model"],
-                                            enhancement=args["enhancement"],
-                                            encoder_head_hidden=args["encoder_head_hidden"])
+                                            enhancement=dict(pt.enhancement),
+                                            encoder_head_hidden=args["encoder_head_hidden"],
+                                            freeze_backbone=pt.freeze_backbone, loss=dict(pt.loss))
     model.train()
     optimizer = build_optimizer(model, lr=1e-4)
     step_s = 0.0

@@ -43,7 +43,6 @@ __all__ = [
     "le90_to_cxcywhr",
     "cxcywhr_to_le90",
     "le90_area",
-    "polygon_area",
     "rotated_iou",
     "rotated_nms",
     "batched_rotated_nms",
@@ -180,13 +179,6 @@ def cxcywhr_to_le90(boxes) -> np.ndarray:
 def le90_area(boxes) -> np.ndarray:
     b = _as_float_array(boxes, 5, "le90_area")
     return b[..., 2] * b[..., 3]
-
-
-def polygon_area(polygons) -> np.ndarray:
-    """Absolute shoelace area of polygons ``(..., 2K)``."""
-    p = np.asarray(polygons, dtype=np.float64)
-    x, y = p[..., 0::2], p[..., 1::2]
-    return 0.5 * np.abs(np.sum(x * np.roll(y, -1, axis=-1) - np.roll(x, -1, axis=-1) * y, axis=-1))
 
 
 def _tv_box_iou(boxes1: "torch.Tensor", boxes2: "torch.Tensor") -> "torch.Tensor":

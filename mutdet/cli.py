@@ -8,9 +8,11 @@ A command adds only its paths and wildcards: every setting comes from the config
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
+import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -204,6 +206,39 @@ COMMANDS = (
 )
 
 
+class OutputBusyError(RuntimeError):
+    """Another mutdet process is writing the same output (two runs sharing one results folder)."""
+
+
+@contextlib.contextmanager
+def exclusive_output(out: Path):
+    """Hold an exclusive lock on ``out`` (a hidden ``.<name>.lock`` file beside it) while a command
+    writes it. Snakemake's own lock is per working directory, so two runs started from different
+    folders on one results folder would otherwise run the same job at once and interleave its files."""
+    import fcntl
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = out.parent / f".{out.name}.lock"
+    with open(lock, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise OutputBusyError(f"{out} is being written by {holder}: two runs share this results folder; "
+                                  f"wait for it or stop it") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"mutdet pid {os.getpid()} on {socket.gethostname()} (working directory {os.getcwd()})\n")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fh.seek(0)
+            fh.truncate()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mutdet", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"mutdet {__version__}")
@@ -234,12 +269,15 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(max(1, args.threads))  # oversubscribed cores slow torch down many times
     try:
-        if command.config:
-            from mutdet.config import load_config
+        out = getattr(args, "out", None)
+        leader = os.environ.get("RANK", "0") == "0"  # under torchrun every rank runs this command
+        with exclusive_output(out) if out is not None and leader else contextlib.nullcontext():
+            if command.config:
+                from mutdet.config import load_config
 
-            command.run(load_config(args.config), args)
-        else:
-            command.run(args)
+                command.run(load_config(args.config), args)
+            else:
+                command.run(args)
     except Exception as exc:
         # mutdet's own errors (bad config, labels, artefacts, weights, tiles) and bad values/paths are
         # the user's to fix: one clear line (the traceback with --verbose). Anything else is a bug.

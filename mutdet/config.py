@@ -553,11 +553,21 @@ def load_config(path_or_json: str | Path) -> Config:
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{path}: not valid JSON: {exc}") from None
         return from_dict(raw, str(path))
+    return from_dict(read_yaml(path), str(path))
+
+
+def read_yaml(path: str | Path) -> dict:
+    """A YAML config file as a mapping; a syntax error names the file, line and column (Snakemake's own
+    loader says only that the file is not valid YAML, so the Snakefile reads the default config here
+    first)."""
+    path = Path(path)
     try:
         with open(path) as fh:
             raw = yaml.safe_load(fh)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark is not None else ""
+        raise ConfigError(f"{path}:{where} not valid YAML: {exc}") from None
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping, got {type(raw).__name__}")
-    return from_dict(raw, str(path))
+    return raw or {}

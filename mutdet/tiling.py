@@ -17,7 +17,6 @@ Semantics follow the DOTA devkit / mmrotate ``img_split.py`` that users know:
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -29,7 +28,6 @@ from mutdet.boxes import batched_rotated_nms, polygon_to_le90
 
 # Objects whose IoF is within this of 1 count as whole (float noise on the window border).
 _WHOLE_IOF = 1.0 - 1e-6
-_TILE_NAME = re.compile(r"^(?P<image>.+)__(?P<rate>[0-9.eE+-]+)__(?P<x>-?\d+)___(?P<y>-?\d+)$")
 
 
 @dataclass(frozen=True)
@@ -75,14 +73,6 @@ class Tile:
 
 def tile_name(image_id: str, rate: float, x: int, y: int) -> str:
     return f"{image_id}__{float(rate)}__{int(x)}___{int(y)}"
-
-
-def parse_tile_name(name: str) -> tuple[str, float, int, int]:
-    """``<image>__<rate>__<x>___<y>`` -> (image_id, rate, x, y)."""
-    m = _TILE_NAME.match(name)
-    if m is None:
-        raise ValueError(f"not a tile name of the form <image>__<rate>__<x>___<y>: {name!r}")
-    return m["image"], float(m["rate"]), int(m["x"]), int(m["y"])
 
 
 def _starts(length: int, size: int, step: int) -> list[int]:

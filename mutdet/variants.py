@@ -3,9 +3,9 @@ each flag does). Torch-free, so the config can validate variants without loading
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
-__all__ = ["PretrainVariant", "PRESETS", "variant_from_dict", "with_flags"]
+__all__ = ["PretrainVariant", "PRESETS", "variant_from_dict"]
 
 _CHOICES = {
     "classes": ("pseudo", "agnostic"),
@@ -67,9 +67,3 @@ def variant_from_dict(name: str, values: Mapping | None = None) -> PretrainVaria
     if unknown:
         raise ValueError(f"pretrain.variants.{name}: unknown flag(s) {unknown}; known: {sorted(PRESETS[base])}")
     return PretrainVariant(name=name, **{**PRESETS[base], **values}).validate()
-
-
-
-def with_flags(variant: PretrainVariant, **flags) -> PretrainVariant:
-    """A copy of ``variant`` with some flags changed (validated)."""
-    return replace(variant, **flags).validate()

@@ -46,3 +46,32 @@ def test_a_command_takes_every_setting_from_the_config_file(tmp_path):
         expected = fraction_subset(ids, 0.3, seed=seed, nested=nested)
         assert [line for line in out.read_text().splitlines() if not line.startswith("#")] == list(expected.ids)
         assert f"# seed: {seed}" in out.read_text() and expected.method == ("permutation" if nested else "choice")
+
+
+def test_a_second_process_on_the_same_output_fails_clearly(tmp_path, caplog):
+    """Two runs sharing a results folder from different working directories (Snakemake locks per working
+    directory) must not write one output at once: the second command stops, naming the first."""
+    import os
+
+    from mutdet.cli import OutputBusyError, exclusive_output
+
+    out = tmp_path / "tiles"
+    code = ("import sys, time; from pathlib import Path; from mutdet.cli import exclusive_output\n"
+            "with exclusive_output(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        try:
+            with exclusive_output(out):
+                raise AssertionError("the lock was taken twice")
+        except OutputBusyError as exc:
+            assert f"mutdet pid {holder.pid}" in str(exc) and "two runs share this results folder" in str(exc)
+        cfg = json.dumps({"datasets": {"d": {"root": str(tmp_path), "format": "dota", "classes": ["a"],
+                                             "splits": {"train": {}}}}})
+        assert main(["tile", "--config", cfg, "--dataset", "d", "--split", "train", "--out", str(out)]) == 2
+        assert "OutputBusyError" in caplog.text and not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    with exclusive_output(out):  # released with its holder
+        assert os.path.exists(tmp_path / ".tiles.lock")

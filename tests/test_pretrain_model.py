@@ -1,5 +1,7 @@
 """MutDet / DETReg pre-training model and criterion: variants, siamese weight sharing, what each ablation
 flag changes, gradients into the enhancement module, padding objects changing nothing."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -7,7 +9,12 @@ from mutdet.losses import build_criterion
 from mutdet.losses.pretrain import PretrainCriterion
 from mutdet.models import build_detector
 from mutdet.models.pretrain import PretrainModel
-from mutdet.variants import PRESETS, variant_from_dict, with_flags
+from mutdet.variants import PRESETS, PretrainVariant, variant_from_dict
+
+
+def with_flags(variant: PretrainVariant, **flags) -> PretrainVariant:
+    """A copy of ``variant`` with some flags changed (validated)."""
+    return dataclasses.replace(variant, **flags).validate()
 
 DIM = 32
 TINY = dict(backbone="light", light_width=16, frozen_stages=-1, embed_dim=DIM, num_heads=4, num_levels=2,

@@ -5,13 +5,11 @@ import json
 import cv2
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
 from mutdet.config import from_dict
-from mutdet.io.artefacts import PROPOSALS_SCHEMA, TILES_SCHEMA, ArtefactError, read_artefact, write_artefact
-from mutdet.io.proposals import read_proposals
+from mutdet.io.artefacts import PROPOSALS_SCHEMA, TILES_SCHEMA, read_artefact, write_artefact
 from mutdet.proposals.sam import SamCheckpointError
 from mutdet.stages import propose
 
@@ -182,24 +180,3 @@ def test_sam_checkpoint_errors_before_any_work(tiles, tmp_path, tiny_checkpoint)
     with pytest.raises(SamCheckpointError, match="proposals.sam.checkpoint is not set"):
         propose.run(sam_config(None), dataset="d", split="train", shard=0, tiles_dir=folder, out_dir=out)
     assert not (out / "parts").exists()
-
-
-def test_read_proposals_concatenates_shards_lazily(tiles, tmp_path):
-    folder, _ = tiles
-    other = tmp_path / "tiles1"
-    write_tiles(other, n=3, seed=1)
-    propose.run(config(), dataset="d", split="train", shard=0, tiles_dir=folder, out_dir=tmp_path / "s0")
-    propose.run(config(), dataset="d", split="train", shard=1, tiles_dir=other, out_dir=tmp_path / "s1")
-    paths = [tmp_path / "s0" / "proposals.parquet", tmp_path / "s1" / "proposals.parquet"]
-    dataset = read_proposals(paths)
-    n0, n1 = (pq.read_metadata(p).num_rows for p in paths)
-    assert dataset.count_rows() == n0 + n1
-    assert dataset.schema.equals(PROPOSALS_SCHEMA)
-    top = dataset.to_table(columns=["tile_id"], filter=pc.field("proposal_index") == 0)
-    assert top.num_rows == 8
-    bad = tmp_path / "bad.parquet"
-    pq.write_table(pa.table({"tile_id": ["x"]}), bad)
-    with pytest.raises(ArtefactError, match=r"bad\.parquet: missing column 'proposal_index'"):
-        read_proposals([paths[0], bad])
-    with pytest.raises(ArtefactError, match="nothing.parquet: proposals artefact not found"):
-        read_proposals(tmp_path / "nothing.parquet")

@@ -59,6 +59,13 @@ def test_bad_config_key_fails_dry_run_naming_the_key(tmp_path):
     assert "datasets.tiny.tiling: Additional properties are not allowed ('sizee' was unexpected)" in proc.stdout + proc.stderr
 
 
+def test_invalid_yaml_in_the_default_config_names_line_and_column(tmp_path):
+    (tmp_path / "config.yaml").write_text("results: results\ndatasets:\n  a: [1, 2\n  b: 3\n")
+    proc = snakemake("-n", "-d", str(tmp_path), check=False)
+    assert proc.returncode != 0
+    assert "config.yaml: line 4, column 4: not valid YAML" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+
+
 def job_counts(plan: str) -> dict[str, int]:
     """Rule -> number of jobs, from the `Job stats` table of a dry run."""
     counts = {}

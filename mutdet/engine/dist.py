@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 __all__ = ["init_distributed", "is_distributed", "get_rank", "get_world_size", "is_main_process", "barrier",
-           "wrap_model", "unwrap_model", "reduce_mean", "all_ranks_true", "local_device"]
+           "wrap_model", "unwrap_model", "reduce_mean", "all_ranks_true"]
 
 
 def is_distributed() -> bool:
@@ -50,13 +50,6 @@ def init_distributed(device: torch.device) -> torch.device:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return device
-
-
-def local_device(device: torch.device) -> torch.device:
-    """The CUDA device of this rank under torchrun, else ``device``."""
-    if device.type == "cuda" and is_distributed():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return device
 
 

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import logging
 import subprocess
 from pathlib import Path
@@ -29,8 +27,10 @@ def code_version() -> str:
 
 
 def params_hash(params: dict) -> str:
-    """Stable short hash of JSON-serialisable parameters."""
-    return hashlib.sha1(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """Stable short hash of JSON-serialisable parameters (the key of resume parts)."""
+    from mutdet.config import params_digest
+
+    return params_digest(params)[:16]
 
 
 def setup_logging(verbose: bool = False) -> None:

@@ -122,11 +122,11 @@ def run(cfg: Config, *, tiles_dir: str | Path, proposals_dir: str | Path, out_di
         embedder = build_embedder(backbone=backbone, weights=weights, crop_size=crop_size,
                                   context=context).to(torch_device)
         todo_tiles = [t for k in todo for t in chunks[k]]
-        dataset = TileImages([tile_paths[tiles[t]] for t in todo_tiles], [tiles[t] for t in todo_tiles],
-                             [boxes[order[bounds[t]:bounds[t + 1]]] for t in todo_tiles], input_size)
+        images = TileImages([tile_paths[tiles[t]] for t in todo_tiles], [tiles[t] for t in todo_tiles],
+                            [boxes[order[bounds[t]:bounds[t + 1]]] for t in todo_tiles], input_size)
         # One loader (its workers run ahead across chunks); a chunk's last, partly filled batch is
         # flushed before its part is written, so a kill loses at most the chunk in progress.
-        loaded = iter(tile_loader(dataset, workers=workers, device=torch_device))
+        loaded = iter(tile_loader(images, workers=workers, device=torch_device))
         progress = tqdm(total=proposals.num_rows, initial=reused, desc=f"embed {backbone}", unit="box",
                         mininterval=1.0)
         for k in todo:

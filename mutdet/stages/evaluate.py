@@ -38,23 +38,23 @@ from mutdet.stages.common import code_version, log
 __all__ = ["format_table", "load_ground_truth", "run"]
 
 
-def load_ground_truth(dataset: DatasetConfig, split: str, on_bad_object: str = "error") -> tuple[dict, list[dict]]:
+def load_ground_truth(ds: DatasetConfig, split: str, on_bad_object: str) -> tuple[dict, list[dict]]:
     """Ground truth of ``split``, accepted by the rule tiling applies (module docstring).
 
     Returns:
         image id -> :class:`~mutdet.io.annotations.ImageAnnotations` for every accepted image, and the
         skipped images (``on_bad_object="skip"``) as ``{"image_id", "reason"}``.
     """
-    split_cfg = dataset.split(split)
+    split_cfg = ds.split(split)
     if not split_cfg.labels.is_dir():
-        raise FileNotFoundError(f"datasets.{dataset.name}.splits.{split}: label folder {split_cfg.labels} "
+        raise FileNotFoundError(f"datasets.{ds.name}.splits.{split}: label folder {split_cfg.labels} "
                                 "not found; an unlabelled split cannot be evaluated (write Task1 files instead)")
-    class_map = ClassMap(dataset.classes, dataset.class_aliases)
+    class_map = ClassMap(ds.classes, ds.class_aliases)
     gt, skipped_images = {}, []
-    for image_id in list_image_ids(split_cfg.images, split_cfg.list, dataset.image_extensions):
+    for image_id in list_image_ids(split_cfg.images, split_cfg.list, ds.image_extensions):
         try:
-            loaded = load_image(dataset.format, split_cfg.images, split_cfg.labels, image_id,
-                                dataset.image_extensions, class_map, on_bad_object, decode=False)
+            loaded = load_image(ds.format, split_cfg.images, split_cfg.labels, image_id,
+                                ds.image_extensions, class_map, on_bad_object, decode=False)
         except (AnnotationError, FileNotFoundError) as exc:
             if on_bad_object == "error":
                 raise
@@ -132,8 +132,8 @@ def run(cfg: Config, *, dataset: str, split: str, out_dir: Path, detections: Pat
     if (detections is None) == (task1_dir is None):
         raise ValueError("evaluate: give exactly one of detections (Parquet) or task1_dir (Task1 files)")
     out_dir = Path(out_dir)
-    dataset = cfg.dataset(dataset)
-    gt, skipped_images = load_ground_truth(dataset, split, cfg.on_bad_object)
+    ds = cfg.dataset(dataset)
+    gt, skipped_images = load_ground_truth(ds, split, cfg.on_bad_object)
     skipped = [s.to_dict() for ann in gt.values() for s in ann.skipped]
     skipped_ids = {s["image_id"] for s in skipped_images}
     if detections is not None:
@@ -146,17 +146,17 @@ def run(cfg: Config, *, dataset: str, split: str, out_dir: Path, detections: Pat
         unknown = sorted(set(dets.column("id").to_pylist()) - set(gt) - skipped_ids)
         if unknown:
             raise ArtefactError(f"{detections}: detections on {len(unknown)} image ids that are not in split "
-                                f"{split!r} of {dataset.name}: {unknown[:5]}")
+                                f"{split!r} of {ds.name}: {unknown[:5]}")
         on_skipped = pc.is_in(dets.column("id"), value_set=pa.array(sorted(skipped_ids), pa.string()))
         num_on_skipped = pc.sum(on_skipped).as_py() or 0
         dets = dets.filter(pc.invert(on_skipped))
         source = {"detections": str(detections)}
     else:
-        dets = _task1_by_class(Path(task1_dir), dataset.classes)
+        dets = _task1_by_class(Path(task1_dir), ds.classes)
         unknown = sorted({i for d in dets.values() for i in d["image_ids"]} - set(gt) - skipped_ids)
         if unknown:
             raise ValueError(f"{task1_dir}: Task1 lines on {len(unknown)} image ids that are not in split "
-                             f"{split!r} of {dataset.name}: {unknown[:5]}")
+                             f"{split!r} of {ds.name}: {unknown[:5]}")
         num_on_skipped = 0
         for name, d in dets.items():
             keep = ~np.isin(d["image_ids"], list(skipped_ids))
@@ -164,9 +164,9 @@ def run(cfg: Config, *, dataset: str, split: str, out_dir: Path, detections: Pat
             dets[name] = {key: value[keep] for key, value in d.items()}
         source = {"task1_dir": str(task1_dir)}
 
-    result = evaluate_detections(gt, dets, dataset.classes, iou_thresholds=iou_thresholds, use_07_metric=use_07_metric)
+    result = evaluate_detections(gt, dets, ds.classes, iou_thresholds=iou_thresholds, use_07_metric=use_07_metric)
     metrics = {
-        "dataset": dataset.name,
+        "dataset": ds.name,
         "split": split,
         **source,
         "num_images": len(gt),
@@ -182,9 +182,9 @@ def run(cfg: Config, *, dataset: str, split: str, out_dir: Path, detections: Pat
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "metrics.json", metrics)
     plot_pr_curves(result, out_dir / "pr_curve.png", key=ap_key(result["settings"]["iou_thresholds"][0]),
-                   title=f"{dataset.name} {split}")
+                   title=f"{ds.name} {split}")
     log.info("evaluation of %s on %s/%s (%d images, %s AP, IoU > threshold)\n%s", next(iter(source.values())),
-             dataset.name, split, len(gt), result["settings"]["ap"], format_table(metrics))
+             ds.name, split, len(gt), result["settings"]["ap"], format_table(metrics))
     if skipped or skipped_images:
         log.warning("%d bad object(s) and %d image(s) skipped (on_bad_object: skip), %d detection(s) on skipped "
                     "images left out; listed in %s", len(skipped), len(skipped_images), num_on_skipped,

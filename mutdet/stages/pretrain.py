@@ -76,30 +76,30 @@ def run(cfg: Config, *, variant: str, tiles_dirs: Sequence[Path], proposals_file
     torch_device = dist.init_distributed(resolve_device(pt.device, "pretrain.device"))
     torch.manual_seed(seed)
     train_config = TrainConfig.from_dict({**pt.train_kwargs(), "seed": seed})
-    dataset = ProposalTileDataset(tiles_dirs, proposals_files, targets_files,
-                                  class_agnostic=variant.classes == "agnostic", max_boxes=pt.max_boxes,
-                                  transform=build_transforms(train=True, input_size=pt.input_size,
-                                                             flip_probability=pt.flip_probability))
-    if len(dataset) == 0:
+    train_set = ProposalTileDataset(tiles_dirs, proposals_files, targets_files,
+                                    class_agnostic=variant.classes == "agnostic", max_boxes=pt.max_boxes,
+                                    transform=build_transforms(train=True, input_size=pt.input_size,
+                                                               flip_probability=pt.flip_probability))
+    if len(train_set) == 0:
         raise ValueError(f"pretrain: no tile with proposals in {[str(p) for p in proposals_files]}")
     model, criterion = build_pretrain_model(
-        variant=variant, num_classes=dataset.num_classes, model_kwargs=model_kwargs, enhancement=enhancement,
+        variant=variant, num_classes=train_set.num_classes, model_kwargs=model_kwargs, enhancement=enhancement,
         encoder_head_hidden=pt.encoder_head_hidden, freeze_backbone=pt.freeze_backbone, loss=loss)
     params = json_safe({
-        "kind": "pretrain", "variant": asdict(variant), "num_classes": dataset.num_classes,
-        "embedding_dim": dataset.dim, "model": model_kwargs, "train": asdict(train_config),
+        "kind": "pretrain", "variant": asdict(variant), "num_classes": train_set.num_classes,
+        "embedding_dim": train_set.dim, "model": model_kwargs, "train": asdict(train_config),
         "loss": loss, "enhancement": enhancement, "encoder_head_hidden": pt.encoder_head_hidden,
         "freeze_backbone": pt.freeze_backbone, "input_size": pt.input_size,
         "flip_probability": pt.flip_probability, "max_boxes": pt.max_boxes, "seed": seed,
         "tiles_dirs": list(tiles_dirs), "proposals_files": list(proposals_files),
-        "targets_files": list(targets_files), "num_tiles": len(dataset), "code_version": code_version(),
+        "targets_files": list(targets_files), "num_tiles": len(train_set), "code_version": code_version(),
     })
     if dist.is_main_process():
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json(out_dir / "config.json", params)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info("pretrain %s: %d tiles, %d %s, %.2fM trainable parameters, flags %s -> %s", variant.name, len(dataset),
-             dataset.num_classes, "pseudo-classes" if variant.classes == "pseudo" else "class (agnostic)",
+    log.info("pretrain %s: %d tiles, %d %s, %.2fM trainable parameters, flags %s -> %s", variant.name, len(train_set),
+             train_set.num_classes, "pseudo-classes" if variant.classes == "pseudo" else "class (agnostic)",
              trainable / 1e6, {k: v for k, v in asdict(variant).items() if k != "name"}, out_dir)
 
     # What the trained weights depend on: the settings above without paths, and the inputs' content.
@@ -107,7 +107,7 @@ def run(cfg: Config, *, variant: str, tiles_dirs: Sequence[Path], proposals_file
     resume_key = {**{k: v for k, v in params.items() if k not in paths},
                   "tiles": [file_digest(Path(d) / "tiles.parquet") for d in tiles_dirs],
                   "proposals": files_identity(proposals_files), "targets": files_identity(targets_files)}
-    trainer = Trainer(model=model, criterion=criterion, dataset=dataset, config=train_config, out_dir=out_dir,
+    trainer = Trainer(model=model, criterion=criterion, dataset=train_set, config=train_config, out_dir=out_dir,
                       device=torch_device, run_config=params, resume_key=resume_key, wandb_mode=pt.wandb_mode)
     result = trainer.fit()
     if not dist.is_main_process():
