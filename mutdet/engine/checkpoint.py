@@ -37,6 +37,15 @@ def json_safe(value) -> object:
     return json.loads(json.dumps(value, default=str))
 
 
+def seed_all(seed: int) -> None:
+    """Seed the Python, NumPy (legacy global) and torch RNGs: a run's checkpoints, which store all three
+    states, are then byte-identical across identical runs (a fine-tuning job keys its resume state to
+    its init checkpoint's bytes)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def get_rng_state() -> dict:
     """Python, NumPy (legacy global) and torch (CPU, every CUDA device) RNG states."""
     version, internal, gauss = random.getstate()

@@ -22,13 +22,12 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 
 from mutdet.config import Config
 from mutdet.data.datasets import TileDataset
 from mutdet.data.transforms import build_transforms
 from mutdet.engine import dist
-from mutdet.engine.checkpoint import json_safe, save_checkpoint
+from mutdet.engine.checkpoint import json_safe, save_checkpoint, seed_all
 from mutdet.engine.device import resolve_device
 from mutdet.engine.inference import predict_tiles
 from mutdet.engine.trainer import TrainConfig, Trainer
@@ -83,7 +82,7 @@ def run(cfg: Config, *, dataset: str, epochs: int, tiles_dirs: Sequence[Path], t
                  else list_image_ids(Path(), Path(image_ids_file), ds.image_extensions))
     out_dir = Path(out_dir)
     torch_device = dist.init_distributed(resolve_device(ft.device, "finetune.device"))
-    torch.manual_seed(seed)
+    seed_all(seed)
     train_config = TrainConfig.from_dict({**ft.train_kwargs(epochs), "seed": seed})
     train_set = TileDataset(tiles_dirs, image_ids=image_ids, skip_empty=True,
                             transform=build_transforms(train=True, input_size=input_size,

@@ -22,13 +22,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 
 from mutdet.config import Config
 from mutdet.data.pretrain import ProposalTileDataset
 from mutdet.data.transforms import build_transforms
 from mutdet.engine import dist
-from mutdet.engine.checkpoint import json_safe, save_checkpoint
+from mutdet.engine.checkpoint import json_safe, save_checkpoint, seed_all
 from mutdet.engine.device import resolve_device
 from mutdet.engine.trainer import TrainConfig, Trainer
 from mutdet.io.atomic import write_json
@@ -74,7 +73,7 @@ def run(cfg: Config, *, variant: str, tiles_dirs: Sequence[Path], proposals_file
     model_kwargs, enhancement, loss = dict(cfg.finetune.model), dict(pt.enhancement), dict(pt.loss)
     out_dir = Path(out_dir)
     torch_device = dist.init_distributed(resolve_device(pt.device, "pretrain.device"))
-    torch.manual_seed(seed)
+    seed_all(seed)
     train_config = TrainConfig.from_dict({**pt.train_kwargs(), "seed": seed})
     train_set = ProposalTileDataset(tiles_dirs, proposals_files, targets_files,
                                     class_agnostic=variant.classes == "agnostic", max_boxes=pt.max_boxes,
