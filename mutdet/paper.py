@@ -7,15 +7,21 @@ are AP in percent on the test split of the paper's dataset (``DIOR-R`` or ``DOTA
 * :data:`MAIN`: Tables 2/3, paper dataset -> method -> ``(AP50, AP75)``;
 * :data:`LOW_DATA`: DIOR-R AP50 by data fraction of the fine-tuning set -> method -> AP50;
 * :data:`ABLATION`: DIOR-R AP50 of the ablation rows (in the paper's order) at 12 / 24 / 36
-  fine-tuning epochs.
+  fine-tuning epochs; :data:`ABLATION_FLAGS`: the pre-training flags of each row (``mutdet.variants``),
+  so that a table row is matched to the paper's by what it pre-trained, not by its name.
 
 Method names are the paper's row labels (``"none"`` is training from scratch, i.e. no pre-training).
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+from mutdet.variants import PRESETS
+
 __all__ = [
     "ABLATION",
     "ABLATION_EPOCHS",
+    "ABLATION_FLAGS",
     "DATASETS",
     "DETECTOR",
     "LOW_DATA",
@@ -66,6 +72,27 @@ ABLATION: dict[str, list[tuple[str, dict[int, float]]]] = {
         ("+ encoder loss and siamese head (full MutDet)", {12: 66.9, 24: 69.8, 36: 70.7}),
     ],
 }
+
+
+# The flags of the paper's ablation rows, in order. The paper's last row adds the encoder loss and the
+# siamese head "(full MutDet)": MutDet's preset, which also has pseudo-classes and the similarity-aware
+# proposal selection, so our ladder reaches it in four one-flag rungs whose rows the paper does not have.
+_CONTRASTIVE = {**PRESETS["detreg"], "alignment": "contrastive"}
+_ENHANCED_TARGETS = {**_CONTRASTIVE, "target": "enhanced"}
+ABLATION_FLAGS: tuple[dict, ...] = (
+    dict(PRESETS["detreg"]),
+    _CONTRASTIVE,
+    _ENHANCED_TARGETS,
+    {**_ENHANCED_TARGETS, "decoder_features": "enhanced"},
+    dict(PRESETS["mutdet"]),
+)
+
+
+def ablation_row(flags: Mapping | None) -> int | None:
+    """The paper's ablation row (0-based) that pre-trained with exactly ``flags``, or None."""
+    if flags is None:
+        return None
+    return next((k for k, row in enumerate(ABLATION_FLAGS) if row == dict(flags)), None)
 
 
 def main_ap(dataset: str | None, method: str) -> tuple[float, float] | None:

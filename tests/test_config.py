@@ -150,3 +150,24 @@ def test_sections_change_only_with_what_a_job_depends_on():
     assert base.digest() != more.digest()
     with pytest.raises(ConfigError, match="unknown stage 'tiles'"):
         base.sections("tiles")
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "config/paper/dior-r.yaml", "config/paper/dota.yaml",
+                                  "config/paper/ohd-sjtu.yaml", "config/experiments/low-data.yaml"])
+def test_ablation_ladders_change_one_flag_per_row(name):
+    """Each row of an ablation table pre-trains with exactly one flag changed from the row above, from
+    DETReg to MutDet, and the paper's rows are among them (matched by flags)."""
+    from dataclasses import asdict
+
+    from mutdet import paper
+
+    cfg = load_config(REPO / name)
+    ladder = [{k: v for k, v in asdict(cfg.variant(init)).items() if k != "name"} for init in cfg.tables["ablation"]]
+    if not ladder:
+        return
+    assert ladder[0] == paper.ABLATION_FLAGS[0] and ladder[-1] == paper.ABLATION_FLAGS[-1]
+    for above, row in zip(ladder, ladder[1:]):
+        assert sum(above[k] != row[k] for k in row) == 1, (above, row)
+    assert [paper.ablation_row(flags) for flags in ladder if paper.ablation_row(flags) is not None] == [0, 1, 2, 3, 4]
+    runs = {(i, e) for r in cfg.finetune.runs for i in r.inits for e in r.epochs if 1.0 in r.fractions}
+    assert all(any((init, e) in runs for e in r.epochs) for init in cfg.tables["ablation"] for r in cfg.finetune.runs)

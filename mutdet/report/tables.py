@@ -243,35 +243,60 @@ def low_data_table(ds: DatasetRuns, methods: Mapping[str, str]) -> Table:
     return Table(f"low_data_{ds.name}", caption, header, rows, notes)
 
 
-def ablation_table(ds: DatasetRuns, ablation: Sequence[str | None], paper_epochs: Mapping[int, int]) -> Table:
-    """The ablation table: rows = our inits of the paper's five ablation rows (``ablation``, in the paper's
-    order, None: not run), columns = our schedules at fraction 1.0, ours beside the paper's AP50 (our
-    epochs mapped to the paper's by ``paper_epochs``, identity for epochs not listed)."""
+def _change(previous: Mapping | None, flags: Mapping | None) -> dict:
+    """The flags that differ from the row above (all of them for the first row or unknown flags)."""
+    if flags is None:
+        return {}
+    return {k: v for k, v in flags.items() if previous is None or previous.get(k) != v}
+
+
+def ablation_table(ds: DatasetRuns, ladder: Sequence[tuple[str, Mapping | None]],
+                   paper_epochs: Mapping[int, int]) -> Table:
+    """The ablation table: one row per rung of the pre-training ladder (``(init, its variant flags or
+    None when the init is not configured)``, in order), labelled by the flags it changes from the row
+    above; columns = our schedules at fraction 1.0, ours beside the paper's AP50 for the rows whose
+    flags are exactly those of one of the paper's rows (:data:`mutdet.paper.ABLATION_FLAGS`; our epochs
+    mapped to the paper's by ``paper_epochs``, identity for epochs not listed)."""
     labels = [label for label, _ in paper.ABLATION["DIOR-R"]]
-    if len(ablation) != len(labels):
-        raise ValueError(f"ablation: {len(ablation)} inits {list(ablation)}; the paper's ablation has {len(labels)} rows")
     # our schedules at 100 % data; else any of ours; without runs the schedules the comparison would use
     epochs_list = (sorted({r.epochs for r in ds.runs if abs(r.fraction - 1.0) < 1e-9})
                    or sorted({r.epochs for r in ds.runs}) or sorted(paper_epochs) or list(paper.ABLATION_EPOCHS))
-    header = ["pre-training"]
+    header = ["pre-training", "paper row"]
     for e in epochs_list:
         pe = paper_epochs.get(e, e)
         header.append(f"{e} ep" + (f" (paper {pe} ep)" if ds.paper else ""))
         if ds.paper:
             header.append(f"{ds.paper_header()} {pe} ep")
-    rows, used = [], []
-    for k, (init, label) in enumerate(zip(ablation, labels)):
-        row = [label]
+    rows, used, jumps = [], [], []
+    previous = None
+    for k, (init, flags) in enumerate(ladder):
+        change = _change(previous, flags)
+        if flags is None:
+            label = f"{init} (not configured)"
+        elif k == 0:
+            label = f"{init}: " + ", ".join(f"{key} {value}" for key, value in change.items())
+        else:
+            label = f"+ {', '.join(f'{key} {value}' for key, value in change.items()) or 'no change'} ({init})"
+            if len(change) > 1:
+                jumps.append(init)
+        paper_row = paper.ablation_row(flags)
+        row = [label, labels[paper_row] if paper_row is not None else "-"]
         for e in epochs_list:
-            r = ds.find(init, 1.0, e) if init is not None else None  # None: this row is not in the sweep
+            r = ds.find(init, 1.0, e)
             used.append(r)
             row.append(_ours(r.ap("AP50") if r else None))
             if ds.paper:
-                row.append(_theirs(paper.ablation_ap50(ds.paper, k, paper_epochs.get(e, e))))
+                value = paper.ablation_ap50(ds.paper, paper_row, paper_epochs.get(e, e)) if paper_row is not None else None
+                row.append(_theirs(value))
         rows.append(row)
+        previous = flags
     notes = _missing_notes(ds, used, "the ablation")
-    notes.append("Rows (our init names): " + ", ".join(f"{lab} = {init or 'not run'}"
-                                                       for init, lab in zip(ablation, labels)) + ".")
+    if not ladder:
+        notes.append("No ablation ladder configured (tables.ablation is empty).")
+    if jumps:
+        notes.append(f"Rows that change more than one flag from the row above: {', '.join(jumps)}.")
+    notes.append("Paper rows are matched by flags: a row shows the paper's numbers only if it pre-trained "
+                 "exactly as that row of the paper did.")
     if ds.paper and ds.paper not in paper.ABLATION:
         notes.append(f"The paper reports the ablation on {', '.join(paper.ABLATION)} only, not {ds.paper}.")
     caption = f"{ds.name}: ablation of the pre-training components, AP50 (%) after each fine-tuning schedule."

@@ -13,9 +13,10 @@ Outputs in ``out_dir``, per dataset ``<d>`` of the runs (and of ``tables.compare
   methods (UP-DETR, AlignDet) as rows marked "paper only" (our cells empty);
 * ``low_data_<d>.{md,csv,tex}``: rows = data fractions (ours and the paper's), columns = methods, ours
   beside the paper's AP50, at the main table's schedule;
-* ``ablation_<d>.{md,csv,tex}``: rows = the five ablation initialisations (the paper's row labels),
-  columns = our fine-tuning schedules at data fraction 1.0, ours beside the paper's AP50 (our epochs
-  mapped to the paper's by ``paper_epochs``);
+* ``ablation_<d>.{md,csv,tex}``: rows = the pre-training ladder of ``tables.ablation`` (each row labelled by
+  the flags it changes from the row above), columns = our fine-tuning schedules at data fraction 1.0,
+  ours beside the paper's AP50 for the rows that pre-trained exactly as a row of the paper's ablation
+  (our epochs mapped to the paper's by ``paper_epochs``);
 * ``ap50_vs_fraction_<d>.png``: our AP50 against the data fraction per method, the paper's points dashed;
 * ``detections_<d>.png`` (datasets in ``test_tiles``): rotated boxes on the test tiles with the most
   ground-truth objects, one column for the ground truth and one per method;
@@ -24,7 +25,7 @@ Outputs in ``out_dir``, per dataset ``<d>`` of the runs (and of ``tables.compare
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from mutdet import paper
@@ -53,7 +54,7 @@ class _Settings:
     """The ``tables`` section of the config as the report functions take it."""
 
     methods: dict[str, str]  # our init -> the paper's label, in row order
-    ablation: list[str | None]
+    ablation: list[tuple[str, dict | None]]  # (init, its variant flags; None: not a configured variant)
     compare: dict[str, str]
     paper_epochs: dict[int, int]
     num_tiles: int
@@ -64,15 +65,14 @@ def _settings(cfg: Config) -> _Settings:
     """The ``tables`` section, checked; methods in the paper's row order first (others after, in config order).
 
     Raises:
-        ValueError naming the key for an ablation list that is not five inits long or an unknown paper dataset.
+        ValueError naming the key for an unknown paper dataset.
     """
     t = cfg.raw["tables"]
     order = {label: k for k, label in enumerate(paper.MAIN_METHODS)}
     methods = dict(sorted(t["methods"].items(), key=lambda item: order.get(item[1], len(order))))
-    ablation = list(t["ablation"])
-    n_rows = len(paper.ABLATION["DIOR-R"])
-    if len(ablation) != n_rows:
-        raise ValueError(f"tables.ablation: {len(ablation)} inits {ablation}; the paper's ablation has {n_rows} rows")
+    variants = cfg.pretrain.variants
+    ablation = [(init, {k: v for k, v in asdict(variants[init]).items() if k != "name"} if init in variants else None)
+                for init in t["ablation"]]
     for ours, theirs in t["compare"].items():
         if theirs not in paper.DATASETS:
             raise ValueError(f"tables.compare.{ours}: unknown paper dataset {theirs!r} (one of {list(paper.DATASETS)})")
@@ -116,8 +116,8 @@ def run(cfg: Config, *, runs: Sequence[RunFiles], test_tiles: Mapping[str, Seque
         ``{"tables": {name: {"md", "csv", "tex": Path}}, "figures": {name: Path}, "index": Path,
         "missing_metrics": [str, ...], "skipped": {figure name: {init: reason}}}``.
     Raises:
-        ValueError naming the file or key for an unreadable metrics file, two files of one run, an
-        unknown paper dataset or an ablation list that is not five inits long.
+        ValueError naming the file or key for an unreadable metrics file, two files of one run or an
+        unknown paper dataset.
     """
     out_dir = Path(out_dir)
     s = _settings(cfg)
