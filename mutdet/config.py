@@ -361,7 +361,9 @@ def job_sections(cfg: Config, stage: str, *, dataset: str | None = None, variant
         "loss_curves": lambda: {"loss_curves": raw["pretrain"]["loss_curves"]},
         "finetune": lambda: {"seed": raw["seed"], **data(dataset), "finetune": without("finetune", "runs")},
         "tables": lambda: {"tables": raw["tables"], "finetune": {"runs": raw["finetune"]["runs"]},
-                           "classes": {name: d["classes"] for name, d in raw["datasets"].items()}},
+                           "datasets": {name: {"classes": d["classes"]} for name, d in raw["datasets"].items()},
+                           "pretrain": {"variants": {name: {k: v for k, v in asdict(flags).items() if k != "name"}
+                                                     for name, flags in cfg.pretrain.variants.items()}}},
         "config": lambda: dict(raw),
     }
     if stage not in parts:

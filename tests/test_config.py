@@ -171,3 +171,29 @@ def test_ablation_ladders_change_one_flag_per_row(name):
     assert [paper.ablation_row(flags) for flags in ladder if paper.ablation_row(flags) is not None] == [0, 1, 2, 3, 4]
     runs = {(i, e) for r in cfg.finetune.runs for i in r.inits for e in r.epochs if 1.0 in r.fractions}
     assert all(any((init, e) in runs for e in r.epochs) for init in cfg.tables["ablation"] for r in cfg.finetune.runs)
+
+
+def test_stages_read_only_the_sections_their_rerun_trigger_covers():
+    """A stage gets the whole config, but a rule reruns only when its `job_sections` part changes: a stage
+    reading a section outside that part would silently keep stale outputs. Every `cfg.<section>` a stage
+    module reads must be a top-level key of its part."""
+    import ast
+
+    attribute_section = {"dataset": "datasets", "variant": "pretrain", "datasets": "datasets"}
+    cfg = from_dict({"datasets": {"d": {"root": "r", "format": "dota", "classes": ["a"], "splits": {"s": {}}}}})
+    for path in sorted((REPO / "mutdet" / "stages").glob("*.py")):
+        stage = path.stem
+        if stage in ("outputs", "common", "parts", "detect", "merge", "loss_curves", "__init__"):
+            continue  # no config (detect, merge, loss-curves) or not a stage (`mutdet outputs` only lists)
+        part = set(cfg.sections(stage, dataset="d", variant="mutdet"))
+        read = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "cfg":
+                if node.attr == "raw":
+                    continue
+                read.add(attribute_section.get(node.attr, node.attr))
+            if (isinstance(node, ast.Subscript) and isinstance(node.value, ast.Attribute) and node.value.attr == "raw"
+                    and isinstance(node.slice, ast.Constant)):
+                read.add(node.slice.value)
+        assert read, f"{stage}: reads no config at all?"
+        assert read <= part, f"stage {stage} reads {sorted(read - part)} outside its rerun trigger {sorted(part)}"
