@@ -136,3 +136,66 @@ def test_too_few_tokens_for_the_queries_is_an_error():
     model = build_detector(num_classes=3, **{**TINY, "num_queries": 500}).eval()
     with pytest.raises(ValueError, match="queries"):
         model(torch.randn(1, 3, 64, 64))
+
+
+def test_transformer_initialisation_follows_deformable_detr():
+    """Xavier-uniform on every weight matrix of the reference's transformer (encoder, decoder, the two-stage
+    projection ``enc_output``), then each deformable attention's own init; heads keep PyTorch's default."""
+    from tests.test_mutual_enhancement import assert_uniform, xavier_bound
+
+    torch.manual_seed(0)
+    model = build_detector(num_classes=3, **TINY)
+    head = model.proposal_head
+    assert_uniform(head.output_proj.weight, xavier_bound(head.output_proj.weight), "proposal_head.output_proj")
+    attn = model.decoder.layers[0].self_attn
+    assert_uniform(attn.in_proj_weight, xavier_bound(attn.in_proj_weight), "decoder self-attention in_proj")
+    ffn = model.encoder.layers[0].ffn.linear1.weight
+    assert_uniform(ffn, xavier_bound(ffn), "encoder ffn")
+    for layer in (model.encoder.layers[0].self_attn, model.decoder.layers[0].cross_attn):
+        assert not layer.sampling_offsets.weight.any() and not layer.attention_weights.weight.any()
+        assert not layer.attention_weights.bias.any() and layer.sampling_offsets.bias.abs().max() > 0
+        assert not layer.value_proj.bias.any() and not layer.output_proj.bias.any()
+    angle = model.angle_heads[0].weight  # outside the transformer: PyTorch's default
+    assert_uniform(angle, angle.shape[1] ** -0.5, "angle head")
+
+
+def _padded_batch():
+    images = torch.randn(2, 3, 96, 128)
+    padding = torch.zeros(2, 96, 128, dtype=torch.bool)
+    padding[1, :, 64:] = True
+    return images, padding
+
+
+def test_invalid_tokens_get_the_reference_sentinel_box():
+    """As the reference's ``10000`` anchors: an invalid token's proposal is (1, 1, 1, 1), no gradient."""
+    torch.manual_seed(0)
+    model = build_detector(num_classes=3, **TINY).train()
+    out = model.decode(model.encode(*_padded_batch()), _targets())
+    enc = out["enc_outputs"]
+    valid = enc["valid"]
+    assert (~valid[1]).sum() > 0  # the padding of image 1
+    assert (enc["pred_boxes"][~valid] == 1.0).all()
+    assert ((enc["pred_boxes"][valid] > 0) & (enc["pred_boxes"][valid] < 1)).all()
+    head = model.proposal_head.box_head.layers[-1]
+    box_grad = torch.autograd.grad((enc["pred_boxes"] * valid[..., None]).sum(), head.bias, retain_graph=True)[0]
+    all_grad = torch.autograd.grad(enc["pred_boxes"].sum(), head.bias)[0]
+    torch.testing.assert_close(all_grad, box_grad, rtol=0, atol=0)  # the invalid tokens add nothing
+
+
+def test_decode_takes_proposal_features_and_denoising_queries():
+    torch.manual_seed(0)
+    model = build_detector(num_classes=3, **TINY).train()
+    encoded = model.encode(*_padded_batch())
+    features = torch.randn_like(encoded["memory"], requires_grad=True)
+    dn = model.make_denoising(_targets())
+    out = model.decode(encoded, _targets(), memory=features, proposal_features=features, denoising=dn)
+    enc = out["enc_outputs"]
+    valid = enc["valid"]
+    # the heads read the given features directly (invalid tokens zeroed), no Linear + LayerNorm
+    head = model.proposal_head
+    torch.testing.assert_close(enc["features"], features.masked_fill(~valid[..., None], 0.0), rtol=0, atol=0)
+    torch.testing.assert_close(enc["pred_logits"], head.class_head(enc["features"]), rtol=0, atol=0)
+    assert out["dn_meta"] == dn.meta and out["memory"] is features
+    (enc["pred_boxes"].sum() + enc["pred_logits"].sum()).backward()
+    assert not features.grad[~valid].any() and features.grad[valid].abs().sum() > 0
+    assert head.output_proj.weight.grad is None

@@ -190,3 +190,60 @@ def test_proposal_scores_gradient_is_finite_with_empty_images():
     proposal_scores(z_enc, objects, mask, torch.randn(2, 5)).sum().backward()
     assert torch.isfinite(z_enc.grad).all() and torch.isfinite(objects.grad).all()
     assert (objects.grad[mask] == 0).all()
+
+
+def assert_uniform(weight: torch.Tensor, bound: float, what: str) -> None:
+    """``weight`` looks drawn from U(-bound, bound): inside the bound, and its largest magnitude within
+    10 % of it (a U(-a, a) sample of n values misses that with probability 0.9^n, < 1e-11 for n >= 256;
+    PyTorch's default Linear init, U(+-1/sqrt(fan_in)), fails one side or the other here)."""
+    top = float(weight.detach().abs().max())
+    assert 0.9 * bound <= top <= bound, f"{what}: max |w| {top:.4g} for a bound of {bound:.4g}"
+
+
+def xavier_bound(weight: torch.Tensor) -> float:
+    fan_out, fan_in = weight.shape
+    return (6.0 / (fan_in + fan_out)) ** 0.5
+
+
+def test_reference_initialisation_xavier_on_every_weight_matrix():
+    """The reference initialises the enhancement module, the enhanced branch's projection and the encoder
+    embedding head with its transformer (Xavier-uniform weight matrices, default biases); the decoder
+    embedding head lives in its detection head (PyTorch's default Linear init)."""
+    torch.manual_seed(0)
+    modules = {"enhancement": MutualEnhancement(num_layers=2, embed_dim=C, num_heads=4, mlp_dim=32),
+               "encoder head": EncoderEmbeddingHead(embed_dim=C, hidden_dim=64, output_dim=C)}
+    _check_xavier(modules)
+    decoder_head = DecoderEmbeddingHead(embed_dim=C, hidden_dim=C, output_dim=C)
+    for n, p in decoder_head.named_parameters():
+        if p.dim() > 1:
+            assert_uniform(p, p.shape[1] ** -0.5, f"decoder head.{n}")  # kaiming_uniform(a=sqrt(5))
+
+
+def test_enhanced_branch_projection_initialisation():
+    from mutdet.models.embedding_heads import FeatureProjection
+
+    torch.manual_seed(0)
+    _check_xavier({"projection": FeatureProjection(embed_dim=C)})
+
+
+def _check_xavier(modules):
+    for name, module in modules.items():
+        matrices = [(n, p) for n, p in module.named_parameters() if p.dim() > 1]
+        assert matrices, name
+        for n, p in matrices:
+            assert_uniform(p, xavier_bound(p), f"{name}.{n}")
+        for n, p in module.named_parameters():
+            if n.endswith("bias") and "norm" not in n:  # PyTorch's default: U(+-1/sqrt(fan_in))
+                fan_in = dict(module.named_parameters())[n[:-len("bias")] + "weight"].shape[1]
+                assert float(p.detach().abs().max()) <= fan_in ** -0.5, f"{name}.{n}"
+
+
+def test_decoder_head_normalisation_is_optional():
+    torch.manual_seed(0)
+    raw = DecoderEmbeddingHead(embed_dim=C, hidden_dim=C, output_dim=C, normalize=False)
+    unit = DecoderEmbeddingHead(embed_dim=C, hidden_dim=C, output_dim=C)
+    unit.load_state_dict(raw.state_dict())
+    x = torch.randn(2, 5, C, dtype=torch.float64)
+    raw, unit = raw.double(), unit.double()
+    torch.testing.assert_close(raw(x), raw.mlp(x), rtol=0, atol=0)
+    torch.testing.assert_close(unit(x), F.normalize(raw(x), dim=-1))

@@ -10,6 +10,7 @@ from mutdet.losses.pretrain import PretrainCriterion
 from mutdet.models import build_detector
 from mutdet.models.pretrain import PretrainModel
 from mutdet.variants import PRESETS, PretrainVariant, variant_from_dict
+from tests.numerics import rounding_tolerance
 
 
 def with_flags(variant: PretrainVariant, **flags) -> PretrainVariant:
@@ -233,3 +234,156 @@ def test_detreg_model_has_no_mutdet_parts():
     losses = _losses(model, criterion, _targets())
     assert set(k for k in criterion.weight_dict if "align" in k) == {"loss_align"}
     assert losses["loss_align"] > 0 and set(PRESETS) == {"detreg", "mutdet"}
+
+
+# --- DETReg's L1 alignment (un-normalised), the enhanced branch's own projection, both passes' losses -----------
+
+
+def _with_norms(targets, seed=0):
+    """Targets whose embeddings are unit rows with a mean of zero over the batch (like centred PCA
+    projections) and ``embedding_norms`` of about sqrt(C) (per-coordinate scale ~1)."""
+    g = torch.Generator().manual_seed(seed)
+    counts = [len(t["boxes"]) for t in targets]
+    dim = targets[0]["embeddings"].shape[1]
+    o = torch.randn(sum(counts), dim, generator=g)
+    o = torch.nn.functional.normalize(o - o.mean(0), dim=1)
+    norms = (torch.rand(sum(counts), generator=g) * 0.5 + 0.75) * dim ** 0.5
+    out, start = [], 0
+    for t, n in zip(targets, counts):
+        out.append(dict(t, embeddings=o[start:start + n], embedding_norms=norms[start:start + n]))
+        start += n
+    return out
+
+
+def test_detreg_l1_compares_unnormalised_head_output_and_target():
+    from mutdet.losses.contrastive import gather_matched
+
+    model, criterion = _build(variant_from_dict("detreg"))
+    targets = [dict(t, labels=torch.zeros_like(t["labels"])) for t in _with_norms(_targets())]
+    torch.manual_seed(1)
+    out = model(torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(3)), targets)
+    # the head's raw MLP output, not a unit vector
+    torch.testing.assert_close(out["pred_embed"], model.decoder_embedding_head.mlp(out["hidden_states"][-1]),
+                               rtol=0, atol=0)
+    assert not torch.allclose(out["pred_embed"].norm(dim=-1), torch.ones(2, TINY["num_queries"]))
+    # the target: the PCA projection before its normalisation, O * norm
+    for got, t in zip(out["align_targets"], targets):
+        torch.testing.assert_close(got, t["embeddings"] * t["embedding_norms"][:, None], rtol=0, atol=0)
+    # DETReg's loss_object_embedding: F.l1_loss(reduction="mean") on the matched pairs, weight 1
+    losses = criterion(out, targets)
+    z, o = gather_matched(out["pred_embed"], out["align_targets"], criterion.detection.match(out, targets)[""])
+    torch.testing.assert_close(losses["loss_align"], torch.nn.functional.l1_loss(z, o, reduction="mean"))
+    assert criterion.weight_dict["loss_align"] == 1.0
+    # the contrastive head still normalises
+    mutdet, _ = _build(MUTDET)
+    torch.manual_seed(1)
+    embed = mutdet(torch.randn(2, 3, 96, 96), _targets())["pred_embed"]
+    scale = rounding_tolerance(embed.dtype, DIM)
+    torch.testing.assert_close(embed.norm(dim=-1), torch.ones(embed.shape[:2]), rtol=0, atol=scale)
+
+
+def test_detreg_alignment_trains_on_a_fixed_batch():
+    """A few dozen AdamW steps of the DETReg variant at the paper's width (C = 256) on one fixed batch:
+    the matched cosine between head outputs and targets rises clearly above chance (for unrelated 256-d
+    vectors it is 0 +- 1/16 per pair; 8 pairs averaged over 5 steps: +- 0.01). With an L1 loss between
+    unit vectors it stays near 0 for these steps (the issue this guards against)."""
+    dim, steps, lr = 256, 50, 1e-3
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small matrices: threads only add overhead
+    try:
+        cosines = _train_detreg_on_a_fixed_batch(dim, steps, lr)
+    finally:
+        torch.set_num_threads(threads)
+    assert abs(sum(cosines[:5]) / 5) < 0.1  # chance at the start
+    assert sum(cosines[-5:]) / 5 > 0.15, cosines
+
+
+def _train_detreg_on_a_fixed_batch(dim, steps, lr):
+    tiny = dict(TINY, embed_dim=dim, ffn_dim=2 * dim)
+    variant = variant_from_dict("detreg")
+    torch.manual_seed(3)
+    model = PretrainModel(detector=build_detector(num_classes=1, **tiny), variant=variant).train()
+    criterion = PretrainCriterion(detection=build_criterion(num_classes=1, num_decoder_layers=2), variant=variant)
+    g = torch.Generator().manual_seed(3)
+    targets = []
+    for _ in range(2):
+        xy = torch.rand(4, 2, generator=g) * 60 + 18
+        wh = torch.rand(4, 2, generator=g) * 20 + 8
+        wh = torch.stack([wh.max(1).values, wh.min(1).values], 1)
+        theta = torch.rand(4, 1, generator=g) * 3.0 - 1.5
+        targets.append({"labels": torch.zeros(4, dtype=torch.long), "boxes": torch.cat([xy, wh, theta], 1),
+                        "embeddings": torch.zeros(4, dim), "size": torch.tensor([96, 96])})
+    targets = _with_norms(targets, seed=3)
+    images = torch.randn(2, 3, 96, 96, generator=g)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-5)
+    cosines = []
+    for _ in range(steps):
+        losses = criterion(model(images, targets), targets)
+        total = sum(losses[k] * w for k, w in criterion.weight_dict.items())
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+        cosines.append(float(losses["align_pos_cosine"]))
+    return cosines
+
+
+def test_enhanced_branch_has_its_own_projection():
+    from mutdet.engine.transfer import transfer_state_dict
+
+    model, criterion = _build(MUTDET)
+    targets = _targets()
+    model.zero_grad()
+    losses = _losses(model, criterion, targets)
+    losses["loss_align"].backward()  # the enhanced branch only
+    head = model.detector.proposal_head
+    for p in (*head.output_proj.parameters(), *head.output_norm.parameters()):  # inherited by fine-tuning
+        assert p.grad is None or not p.grad.any()
+    assert model.enhancement_projection.proj.weight.grad.abs().sum() > 0
+    # the proposal heads of the enhanced pass read F_enh as it is (no second Linear + LayerNorm)
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 96, 96), targets)
+        enc = out["enc_outputs"]
+        torch.testing.assert_close(enc["features"], out["memory"].masked_fill(~enc["valid"][..., None], 0.0),
+                                   rtol=0, atol=0)
+        torch.testing.assert_close(enc["pred_logits"], head.class_head(out["memory"]), rtol=0, atol=0)
+    # the projection is pre-training only: dropped at transfer with the other MutDet parts
+    finetune = build_detector(num_classes=3, **TINY)
+    _, report = transfer_state_dict(model.state_dict(), finetune.state_dict())
+    dropped = {k for k, why in report["dropped"].items() if why == "pretraining-only"}
+    assert {"enhancement_projection.proj.weight", "enhancement_projection.norm.weight"} <= dropped
+    assert "unknown" not in report["dropped"].values()
+    assert "proposal_head.output_proj.weight" in report["loaded"]
+    detreg, _ = _build(variant_from_dict("detreg"))
+    assert detreg.enhancement_projection is None
+
+
+def test_siamese_pass_has_the_denoising_alignment_loss_on_the_same_queries():
+    from mutdet.losses.contrastive import contrastive_alignment_loss, gather_matched
+    from mutdet.models.denoising import denoising_indices
+
+    model, criterion = _build(MUTDET)
+    assert criterion.weight_dict["loss_align_dn_siam"] == criterion.weight_dict["loss_align_dn"] == 1.0
+    targets = _targets()
+    inputs = []
+    handle = model.detector.decoder.register_forward_hook(lambda m, i, o: inputs.append((i[0], i[1], i[2])))
+    torch.manual_seed(1)
+    out = model(torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(3)), targets)
+    handle.remove()
+    siamese = out["siamese"]
+    assert siamese["dn_meta"] == out["dn_meta"]
+    num_dn = out["dn_meta"]["num_queries"]
+    for a, b in zip(inputs[0], inputs[1]):  # the same noised denoising queries in both passes
+        torch.testing.assert_close(a[:, :num_dn], b[:, :num_dn], rtol=0, atol=0)
+    losses = criterion(out, targets)
+    group0 = denoising_indices([len(t["labels"]) for t in targets], {**out["dn_meta"], "num_groups": 1})
+    expected = contrastive_alignment_loss(*gather_matched(siamese["dn_outputs"]["pred_embed"], out["align_targets"],
+                                                          group0), 0.2)
+    torch.testing.assert_close(losses["loss_align_dn_siam"], expected)
+    model.zero_grad()
+    losses["loss_align_dn_siam"].backward()
+    assert model.mutual_enhancement.layers[-1].mlp.linear2.weight.grad.abs().sum() > 0  # O_enh, not detached
+    no_siam = PretrainCriterion(detection=build_criterion(num_classes=K, num_decoder_layers=2),
+                                variant=with_flags(MUTDET, siamese=False))
+    assert "loss_align_dn_siam" not in no_siam.weight_dict

@@ -9,11 +9,16 @@ rows as the proposals, in the same order: checked here). Each item is ``(image, 
 ``labels``      ``(N,)`` int64: the pseudo-class (``cluster_id``), or 0 when ``class_agnostic``
 ``boxes``       ``(N, 5)`` float32 le90 in pixels of the returned image
 ``embeddings``  ``(N, D)`` float32: the proposal's target embedding ``O`` (unit norm)
+``embedding_norms``  ``(N,)`` float32: the norm of the PCA projection before its normalisation (the
+                targets' ``norm`` column), so ``embeddings * embedding_norms[:, None]`` is the
+                un-normalised projection, the DETReg baseline's L1 target; 1 for targets files
+                written without that column, unless ``require_norms`` (then such a file is an error)
 ``size``        ``(2,)`` int64 ``(h, w)`` of the returned image; ``scale``, ``tile_id`` as TileDataset
 ==============  ===============================================================================
 
 Proposals are kept best first, at most ``max_boxes`` per tile; tiles without proposals are skipped.
-Vectors stay float16 in memory until an item is built (about 0.5 KB per proposal at D = 256).
+Vectors stay float16 in memory until an item is built (about 0.5 KB per proposal at D = 256, plus 4
+bytes for its norm).
 """
 from __future__ import annotations
 
@@ -42,6 +47,8 @@ class ProposalTileDataset(Dataset):
         targets_files: ``targets.parquet`` of the same shards, in the same order.
         class_agnostic: every label 0 (DETReg) instead of the pseudo-class (MutDet).
         max_boxes: keep the best ``max_boxes`` proposals of a tile (None: all).
+        require_norms: the targets must carry their ``norm`` column (the L1 alignment regresses the
+            un-normalised projection; a file of an older cluster stage lacks it: rerun that stage).
         transform: ``(image, target) -> (image, target)``; must keep the boxes' order and number (flips
             and resizing do), since ``labels`` and ``embeddings`` are not passed through it.
     Attributes:
@@ -51,7 +58,7 @@ class ProposalTileDataset(Dataset):
 
     def __init__(self, tiles_dirs: Sequence[str | Path], proposals_files: Sequence[str | Path],
                  targets_files: Sequence[str | Path], *, class_agnostic: bool = False, max_boxes: int | None = None,
-                 transform: Callable | None = None):
+                 require_norms: bool = False, transform: Callable | None = None):
         if not (len(tiles_dirs) == len(proposals_files) == len(targets_files)) or not tiles_dirs:
             raise ValueError(f"ProposalTileDataset: need as many tiles folders ({len(tiles_dirs)}), proposal files "
                              f"({len(proposals_files)}) and target files ({len(targets_files)}), at least one")
@@ -66,6 +73,7 @@ class ProposalTileDataset(Dataset):
         self._boxes: list[np.ndarray] = []
         self._labels: list[np.ndarray] = []
         self._vectors: list[np.ndarray] = []
+        self._norms: list[np.ndarray] = []
         num_classes, dim = 0, None
         for shard, (tiles_dir, prop_file, tgt_file) in enumerate(zip(tiles_dirs, proposals_files, targets_files)):
             tiles_dir = Path(tiles_dir)
@@ -80,6 +88,13 @@ class ProposalTileDataset(Dataset):
             if dim is not None and vectors.shape[1] != dim:
                 raise ValueError(f"{tgt_file}: embeddings of dimension {vectors.shape[1]}, other shards have {dim}")
             dim = vectors.shape[1]
+            if "norm" in targets.column_names:
+                norms = targets.column("norm").to_numpy().astype(np.float32)
+            elif require_norms:
+                raise ValueError(f"{tgt_file}: no 'norm' column (written by an older cluster stage), which the L1 "
+                                 f"alignment's un-normalised targets need; rerun it: snakemake --forcerun cluster")
+            else:  # the contrastive alignment normalises its targets: the norms are not used
+                norms = np.ones(len(vectors), np.float32)
             labels = targets.column("cluster_id").to_numpy().astype(np.int64)
             k = (read_metadata(tgt_file).get("params") or {}).get("k")  # the cluster stage's k
             seen = int(labels.max()) + 1 if len(labels) else 0
@@ -90,7 +105,7 @@ class ProposalTileDataset(Dataset):
             ids = np.asarray(proposals.column("tile_id").to_pylist(), dtype=object)
             rank = proposals.column("proposal_index").to_numpy()
             order = np.lexsort((rank, ids))  # by tile, best first
-            ids, boxes, labels, vectors = ids[order], boxes[order], labels[order], vectors[order]
+            ids, boxes, labels, vectors, norms = ids[order], boxes[order], labels[order], vectors[order], norms[order]
             uniq, starts = np.unique(ids, return_index=True) if len(ids) else (np.array([]), np.array([], int))
             stops = np.append(starts[1:], len(ids))
             span = {str(t): (int(s), int(e)) for t, s, e in zip(uniq, starts, stops)}
@@ -102,6 +117,7 @@ class ProposalTileDataset(Dataset):
             self._boxes.append(boxes.astype(np.float32))
             self._labels.append(labels)
             self._vectors.append(vectors)
+            self._norms.append(norms)
             for tile_id in sorted(span):
                 start, stop = span[tile_id]
                 if max_boxes is not None:
@@ -125,6 +141,7 @@ class ProposalTileDataset(Dataset):
             "labels": torch.zeros_like(labels) if self.class_agnostic else labels,
             "boxes": torch.from_numpy(self._boxes[shard][start:stop]),
             "embeddings": torch.from_numpy(self._vectors[shard][start:stop].astype(np.float32)),
+            "embedding_norms": torch.from_numpy(self._norms[shard][start:stop].copy()),
             "size": torch.tensor(image.shape[-2:], dtype=torch.int64),
             "scale": torch.ones(2, dtype=torch.float64),
             "tile_id": self.tile_ids[index],

@@ -18,6 +18,11 @@ baseline's target and the input of the cluster stage.
     tile_id (string), proposal_index (int32)
     embedding (fixed_size_list<halffloat>[pca_dim])  O: the PCA projection, L2-normalised
     cluster_id (int16)                            pseudo-class in ``[0, k)``: the centroid of highest cosine
+    norm (float, optional)                        ``||P||``, the PCA projection's L2 norm before the
+                                                  normalisation: ``O * norm`` is the un-normalised
+                                                  projection, the DETReg baseline's L1 target. Optional
+                                                  so that files written before it existed still load
+                                                  (readers then take 1, see mutdet.data.pretrain)
 
 Metadata (JSON, ``mutdet_*`` keys, :func:`mutdet.io.artefacts.read_metadata`): ``dim``, ``params``,
 ``code_version``, ``proposals_file`` (embeddings) / ``embeddings_file`` and ``model_file`` (targets).
@@ -41,6 +46,7 @@ __all__ = ["KEY_COLUMNS", "embeddings_schema", "targets_schema", "vector_column"
 KEY_COLUMNS = ("tile_id", "proposal_index")
 _KEYS = [("tile_id", pa.string()), ("proposal_index", pa.int32())]
 _EXTRA = {"embeddings": [], "targets": [("cluster_id", pa.int16())]}
+_OPTIONAL = {"embeddings": [], "targets": [("norm", pa.float32())]}  # checked and kept when present
 
 
 class JoinError(ArtefactError):
@@ -52,12 +58,21 @@ def embeddings_schema(dim: int) -> pa.Schema:
     return pa.schema([*_KEYS, ("embedding", pa.list_(pa.float16(), dim))])
 
 
-def targets_schema(dim: int) -> pa.Schema:
-    """The ``targets`` schema for ``dim``-dimensional (PCA) vectors (see the module docstring)."""
-    return pa.schema([*_KEYS, ("embedding", pa.list_(pa.float16(), dim)), *_EXTRA["targets"]])
+def targets_schema(dim: int, with_norm: bool = True) -> pa.Schema:
+    """The ``targets`` schema for ``dim``-dimensional (PCA) vectors (see the module docstring); without
+    the optional ``norm`` column if ``with_norm`` is False."""
+    return pa.schema([*_KEYS, ("embedding", pa.list_(pa.float16(), dim)), *_EXTRA["targets"],
+                      *(_OPTIONAL["targets"] if with_norm else [])])
 
 
 _SCHEMA_OF = {"embeddings": embeddings_schema, "targets": targets_schema}
+
+
+def _schema(kind: str, dim: int, names) -> pa.Schema:
+    """The schema of ``kind`` with the optional columns found in ``names``."""
+    full = _SCHEMA_OF[kind](dim)
+    optional = {name for name, _ in _OPTIONAL[kind]}
+    return pa.schema([f for f in full if f.name not in optional or f.name in names])
 
 
 def vector_column(vectors: np.ndarray) -> pa.FixedSizeListArray:
@@ -86,6 +101,11 @@ def _check_schema(schema: pa.Schema, kind: str, source: str) -> int:
         if schema.field(name).type != typ:
             raise ArtefactError(f"{source}: column {name!r} has type {schema.field(name).type}, "
                                 f"the {kind} schema needs {typ}")
+    for name, typ in _OPTIONAL[kind]:
+        found = schema.field(name).type if name in schema.names else None
+        if found is not None and not (found.equals(typ) or (pa.types.is_floating(typ) and pa.types.is_floating(found))):
+            raise ArtefactError(f"{source}: column {name!r} has type {schema.field(name).type}, "
+                                f"the {kind} schema needs {typ}")
     if "embedding" not in schema.names:
         raise ArtefactError(f"{source}: missing column 'embedding' (fixed_size_list<halffloat>[D]) "
                             f"of the {kind} schema")
@@ -99,7 +119,7 @@ def _check_schema(schema: pa.Schema, kind: str, source: str) -> int:
 def _write(table: pa.Table, path: str | Path, kind: str, metadata: Mapping[str, object] | None) -> None:
     source = f"{kind} table for {path}"
     dim = _check_schema(table.schema, kind, source)
-    schema = _SCHEMA_OF[kind](dim)
+    schema = _schema(kind, dim, table.schema.names)
     table = table.select(schema.names).cast(schema)
     meta = {b"mutdet_kind": kind.encode(), b"mutdet_dim": json.dumps(dim).encode()}
     for key, value in (metadata or {}).items():
@@ -120,7 +140,7 @@ def _read(path: str | Path, kind: str, columns: list[str] | None) -> pa.Table:
     stored_dim = json.loads((schema.metadata or {}).get(b"mutdet_dim", b"null"))
     if stored_dim != dim:
         raise ArtefactError(f"{path}: 'dim' metadata {stored_dim} does not match the embedding column's size {dim}")
-    return pq.read_table(path, columns=columns or _SCHEMA_OF[kind](dim).names)
+    return pq.read_table(path, columns=columns or _schema(kind, dim, schema.names).names)
 
 
 def write_embeddings(table: pa.Table, path: str | Path, metadata: Mapping[str, object] | None = None) -> None:

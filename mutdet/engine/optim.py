@@ -1,45 +1,96 @@
 """Optimiser and learning-rate schedule of the paper's detector recipe.
 
-AdamW (lr 1e-4, weight decay 1e-5) with three lr groups identified by parameter name: the
-backbone (``backbone.*``), the deformable-attention sampling offsets (``*sampling_offsets*``) and
-reference points (``*reference_points*``, present in one-stage variants only) train at
-``lr x lr_multiplier`` (0.1); everything else at ``lr``. Frozen parameters (``requires_grad=False``)
-are left out.
+AdamW (lr 1e-4, weight decay 1e-5 on every parameter, betas (0.9, 0.999)) with two lr groups: the
+parameters of three *roles* train at ``lr x lr_multiplier`` (0.1), everything else at ``lr``. Frozen
+parameters (``requires_grad=False``) are left out. The roles (:data:`LOW_LR_NAMES`) are found by module
+type, wherever the module sits in the model, so the rule is the same for the fine-tuning detector
+(``backbone.*``), the pre-training model that wraps it (``detector.backbone.*``) and a DDP wrapper
+(``module.*``):
+
+``backbone``          every parameter of a :class:`mutdet.models.backbone.Backbone` (Deformable DETR's
+                      ``lr_backbone``, ARS-DETR / MutDet's ``custom_keys={'backbone': lr_mult 0.1}``).
+``sampling_offsets``  the ``sampling_offsets`` Linear of every
+                      :class:`mutdet.models.deformable_attention.MultiScaleDeformableAttention`, encoder
+                      and decoder (Deformable DETR's ``lr_linear_proj_names``).
+``reference_points``  a submodule registered under the name ``reference_points``: the learned
+                      query -> reference-point Linear of *one-stage* Deformable DETR. The two-stage
+                      detector here has none (its references come from the encoder proposals, as in
+                      ARS-DETR with ``as_two_stage=True``), so this role is empty; it is kept so that the
+                      rule is the reference's whole rule.
+
+Checked against the references, and why each other parameter stays at the full rate:
+
+* The references match these keys as *substrings* of the parameter name (mmcv's ``custom_keys``,
+  Deformable DETR's ``match_name_keywords``), so a wrapper prefix does not escape them; a prefix rule
+  (``name.startswith("backbone.")``) does, which left the backbone at the full rate in pre-training
+  with ``freeze_backbone: false``. Matching by type has neither problem, and does not catch a module
+  that merely has ``backbone`` in its name.
+* The decoder's ``ref_point_head`` (MLP from the reference box's sine embedding to the query position)
+  is not a ``reference_points`` layer: in ARS-DETR it is also named ``ref_point_head`` and no key
+  matches it, so it trains at the full rate there and here.
+* The neck (Deformable DETR's ``input_proj``, ARS-DETR's ``neck``), ``attention_weights``,
+  ``value_proj``, ``output_proj``, the level embedding, the query and denoising label embeddings, the
+  heads and MutDet's modules (enhancement, embedding heads) all train at the full rate in the
+  references too.
+* Norms and biases get the same weight decay as the rest (mmcv's constructor without
+  ``norm_decay_mult`` / ``bias_decay_mult``; Deformable DETR likewise).
 
 Schedule, stepped once per optimiser step (iteration): linear warm-up from ``lr x warmup_ratio``
 (1/3) to ``lr`` over ``warmup_iterations`` (mmcv's ``warmup='linear'``), then x ``gamma`` (0.1) at
 each milestone iteration (the caller converts decay epochs to iterations:
-``epoch x iterations_per_epoch``).
+``epoch x iterations_per_epoch``, which is mmcv's by-epoch ``step`` policy).
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["LOW_LR_NAMES", "param_groups", "build_optimizer", "WarmupStepSchedule", "build_scheduler"]
+from mutdet.models.backbone import Backbone
+from mutdet.models.deformable_attention import MultiScaleDeformableAttention
 
-LOW_LR_NAMES = ("backbone.", "sampling_offsets", "reference_points")
+__all__ = ["LOW_LR_NAMES", "low_lr_roles", "param_groups", "build_optimizer", "WarmupStepSchedule",
+           "build_scheduler"]
+
+LOW_LR_NAMES = ("backbone", "sampling_offsets", "reference_points")
 
 
-def _is_low_lr(name: str, patterns: Iterable[str]) -> bool:
-    return any(name.startswith(p) if p.endswith(".") else p in name for p in patterns)
+def _role_modules(model: nn.Module, roles: Sequence[str]):
+    """``(role, module)`` for every module that plays one of ``roles`` (module docstring)."""
+    unknown = sorted(set(roles) - set(LOW_LR_NAMES))
+    if unknown:
+        raise ValueError(f"low-lr roles {unknown} are unknown; known: {list(LOW_LR_NAMES)} "
+                         f"(modules are found by type, not by a parameter-name pattern)")
+    for name, module in model.named_modules():
+        if "backbone" in roles and isinstance(module, Backbone):
+            yield "backbone", module
+        if "sampling_offsets" in roles and isinstance(module, MultiScaleDeformableAttention):
+            yield "sampling_offsets", module.sampling_offsets
+        if "reference_points" in roles and name.rpartition(".")[2] == "reference_points":
+            yield "reference_points", module
+
+
+def low_lr_roles(model: nn.Module, low_lr_names: Sequence[str] = LOW_LR_NAMES) -> dict[str, str]:
+    """Parameter name -> role, for every parameter (trainable or not) that trains at the low lr."""
+    low = {id(p): role for role, module in _role_modules(model, low_lr_names) for p in module.parameters()}
+    return {name: low[id(p)] for name, p in model.named_parameters() if id(p) in low}
 
 
 def param_groups(model: nn.Module, *, lr: float, lr_multiplier: float = 0.1,
                  low_lr_names: Sequence[str] = LOW_LR_NAMES) -> list[dict]:
     """Trainable parameters split into ``[{"name": "base", ...}, {"name": "low_lr", ...}]``.
 
-    A pattern ending in ``.`` matches a name prefix (``backbone.``); any other pattern matches a
-    substring (``sampling_offsets``). Empty groups are dropped.
+    ``low_lr_names``: the roles (module docstring) that train at ``lr x lr_multiplier``; an unknown
+    role raises. Empty groups are dropped.
     """
-    base, low = [], []
-    for name, p in model.named_parameters():
+    low = {id(p) for role, module in _role_modules(model, low_lr_names) for p in module.parameters()}
+    base, low_params = [], []
+    for p in model.parameters():
         if p.requires_grad:
-            (low if _is_low_lr(name, low_lr_names) else base).append(p)
+            (low_params if id(p) in low else base).append(p)
     groups = [{"name": "base", "params": base, "lr": lr},
-              {"name": "low_lr", "params": low, "lr": lr * lr_multiplier}]
+              {"name": "low_lr", "params": low_params, "lr": lr * lr_multiplier}]
     return [g for g in groups if g["params"]]
 
 

@@ -1,13 +1,14 @@
 """Initialising a fine-tuning detector from a pre-training checkpoint (MutDet, DETReg or a variant).
 
-Transfer rule (METHOD.md, "Transfer to fine-tuning"): drop the mutual enhancement module, the
-embedding heads, the pre-training classifier (k pseudo-classes or the DETReg objectness class) and the
-denoising label embedding; keep backbone, neck, encoder, decoder, box and angle branches, query and
-level embeddings and the encoder proposal head.
+Transfer rule (METHOD.md, "Transfer to fine-tuning"): drop the mutual enhancement module with the
+enhanced branch's own projection, the embedding heads, the pre-training classifier (k pseudo-classes
+or the DETReg objectness class) and the denoising label embedding; keep backbone, neck, encoder,
+decoder, box and angle branches, query and level embeddings and the encoder proposal head.
 
 A pre-training checkpoint holds the state dict of :class:`mutdet.models.pretrain.PretrainModel`:
 the detector's keys under ``detector.`` (the prefix is removed here) and the pre-training-only parts
-(``mutual_enhancement.``, ``encoder_embedding_head.``, ``decoder_embedding_head.``) beside it. A bare
+(``enhancement_projection.``, ``mutual_enhancement.``, ``encoder_embedding_head.``,
+``decoder_embedding_head.``) beside it. A bare
 detector state dict (no ``detector.`` keys) is accepted too. Every key ends in exactly one of:
 
 * ``loaded``: kept, copied into the fine-tuning model;
@@ -37,6 +38,7 @@ log = logging.getLogger("mutdet")
 
 DETECTOR_PREFIX = "detector."
 DROP_PATTERNS = (
+    r"^enhancement_projection\.",  # the enhanced branch's Linear + LayerNorm (F), not the two-stage head's
     r"^mutual_enhancement\.",  # the enhancement module
     r"embedding_head\.",  # encoder / decoder embedding heads
     r"^class_heads\.",  # pre-training classifier (pseudo-classes / objectness)

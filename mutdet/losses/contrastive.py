@@ -1,5 +1,5 @@
 """MutDet's contrastive alignment loss between matched predictions and proposal embeddings, and the
-L1 alignment loss of the DETReg baseline.
+L1 alignment loss of the DETReg baseline (between un-normalised vectors).
 
 Over the ``M`` matched (prediction ``z_i``, proposal ``o_i``) pairs of the *whole batch*, both sides
 L2-normalised, temperature ``tau`` (0.2):
@@ -52,9 +52,10 @@ def contrastive_alignment_loss(z: torch.Tensor, o: torch.Tensor, temperature: fl
 def l1_alignment_loss(z: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
     """DETReg's embedding loss: mean absolute difference over all ``M * C`` entries.
 
-    As in DETReg (``F.l1_loss(..., reduction="mean")``), neither side is normalised here: the head
-    output is compared with the raw target embedding as given (the cached proposal embeddings are
-    unit-norm; whether the head output is normalised is the head's business). Nothing is detached.
+    As in DETReg (``loss_object_embedding``: ``F.l1_loss(..., reduction="mean")``, weight 1), neither
+    side is normalised here: the caller passes the decoder head's raw MLP output and the un-normalised
+    target (:mod:`mutdet.models.pretrain`: the PCA projection ``O * norm``). Between two unit vectors
+    this loss would barely train anything. Nothing is detached.
 
     Args:
         z: ``(M, C)`` predicted embeddings; o: ``(M, C)`` targets.

@@ -10,7 +10,8 @@ all groups):
 * ``loss_l1``: ``sum |box_i - box_j|`` over normalised ``(cx, cy, w, h)``, / ``n``;
 * ``loss_giou``: ``sum 1 - GIoU`` of the axis-aligned ``(cx, cy, w, h)`` boxes, / ``n``;
 * ``loss_angle``: ``sum_i w_j sum_bins BCE(angle_logits_i, AR-CSL target_j)``, / ``(n * A)``, with
-  ``w_j = 2 AR_j / (AR_j + 1)``.
+  ``w_j = 2 AR_j / (AR_j + 1)`` (ARS-DETR: ``CrossEntropyLoss(use_sigmoid=True)`` with per-bin weight
+  ``w_j`` and ``avg_factor = num_pos * coding_len``; the AR-CSL targets cover all ``A`` bins).
 
 Keys: ``loss_<name>`` for the last decoder layer, ``loss_<name>_<k>`` for layer ``k`` (0-based,
 ``k < D - 1``), ``loss_<name>_enc`` for the encoder proposals (class-agnostic: every target is class
@@ -174,14 +175,17 @@ class SetCriterion(nn.Module):
         return losses
 
 
-def build_criterion(*, num_classes: int, num_decoder_layers: int, num_angle_bins: int = 180, angle_radius: int = 6,
+def build_criterion(*, num_classes: int, num_decoder_layers: int, num_angle_bins: int = 180,
+                    angle_radius: int | None = None,
                     loss_cls: float = 2.0, loss_l1: float = 2.0, loss_giou: float = 5.0, loss_angle: float = 2.0,
                     cost_class: float = 2.0, cost_bbox: float = 2.0, cost_giou: float = 5.0, cost_angle: float = 2.0,
                     focal_alpha: float = 0.25, focal_gamma: float = 2.0) -> SetCriterion:
     """The criterion from plain keyword arguments (defaults: the paper's weights and costs).
 
-    ``num_classes`` and the angle coder settings must match the detector's. ``weight_dict`` gives a
-    loss the same weight on every branch (all suffixes of :func:`loss_suffixes`).
+    ``num_classes`` and ``num_angle_bins`` must match the detector's. ``angle_radius``: None (the
+    reference's AR-CSL, targets over the whole angle range) or a cut in bins, an ablation (see
+    :mod:`mutdet.models.angle_coder`). ``weight_dict`` gives a loss the same weight on every branch (all
+    suffixes of :func:`loss_suffixes`).
     """
     if num_classes < 1 or num_decoder_layers < 1:
         raise ValueError(f"num_classes and num_decoder_layers must be >= 1, got {num_classes}, {num_decoder_layers}")

@@ -10,13 +10,26 @@ Keys (unweighted; :attr:`PretrainCriterion.weight_dict` weights them):
 * contrastive alignment only: ``loss_align_dn`` (the positive queries of the *first* denoising group:
   query ``j`` of group 0 reconstructs target ``j``), ``loss_align_enc`` (``Z_enc`` of the encoder tokens
   matched by the ``_enc`` branch; when the encoder head is on), ``loss_align_siam`` (the siamese pass's
-  last layer, matched by its own matcher);
+  last layer, matched by its own matcher) and ``loss_align_dn_siam`` (the siamese pass's first
+  denoising group), the last two when the siamese pass is on: the reference computes the decoder and
+  the denoising alignment losses on both branches;
 * ``align_pos_cosine`` / ``align_neg_cosine``: mean cosine of the matched and of the unmatched pairs of
   the last decoder layer (logged, not optimised; the negative one only when there are two pairs or more).
 
 All alignment losses have the weight ``align_weight`` (1 in the paper). Negatives of the contrastive
 loss are all other matched pairs of the batch, across images and, under DDP, across ranks
-(:func:`gather_pairs`); the targets are not detached.
+(:func:`gather_pairs`); the targets are not detached. The ``l1`` alignment (DETReg) is
+:func:`mutdet.losses.contrastive.l1_alignment_loss` on the last layer only, between un-normalised
+vectors (:mod:`mutdet.models.pretrain`), as DETReg's ``loss_object_embedding``.
+
+Against the reference (floatingstarZ/MutDet ``DETReg_dn_ars_detr_headv7.py``):
+
+* denoising alignment: the reference takes "the first ``n`` positives" of the flattened batch (``n``
+  = targets in the batch), which for two images or more are image 0's positives of several groups
+  and none of image 1's (and pairs the same target twice); here it is group 0 of every image, the
+  paper's "first denoising group";
+* negatives: the reference's are the pairs of one GPU (2 images); here the pairs of the whole batch,
+  all ranks together, so the loss does not depend on how the batch is split over GPUs.
 """
 from __future__ import annotations
 
@@ -103,7 +116,7 @@ class PretrainCriterion(nn.Module):
             if variant.encoder_embedding_loss:
                 align_keys.append("loss_align_enc")
             if variant.siamese:
-                align_keys.append("loss_align_siam")
+                align_keys += ["loss_align_siam", "loss_align_dn_siam"]
         weights.update({k: align_weight for k in align_keys})
         self.weight_dict = weights
 
@@ -127,14 +140,7 @@ class PretrainCriterion(nn.Module):
                 losses[f"align_{key}"] = torch.tensor(value, device=z.device)
 
         if variant.alignment == "contrastive":
-            dn = outputs.get("dn_outputs")
-            if dn is not None:
-                counts = [len(t["embeddings"]) for t in targets]
-                # the positives of group 0 only: the fixed denoising matching with one group
-                group0 = denoising_indices(counts, {**outputs["dn_meta"], "num_groups": 1}, dn["pred_embed"].device)
-                losses["loss_align_dn"] = self._align(*gather_matched(dn["pred_embed"], align_targets, group0))
-            else:  # no target in the batch: keep the key (zero) so that logs stay aligned
-                losses["loss_align_dn"] = 0.0 * outputs["pred_embed"].sum()
+            losses["loss_align_dn"] = self._align_denoising(outputs, targets)
             if variant.encoder_embedding_loss:
                 z_enc = outputs["enc_outputs"]["pred_embed"]
                 losses["loss_align_enc"] = self._align(*gather_matched(z_enc, align_targets, indices["_enc"]))
@@ -147,7 +153,21 @@ class PretrainCriterion(nn.Module):
             if variant.alignment == "contrastive":
                 losses["loss_align_siam"] = self._align(
                     *gather_matched(siamese["pred_embed"], align_targets, siam_indices[""]))
+                losses["loss_align_dn_siam"] = self._align_denoising(siamese, targets, align_targets)
         return losses
+
+    def _align_denoising(self, outputs: Mapping, targets: Sequence[Mapping[str, torch.Tensor]],
+                         align_targets: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """Alignment loss of the positive queries of the first denoising group of one pass (query ``j`` of
+        group 0 against target ``j`` of its image); a zero with a gradient path when no denoising ran."""
+        align_targets = outputs["align_targets"] if align_targets is None else align_targets
+        dn = outputs.get("dn_outputs")
+        if dn is None:  # no target in the batch: keep the key (zero) so that logs stay aligned
+            return 0.0 * outputs["pred_embed"].sum()
+        counts = [len(t["embeddings"]) for t in targets]
+        # the positives of group 0 only: the fixed denoising matching with one group
+        group0 = denoising_indices(counts, {**outputs["dn_meta"], "num_groups": 1}, dn["pred_embed"].device)
+        return self._align(*gather_matched(dn["pred_embed"], align_targets, group0))
 
 
 def build_pretrain_criterion(*, variant: PretrainVariant, num_classes: int, num_decoder_layers: int,

@@ -20,9 +20,11 @@ image, angles as bin logits):
 ``pred_boxes``         ``(B, Q, 4)`` normalised cxcywh, last layer
 ``pred_angle_logits``  ``(B, Q, A)`` AR-CSL bin logits, last layer
 ``aux_outputs``        list of ``D - 1`` dicts with the three keys above, layers ``0 .. D-2``
-``enc_outputs``        dict: ``pred_logits`` ``(B, S, 1)`` objectness, ``pred_boxes`` ``(B, S, 4)``,
-                       ``pred_angle_logits`` ``(B, S, A)``, ``features`` ``(B, S, C)`` (the
-                       proposal head's Linear+LayerNorm of the memory, invalid tokens zeroed),
+``enc_outputs``        dict: ``pred_logits`` ``(B, S, 1)`` objectness, ``pred_boxes`` ``(B, S, 4)``
+                       (``(1, 1, 1, 1)`` on invalid tokens), ``pred_angle_logits`` ``(B, S, A)``,
+                       ``features`` ``(B, S, C)`` (the heads' input: the proposal head's
+                       Linear+LayerNorm of the memory, or ``decode``'s ``proposal_features``;
+                       invalid tokens zeroed),
                        ``valid`` ``(B, S)`` bool, ``topk_indices`` ``(B, Q)`` tokens that seeded the queries
 ``hidden_states``      ``(D, B, Q, C)`` decoder outputs (after the final LayerNorm), matching queries
 ``memory``             ``(B, S, C)`` the memory the decoder attended (encoder output unless replaced)
@@ -35,8 +37,24 @@ image, angles as bin logits):
 =====================  =====================================================================
 
 Seams for MutDet pre-training: :meth:`encode` and :meth:`decode` are separate, and ``decode`` takes
-a replacement ``memory`` (e.g. the enhanced features) and replacement ``proposal_scores``, so the same
-decoder can run twice on different memories.
+a replacement ``memory`` (e.g. the enhanced features), precomputed ``proposal_features`` (the proposal
+heads then skip their Linear + LayerNorm), replacement ``proposal_scores`` and precomputed
+``denoising`` queries (:meth:`make_denoising`), so the same decoder can run twice on different
+memories with the same queries.
+
+Initialisation (:meth:`OrientedDeformableDETR._reset_parameters`), as Deformable DETR's and ARS-DETR's
+``DeformableTransformer`` init: Xavier-uniform on every weight matrix of the transformer (encoder,
+decoder with its reference-point MLP, and the two-stage Linear that the reference calls
+``enc_output``; biases keep PyTorch's default), then each deformable attention's own init (sampling
+offsets: zero weights, the radial bias pattern; attention weights: zero; value / output projections:
+Xavier, zero bias), level embeddings ``N(0, 1)``, query embeddings ``N(0, 1)`` (``nn.Embedding``'s
+default, what the reference's ``normal_`` gives). The heads outside the transformer keep PyTorch's
+default except the class biases (prior 0.01) and the last box-MLP layers (zero), as ARS-DETR's head.
+One departure: ARS-DETR's ``RotatedMultiScaleDeformableAttention`` (the decoder's cross-attention) is
+not an ``mmcv`` ``MultiScaleDeformableAttention``, so the reference's ``isinstance`` check skips its
+re-initialisation and its sampling-offset and attention-weight matrices keep the Xavier init of the
+first loop; here they get Deformable DETR's init like the encoder's, which is what the attention's
+own ``init_weights`` (called in its constructor) intends.
 """
 from __future__ import annotations
 
@@ -52,9 +70,9 @@ from mutdet.models.backbone import Backbone, build_backbone
 from mutdet.models.box_ops import normalize_targets
 from mutdet.models.decoder import DeformableDecoder, DeformableDecoderLayer
 from mutdet.models.deformable_attention import MultiScaleDeformableAttention
-from mutdet.models.denoising import make_denoising_queries
+from mutdet.models.denoising import DenoisingQueries, make_denoising_queries
 from mutdet.models.encoder import DeformableEncoder, DeformableEncoderLayer
-from mutdet.models.layers import MLP
+from mutdet.models.layers import MLP, xavier_weights
 from mutdet.models.neck import ChannelMapper
 from mutdet.models.position_encoding import PositionEmbeddingSine
 from mutdet.models.two_stage import EncoderProposalHead, select_top_proposals
@@ -116,10 +134,9 @@ class OrientedDeformableDETR(nn.Module):
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:
-        for module in (self.encoder, self.decoder):
-            for p in module.parameters():
-                if p.dim() > 1:
-                    nn.init.xavier_uniform_(p)
+        # the reference's transformer: encoder, decoder and the two-stage projection (``enc_output``)
+        for module in (self.encoder, self.decoder, self.proposal_head.output_proj):
+            xavier_weights(module)
         for m in self.modules():
             if isinstance(m, MultiScaleDeformableAttention):
                 m.reset_parameters()
@@ -162,25 +179,39 @@ class OrientedDeformableDETR(nn.Module):
         return {"memory": memory, "memory_padding_mask": memory_padding_mask, "spatial_shapes": spatial_shapes,
                 "level_start_index": level_start_index, "valid_ratios": valid_ratios}
 
+    def make_denoising(self, targets: Sequence[Mapping[str, torch.Tensor]] | None) -> DenoisingQueries | None:
+        """The denoising queries of a batch (None outside training, without targets or when the batch has
+        no box); random. Pass them to :meth:`decode` to run several passes on the same noised queries."""
+        if not self.training or targets is None:
+            return None
+        return make_denoising_queries(normalize_targets(targets), label_embed=self.label_embed,
+                                      num_matching_queries=self.num_queries, **self.denoising)
+
     def decode(self, encoded: Mapping[str, torch.Tensor], targets: Sequence[Mapping[str, torch.Tensor]] | None = None,
                memory: torch.Tensor | None = None, proposal_scores: torch.Tensor | None = None,
-               proposal_score_fn=None) -> dict:
+               proposal_score_fn=None, proposal_features: torch.Tensor | None = None,
+               denoising: DenoisingQueries | None = None) -> dict:
         """Two-stage query selection, decoder and heads.
 
         Args:
             encoded: output of :meth:`encode`.
             targets: per-image targets (module docstring); denoising queries are added iff the module is
                 training and some image has a target.
-            memory: ``(B, S, C)`` replaces ``encoded["memory"]`` (proposals and cross-attention use it).
+            memory: ``(B, S, C)`` replaces ``encoded["memory"]`` for the decoder's cross-attention (and for
+                the proposals unless ``proposal_features`` is given).
             proposal_scores: ``(B, S)`` replaces the objectness logits for ranking the proposals.
             proposal_score_fn: ``enc_outputs -> (B, S)`` scores computed from this pass's proposal head
                 (e.g. MutDet's similarity x objectness); mutually exclusive with ``proposal_scores``.
+            proposal_features: ``(B, S, C)`` features the proposal heads run on directly, skipping their
+                Linear + LayerNorm (MutDet's ``F_enh``, already projected); None: project the memory.
+            denoising: precomputed denoising queries (:meth:`make_denoising`) instead of drawing new ones
+                from ``targets`` (their ``meta`` must fit ``num_queries``); used as given, even in eval.
         Returns:
             the output dict of the module docstring.
         """
         memory = encoded["memory"] if memory is None else memory
         padding, shapes = encoded["memory_padding_mask"], encoded["spatial_shapes"]
-        enc = self.proposal_head(memory, padding, shapes)
+        enc = self.proposal_head(memory, padding, shapes, features=proposal_features)
         if proposal_scores is not None and proposal_score_fn is not None:
             raise ValueError("decode: give proposal_scores or proposal_score_fn, not both")
         if proposal_score_fn is not None:
@@ -192,10 +223,7 @@ class OrientedDeformableDETR(nn.Module):
         angles = self.angle_coder.decode(_gather(enc["pred_angle_logits"], topk).detach())  # (B, Q)
         tgt = self.query_embed.weight[None].expand(memory.shape[0], -1, -1)
 
-        dn = None
-        if self.training and targets is not None:
-            dn = make_denoising_queries(normalize_targets(targets), label_embed=self.label_embed,
-                                        num_matching_queries=self.num_queries, **self.denoising)
+        dn = self.make_denoising(targets) if denoising is None else denoising
         attn_mask, num_dn = None, 0
         if dn is not None:
             tgt = torch.cat([dn.content, tgt], 1)
@@ -238,7 +266,7 @@ def build_detector(*, num_classes: int, backbone: str = "resnet50", backbone_wei
                    frozen_stages: int = 1, frozen_bn: bool = True, light_width: int = 32, embed_dim: int = 256,
                    num_heads: int = 8, num_levels: int = 4, num_points: int = 4, num_encoder_layers: int = 6,
                    num_decoder_layers: int = 6, ffn_dim: int = 1024, dropout: float = 0.1, num_queries: int = 300,
-                   num_angle_bins: int = 180, angle_radius: int = 6, num_denoising_queries: int = 100,
+                   num_angle_bins: int = 180, angle_radius: int | None = None, num_denoising_queries: int = 100,
                    label_noise: float = 0.5, box_noise: float = 0.4, angle_noise: float = 0.02,
                    norm_groups: int = 32) -> OrientedDeformableDETR:
     """Build the detector from plain keyword arguments (defaults: the paper's fine-tuning model).
@@ -252,7 +280,7 @@ def build_detector(*, num_classes: int, backbone: str = "resnet50", backbone_wei
             fewer levels drop the finest backbone maps first), sampling points per head and level.
         num_encoder_layers, num_decoder_layers, ffn_dim, dropout: transformer shape.
         num_queries: ``Q`` (two-stage proposals kept as queries).
-        num_angle_bins, angle_radius: AR-CSL coder.
+        num_angle_bins, angle_radius: AR-CSL coder (radius None: the full-range label, as ARS-DETR; decoding ignores it).
         num_denoising_queries, label_noise, box_noise, angle_noise: denoising (0 queries: off).
         norm_groups: GroupNorm groups in the neck.
     """

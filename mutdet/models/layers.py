@@ -1,10 +1,18 @@
-"""Small building blocks shared by the transformer and the heads: MLP, FFN, inverse sigmoid."""
+"""Small building blocks shared by the transformer and the heads: MLP, FFN, inverse sigmoid, Xavier init."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-__all__ = ["MLP", "FeedForward", "inverse_sigmoid"]
+__all__ = ["MLP", "FeedForward", "inverse_sigmoid", "xavier_weights"]
+
+
+def xavier_weights(module: nn.Module) -> None:
+    """Xavier-uniform on every parameter of ``module`` with two or more dimensions (weight matrices),
+    biases and norms untouched: the reference transformer's ``init_weights`` loop."""
+    for p in module.parameters():
+        if p.dim() > 1:
+            nn.init.xavier_uniform_(p)
 
 
 def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:

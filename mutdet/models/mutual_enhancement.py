@@ -20,6 +20,16 @@ the same normalisations as those of images with objects (the decoder sees one fe
 no information is added. The same rule gives ``O2 = LN(O1)`` if an image has no valid feature token.
 No softmax row is ever fully masked (such rows are computed over a dummy key and their output discarded),
 so no NaN appears, in the forward or the backward pass.
+
+Against the reference (``TwoWayTransformer`` in floatingstarZ/MutDet, adapted from SAM's decoder):
+
+* initialisation: the reference module lives in its detection transformer, whose ``init_weights``
+  puts Xavier-uniform on every weight matrix (q / k / v / output projections, both MLP layers), biases
+  and LayerNorms keeping PyTorch's default; :class:`MutualEnhancement` does the same;
+* the reference runs image by image without masks, and its feature tokens include the invalid ones
+  (the constant ``LN(bias)`` of a zeroed memory row); here the batch is padded and masked, and invalid
+  tokens are keys of nothing (they carry no image content), so an image's result equals that of the
+  image alone with its invalid tokens removed.
 """
 from __future__ import annotations
 
@@ -27,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mutdet.models.layers import FeedForward
+from mutdet.models.layers import FeedForward, xavier_weights
 
 __all__ = ["MaskedAttention", "MutualEnhancementLayer", "MutualEnhancement"]
 
@@ -118,7 +128,7 @@ class MutualEnhancementLayer(nn.Module):
 
 
 class MutualEnhancement(nn.Module):
-    """``num_layers`` :class:`MutualEnhancementLayer` (independent weights).
+    """``num_layers`` :class:`MutualEnhancementLayer` (independent weights), Xavier-uniform weight matrices.
 
     Args:
         num_layers: depth (3).
@@ -136,6 +146,7 @@ class MutualEnhancement(nn.Module):
         self.layers = nn.ModuleList(
             MutualEnhancementLayer(embed_dim=embed_dim, num_heads=num_heads, mlp_dim=mlp_dim, dropout=dropout)
             for _ in range(num_layers))
+        xavier_weights(self)  # the reference transformer's init (module docstring)
 
     def forward(self, objects: torch.Tensor, object_mask: torch.Tensor | None, features: torch.Tensor,
                 feature_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,10 +7,11 @@ says which parts are on (METHOD.md, "What MutDet adds in pre-training"):
 ``classes``                 ``pseudo``: the k-means pseudo-classes are the labels (MutDet);
                             ``agnostic``: one objectness class (DETReg)
 ``alignment``               ``contrastive``: symmetric InfoNCE against the target embeddings on the
-                            last decoder layer and the first denoising group (+ encoder tokens and
-                            siamese pass when those are on); ``l1``: DETReg's L1 on the last layer only
+                            last decoder layer and the first denoising group (+ encoder tokens, and
+                            the siamese pass's last layer and first denoising group, when those are
+                            on); ``l1``: DETReg's L1 on the last layer only (un-normalised, below)
 ``target``                  ``enhanced``: the alignment target is ``O_enh`` (not detached);
-                            ``raw``: the cached ``O``
+                            ``raw``: the cached ``O`` (for ``l1``: its un-normalised PCA projection)
 ``decoder_features``        ``enhanced``: the decoder (and its two-stage proposals) run on ``F_enh``;
                             ``plain``: on the encoder output, as in fine-tuning
 ``encoder_embedding_loss``  the encoder embedding head and its alignment loss on the matched tokens
@@ -24,18 +25,44 @@ says which parts are on (METHOD.md, "What MutDet adds in pre-training"):
 The mutual enhancement module exists iff ``target`` or ``decoder_features`` is ``enhanced``.
 
 Forward: ``(images, targets, padding_mask)`` like the detector, where each target also carries
-``embeddings`` ``(N, C)`` (the cached ``O`` of its proposals, in box order). Output: the detector's
-output dict of the main branch, plus
+``embeddings`` ``(N, C)`` (the cached unit-norm ``O`` of its proposals, in box order) and optionally
+``embedding_norms`` ``(N,)`` (the norm of each PCA projection before normalisation, see
+:mod:`mutdet.data.pretrain`; 1 when absent). Output: the detector's output dict of the main branch, plus
 
 * ``pred_embed`` ``(B, Q, C)``: decoder embedding head on the last layer (also in ``dn_outputs`` when
   denoising ran, and ``enc_outputs["pred_embed"]`` ``(B, S, C)`` = ``Z_enc`` when the encoder head is on);
-* ``align_targets``: ``B`` tensors ``(N_b, C)``, the alignment targets (``O_enh`` rows or ``O``);
-* ``siamese``: the second pass's output dict (with its own ``pred_embed``) or None.
+* ``align_targets``: ``B`` tensors ``(N_b, C)``, the alignment targets (``O_enh`` rows, ``O``, or for
+  the L1 loss the un-normalised ``O * norm``);
+* ``siamese``: the second pass's output dict (with its own ``pred_embed``, also on its denoising
+  queries) or None.
 
-Where the enhanced features enter the decoder: ``F`` is the two-stage head's Linear + LayerNorm of
-the encoder memory (METHOD.md); ``F_enh`` then replaces the memory in :meth:`decode`, so the decoder's
-cross-attention reads ``F_enh`` and the proposal head projects ``F_enh`` once more for the enhanced
-branch's proposals. The siamese pass and fine-tuning read the plain memory.
+The enhanced branch (as the reference, floatingstarZ/MutDet ``..._template_matching.py``): ``F`` is the
+encoder memory through the branch's *own* Linear + LayerNorm (:class:`FeatureProjection`, attribute
+``enhancement_projection``; the reference's ``patch_enc_output``), invalid tokens zeroed; the mutual
+enhancement module turns it into ``F_enh``, and the decoder of the enhanced branch reads ``F_enh`` both
+in its cross-attention and in its two-stage proposals, whose heads run on ``F_enh`` directly (no second
+projection). The two-stage head's Linear + LayerNorm, which fine-tuning inherits, only ever sees the
+plain memory (siamese pass, ``decoder_features: plain``, fine-tuning). The projection exists iff the
+enhancement module or the encoder embedding head does (``Z_enc`` always reads this branch's features),
+and is dropped at transfer (:mod:`mutdet.engine.transfer`). Both passes share one draw of denoising
+queries, as the reference feeds the same noised queries to both.
+
+Alignment targets and the two losses:
+
+* contrastive (MutDet): both sides are L2-normalised (the decoder head normalises, and so does the
+  loss), so only the direction of the target matters;
+* ``l1`` (DETReg): DETReg's ``loss_object_embedding``, ``F.l1_loss(reduction="mean")`` over the matched
+  pairs of the last decoder layer, weight 1, between the decoder head's *un-normalised* MLP output and
+  the *un-normalised* target. With ``target: raw`` the target is the proposal's PCA projection before
+  normalisation, ``P = O * ||P||`` (the targets artefact's ``norm`` column); with ``target: enhanced``
+  it is ``O_enh`` as the module outputs it. Why the PCA projection and not the raw 2048-d C5 feature
+  DETReg regresses (its SwAV average-pooled map): it is the very information MutDet's target carries,
+  so the ablation row "DETReg -> + contrastive" changes the loss only; it has the detector's width (one
+  head MLP ``C -> C -> C`` for every variant); PCA is a rotation plus a truncation that keeps most of the
+  variance and all of its scale (no whitening); and the dataset holds every target in memory, where
+  2048-d vectors would take 8x the space. One difference remains: the projection is centred, so the
+  pool's mean feature (which DETReg's un-centred targets share, and which its head learns first) is not
+  part of the target; the head has to tell proposals apart to lower the loss.
 """
 from __future__ import annotations
 
@@ -46,11 +73,13 @@ import torch
 from torch import nn
 
 from mutdet.models.detector import OrientedDeformableDETR
-from mutdet.models.embedding_heads import DecoderEmbeddingHead, EncoderEmbeddingHead, proposal_scores
+from mutdet.models.embedding_heads import (DecoderEmbeddingHead, EncoderEmbeddingHead, FeatureProjection,
+                                           proposal_scores)
 from mutdet.models.mutual_enhancement import MutualEnhancement
+from mutdet.models.two_stage import token_anchors
 from mutdet.variants import PretrainVariant
 
-__all__ = ["PretrainModel", "pad_embeddings"]
+__all__ = ["PretrainModel", "pad_embeddings", "unnormalised_targets"]
 
 def pad_embeddings(targets: Sequence[Mapping[str, torch.Tensor]], dim: int,
                    like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,6 +96,22 @@ def pad_embeddings(targets: Sequence[Mapping[str, torch.Tensor]], dim: int,
         objects[b, :n] = t["embeddings"].to(objects.dtype)
         mask[b, :n] = False
     return objects, mask
+
+
+def unnormalised_targets(targets: Sequence[Mapping[str, torch.Tensor]], like: torch.Tensor) -> list[torch.Tensor]:
+    """Per image ``embeddings * embedding_norms[:, None]`` ``(N_b, C)`` (the PCA projections before their
+    L2 normalisation; norms of 1 when a target has no ``embedding_norms``), on ``like``'s device and dtype."""
+    out = []
+    for b, t in enumerate(targets):
+        vectors = t["embeddings"].to(device=like.device, dtype=like.dtype)
+        norms = t.get("embedding_norms")
+        if norms is None:
+            out.append(vectors)
+            continue
+        if norms.shape != vectors.shape[:1]:
+            raise ValueError(f"target {b}: embedding_norms of shape {tuple(norms.shape)} for {len(vectors)} embeddings")
+        out.append(vectors * norms.to(device=like.device, dtype=like.dtype)[:, None])
+    return out
 
 
 def _similarity_scores(z_enc, objects_enh, object_mask, enc_outputs):
@@ -91,12 +136,15 @@ class PretrainModel(nn.Module):
         self.detector, self.variant = detector, variant.validate()
         dim = detector.decoder.embed_dim
         self.embed_dim = dim
+        branch = variant.uses_enhancement or variant.encoder_embedding_loss
+        self.enhancement_projection = FeatureProjection(embed_dim=dim) if branch else None  # F, pre-training only
         self.mutual_enhancement = (MutualEnhancement(num_layers=enhancement_layers, embed_dim=dim,
                                                      num_heads=enhancement_heads, mlp_dim=enhancement_mlp_dim)
                                    if variant.uses_enhancement else None)
         self.encoder_embedding_head = (EncoderEmbeddingHead(embed_dim=dim, hidden_dim=encoder_head_hidden, output_dim=dim)
                                        if variant.encoder_embedding_loss else None)
-        self.decoder_embedding_head = DecoderEmbeddingHead(embed_dim=dim, hidden_dim=dim, output_dim=dim)
+        self.decoder_embedding_head = DecoderEmbeddingHead(embed_dim=dim, hidden_dim=dim, output_dim=dim,
+                                                           normalize=variant.alignment == "contrastive")
         if freeze_backbone:
             for p in self.detector.backbone.parameters():
                 p.requires_grad_(False)
@@ -111,24 +159,34 @@ class PretrainModel(nn.Module):
                 padding_mask: torch.Tensor | None = None) -> dict:
         variant, det = self.variant, self.detector
         encoded = det.encode(images, padding_mask)
-        objects, object_mask = pad_embeddings(targets, self.embed_dim, encoded["memory"])
+        memory = encoded["memory"]
+        objects, object_mask = pad_embeddings(targets, self.embed_dim, memory)
+        denoising = det.make_denoising(targets)  # one draw, shared by both passes
 
-        features, _, valid = det.proposal_head.project(encoded["memory"], encoded["memory_padding_mask"],
-                                                       encoded["spatial_shapes"])  # F (B, S, C)
-        objects_enh, features_enh = objects, features
-        if self.mutual_enhancement is not None:
-            objects_enh, features_enh = self.mutual_enhancement(objects, object_mask, features, ~valid)
+        objects_enh, features_enh, z_enc = objects, None, None
+        if self.enhancement_projection is not None:
+            _, valid = token_anchors(encoded["memory_padding_mask"], encoded["spatial_shapes"])
+            features_enh = self.enhancement_projection(memory, valid)  # F (B, S, C), the branch's own projection
+            if self.mutual_enhancement is not None:
+                objects_enh, features_enh = self.mutual_enhancement(objects, object_mask, features_enh, ~valid)
+            if self.encoder_embedding_head is not None:
+                z_enc = self.encoder_embedding_head(features_enh)
 
-        z_enc = self.encoder_embedding_head(features_enh) if self.encoder_embedding_head is not None else None
-        score_fn = None
-        if variant.proposal_selection == "similarity":
-            score_fn = partial(_similarity_scores, z_enc, objects_enh, object_mask)
-
-        memory = features_enh if variant.decoder_features == "enhanced" else None
-        outputs = self._embed(det.decode(encoded, targets, memory=memory, proposal_score_fn=score_fn))
+        if variant.decoder_features == "enhanced":
+            score_fn = (partial(_similarity_scores, z_enc, objects_enh, object_mask)
+                        if variant.proposal_selection == "similarity" else None)
+            main = det.decode(encoded, targets, memory=features_enh, proposal_features=features_enh,
+                              proposal_score_fn=score_fn, denoising=denoising)
+        else:
+            main = det.decode(encoded, targets, denoising=denoising)
+        outputs = self._embed(main)
         if z_enc is not None:
             outputs["enc_outputs"]["pred_embed"] = z_enc
-        source = objects_enh if variant.target == "enhanced" else objects
-        outputs["align_targets"] = [source[b, :len(t["embeddings"])] for b, t in enumerate(targets)]
-        outputs["siamese"] = self._embed(det.decode(encoded, targets)) if variant.siamese else None
+        if variant.target == "enhanced":
+            outputs["align_targets"] = [objects_enh[b, :len(t["embeddings"])] for b, t in enumerate(targets)]
+        elif variant.alignment == "l1":  # DETReg: the un-normalised PCA projection (module docstring)
+            outputs["align_targets"] = unnormalised_targets(targets, objects)
+        else:  # the contrastive loss normalises: the unit O
+            outputs["align_targets"] = [objects[b, :len(t["embeddings"])] for b, t in enumerate(targets)]
+        outputs["siamese"] = self._embed(det.decode(encoded, targets, denoising=denoising)) if variant.siamese else None
         return outputs

@@ -3,7 +3,16 @@
 Token ``i`` of level ``l`` anchors the proposal ``(x_i, y_i, 0.05 * 2^l, 0.05 * 2^l)`` (normalised to
 the valid image, Deformable DETR); the heads predict its objectness (one class-agnostic logit), a box
 delta (inverse-sigmoid space) and angle bin logits. Tokens on padding, or whose anchor is not inside
-``(0.01, 0.99)``, are *invalid*: their features are zeroed, and they are never selected.
+``(0.01, 0.99)``, are *invalid*: their features are zeroed, they are never selected, and their box is
+the constant ``(1, 1, 1, 1)`` (no gradient).
+
+Invalid tokens, against the reference (Deformable DETR / ARS-DETR ``gen_encoder_output_proposals``):
+the reference zeroes the memory *before* the Linear + LayerNorm (so an invalid token's features are
+the constant ``LN(bias)``) and sets its anchor to ``10000`` in inverse-sigmoid space, so its box is
+``sigmoid(delta + 10000) = (1, 1, 1, 1)`` with no gradient. Here the features are zeroed *after* the
+projection (they are keys of MutDet's enhancement module, where they are masked anyway), and the box
+is set to the same constant ``(1, 1, 1, 1)``: the matcher of the encoder-proposal loss then never
+prefers an invalid border token (which could never become a query) to a valid one, as in the reference.
 """
 from __future__ import annotations
 
@@ -67,19 +76,27 @@ class EncoderProposalHead(nn.Module):
         features = self.output_norm(self.output_proj(memory)).masked_fill(~valid[..., None], 0.0)
         return features, anchors, valid
 
-    def forward(self, memory: torch.Tensor, memory_padding_mask: torch.Tensor,
-                spatial_shapes: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, memory: torch.Tensor, memory_padding_mask: torch.Tensor, spatial_shapes: torch.Tensor,
+                features: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Proposals of all tokens.
 
         Args:
             memory: ``(B, S, C)``; memory_padding_mask: ``(B, S)``; spatial_shapes: ``(L, 2)``.
+            features: ``(B, S, C)`` features to run the heads on *directly* instead of this head's Linear +
+                LayerNorm of ``memory`` (e.g. MutDet's enhanced ``F_enh``, projected by the pre-training
+                model's own projection); invalid tokens are zeroed here too. None: project ``memory``.
         Returns:
-            ``{"pred_logits": (B, S, 1)`` objectness logits, ``"pred_boxes": (B, S, 4)`` normalised cxcywh,
-            ``"pred_angle_logits": (B, S, num_bins)``, ``"features": (B, S, C)`` (Linear + LayerNorm of the
-            memory, invalid tokens zeroed: the heads' input), ``"valid": (B, S)`` bool}.
+            ``{"pred_logits": (B, S, 1)`` objectness logits, ``"pred_boxes": (B, S, 4)`` normalised cxcywh
+            (``(1, 1, 1, 1)`` on invalid tokens), ``"pred_angle_logits": (B, S, num_bins)``, ``"features":
+            (B, S, C)`` (the heads' input, invalid tokens zeroed), ``"valid": (B, S)`` bool}.
         """
-        features, anchors, valid = self.project(memory, memory_padding_mask, spatial_shapes)
+        if features is None:
+            features, anchors, valid = self.project(memory, memory_padding_mask, spatial_shapes)
+        else:
+            anchors, valid = token_anchors(memory_padding_mask, spatial_shapes)
+            features = features.masked_fill(~valid[..., None], 0.0)
         boxes = (self.box_head(features) + inverse_sigmoid(anchors)).sigmoid()
+        boxes = boxes.masked_fill(~valid[..., None], 1.0)  # the reference's sentinel: never a match
         return {"pred_logits": self.class_head(features), "pred_boxes": boxes,
                 "pred_angle_logits": self.angle_head(features), "features": features, "valid": valid}
 

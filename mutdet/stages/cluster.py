@@ -8,9 +8,10 @@ Outputs::
     <out>/manifest.json         parameters, code version, pool and fit sizes, explained variance,
                                 k-means statistics, cluster sizes over the whole pool
     <target_files[i]>           targets schema (mutdet.embedding.artefacts) for embedding_files[i]:
-                                exactly its rows and order, with O (pca_dim, L2-normalised, float16)
-                                and the cluster id (int16, cosine to the unit centroids, computed from
-                                the float32 vector before the cast)
+                                exactly its rows and order, with O (pca_dim, L2-normalised, float16),
+                                the cluster id (int16, cosine to the unit centroids, computed from
+                                the float32 vector before the cast) and the norm of the PCA projection
+                                before normalisation (float32; O * norm is DETReg's L1 target)
 
 The fit sample: the whole pool when it has at most ``max_fit_samples`` rows, else
 ``max_fit_samples`` rows drawn uniformly without replacement. Randomness (that draw and the k-means++
@@ -28,7 +29,7 @@ import pyarrow as pa
 
 from mutdet.config import Config
 from mutdet.embedding.artefacts import read_embeddings, vector_column, vector_matrix, write_targets
-from mutdet.embedding.cluster import ClusterFitError, fit_cluster_model
+from mutdet.embedding.cluster import BLOCK_ROWS, ClusterFitError, fit_cluster_model
 from mutdet.io.artefacts import ArtefactError, read_metadata
 from mutdet.io.atomic import write_json
 from mutdet.stages.common import code_version, log
@@ -62,6 +63,16 @@ def _fit_sample(files: list[Path], counts: list[int], max_fit_samples: int, rng:
                           .astype(np.float32))
         offset += count
     return np.concatenate(pieces)
+
+
+def _projection_norms(model, embeddings: np.ndarray, block: int = BLOCK_ROWS) -> np.ndarray:
+    """``||(x - mean) @ components.T||`` per row ``(N,)`` float32: the PCA projection's norm before the
+    L2 normalisation of :meth:`ClusterModel.project` (float32, one block of rows at a time)."""
+    out = np.empty(len(embeddings), np.float32)
+    for s in range(0, len(embeddings), block):
+        rows = embeddings[s:s + block].astype(np.float32)
+        out[s:s + block] = np.linalg.norm((rows - model.pca_mean) @ model.pca_components.T, axis=1)
+    return out
 
 
 def run(cfg: Config, *, embedding_files: list[str | Path], target_files: list[str | Path],
@@ -115,12 +126,14 @@ def run(cfg: Config, *, embedding_files: list[str | Path], target_files: list[st
     cosines = []
     for source, target in zip(embedding_files, target_files):
         table = read_embeddings(source)
-        z = model.project(vector_matrix(table.column("embedding")))
+        raw = vector_matrix(table.column("embedding"))
+        z = model.project(raw)
         ids, cos = model.assign(z)
         sizes += np.bincount(ids, minlength=k)
         cosines.append(cos)
         targets = pa.table({"tile_id": table.column("tile_id"), "proposal_index": table.column("proposal_index"),
-                            "embedding": vector_column(z), "cluster_id": pa.array(ids, pa.int16())})
+                            "embedding": vector_column(z), "cluster_id": pa.array(ids, pa.int16()),
+                            "norm": pa.array(_projection_norms(model, raw), pa.float32())})
         write_targets(targets, target, {"params": params, "embedding_params": embedding_params,
                                         "embeddings_file": str(source), "model_file": str(model_file),
                                         "code_version": code_version()})

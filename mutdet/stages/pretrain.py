@@ -77,6 +77,7 @@ def run(cfg: Config, *, variant: str, tiles_dirs: Sequence[Path], proposals_file
     train_config = TrainConfig.from_dict({**pt.train_kwargs(), "seed": seed})
     train_set = ProposalTileDataset(tiles_dirs, proposals_files, targets_files,
                                     class_agnostic=variant.classes == "agnostic", max_boxes=pt.max_boxes,
+                                    require_norms=variant.alignment == "l1",
                                     transform=build_transforms(train=True, input_size=pt.input_size,
                                                                flip_probability=pt.flip_probability))
     if len(train_set) == 0:
