@@ -125,6 +125,17 @@ class SyntheticConfig:
     seed: int
 
 
+# The evaluation protocol of a label format when the config names none (the paper's choice per dataset:
+# DOTA by the devkit / server, DIOR-R by mmrotate's eval_rbbox_map as ARS-DETR and MutDet report it).
+DEFAULT_PROTOCOL = {"dota": "dota_devkit", "dior": "mmrotate", "voc": "mmrotate"}
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    protocol: str  # dota_devkit | mmrotate (resolved)
+    difficulty_threshold: int  # mmrotate: objects above it are ignored
+
+
 @dataclass(frozen=True)
 class DatasetConfig:
     name: str
@@ -138,6 +149,7 @@ class DatasetConfig:
     shards: int
     tiling: TilingConfig
     synthetic: SyntheticConfig
+    evaluation: EvaluationConfig
 
     def split(self, name: str) -> SplitConfig:
         if name not in self.splits:
@@ -361,7 +373,8 @@ def job_sections(cfg: Config, stage: str, *, dataset: str | None = None, variant
         "loss_curves": lambda: {"loss_curves": raw["pretrain"]["loss_curves"]},
         "finetune": lambda: {"seed": raw["seed"], **data(dataset), "finetune": without("finetune", "runs")},
         "tables": lambda: {"tables": raw["tables"], "finetune": {"runs": raw["finetune"]["runs"]},
-                           "datasets": {name: {"classes": d["classes"]} for name, d in raw["datasets"].items()},
+                           "datasets": {name: {"classes": d.classes, "protocol": d.evaluation.protocol}
+                                        for name, d in cfg.datasets.items()},
                            "pretrain": {"variants": {name: {k: v for k, v in asdict(flags).items() if k != "name"}
                                                      for name, flags in cfg.pretrain.variants.items()}}},
         "config": lambda: dict(raw),
@@ -407,6 +420,8 @@ def _dataset(name: str, d: dict) -> DatasetConfig:
             pad_value=tuple(t["pad_value"]),
         ),
         synthetic=SyntheticConfig(**d["synthetic"]),
+        evaluation=EvaluationConfig(protocol=d["evaluation"]["protocol"] or DEFAULT_PROTOCOL[d["format"]],
+                                    difficulty_threshold=d["evaluation"]["difficulty_threshold"]),
     )
 
 

@@ -310,3 +310,14 @@ def test_figures_and_the_grid_read_the_declared_detections_only(sweep, tmp_path)
                  runs=runs, test_tiles={"synthetic": [tmp_path / "tiles"]}, out_dir=tmp_path / "strict")
     strict_grid = cv2.imread(str(strict["figures"]["detections_synthetic"]))
     assert all((cell == 30).all() for cell in mutdet_cells(strict_grid))  # none scores 0.95: bare tiles
+
+
+def test_captions_name_the_evaluation_protocol(sweep, tmp_path):
+    out = run(make_config(tmp_path), runs=sweep, test_tiles={}, out_dir=tmp_path / "devkit")
+    for table in ("main_synthetic", "low_data_synthetic", "ablation_synthetic"):
+        assert "Scored with the dota_devkit protocol." in out["tables"][table]["md"].read_text()
+    cfg = from_dict({**make_config(tmp_path).raw,
+                     "datasets": {"synthetic": {"root": str(tmp_path), "format": "dota", "classes": CLASSES,
+                                                "evaluation": {"protocol": "mmrotate"}}}})
+    out = run(cfg, runs=sweep, test_tiles={}, out_dir=tmp_path / "mmrotate")
+    assert "Scored with the mmrotate protocol." in out["tables"]["main_synthetic"]["md"].read_text()

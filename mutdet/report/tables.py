@@ -84,6 +84,7 @@ class DatasetRuns:
     paper: str | None  # paper dataset compared with, None: no comparison
     classes: list[str]  # per-class columns, in order
     split: str | None = None  # the split evaluated on (captions)
+    protocol: str | None = None  # the evaluation protocol of its metrics (captions)
 
     def find(self, init: str, fraction: float, epochs: int | None) -> RunResult | None:
         for r in self.runs:
@@ -99,6 +100,10 @@ class DatasetRuns:
 
     def paper_header(self) -> str:
         return f"paper ({self.paper})"
+
+    def scored(self) -> str:
+        """The caption's words on how AP was computed."""
+        return f" Scored with the {self.protocol} protocol." if self.protocol else ""
 
 
 # --------------------------------------------------------------------------------------------- tables
@@ -211,7 +216,7 @@ def main_table(ds: DatasetRuns, methods: Mapping[str, str]) -> Table:
     else:
         notes.append(f"{ds.name} is not compared with a paper dataset (set compare); no paper columns.")
     caption = (f"{ds.name} {ds.split or 'test'}: AP (%) after fine-tuning on all training data "
-               f"for {epochs if epochs is not None else '?'} epochs; per-class columns are AP50.")
+               f"for {epochs if epochs is not None else '?'} epochs; per-class columns are AP50.{ds.scored()}")
     return Table(f"main_{ds.name}", caption, header, rows, notes)
 
 
@@ -239,7 +244,7 @@ def low_data_table(ds: DatasetRuns, methods: Mapping[str, str]) -> Table:
     elif ds.paper:
         notes.append(f"Paper columns: {paper.DETECTOR} on {ds.paper}, not our {ds.name} data.")
     caption = (f"{ds.name}: AP50 (%) against the fraction of training data used for fine-tuning "
-               f"({epochs if epochs is not None else '?'} epochs).")
+               f"({epochs if epochs is not None else '?'} epochs).{ds.scored()}")
     return Table(f"low_data_{ds.name}", caption, header, rows, notes)
 
 
@@ -299,5 +304,6 @@ def ablation_table(ds: DatasetRuns, ladder: Sequence[tuple[str, Mapping | None]]
                  "exactly as that row of the paper did.")
     if ds.paper and ds.paper not in paper.ABLATION:
         notes.append(f"The paper reports the ablation on {', '.join(paper.ABLATION)} only, not {ds.paper}.")
-    caption = f"{ds.name}: ablation of the pre-training components, AP50 (%) after each fine-tuning schedule."
+    caption = (f"{ds.name}: ablation of the pre-training components, AP50 (%) after each fine-tuning schedule."
+               f"{ds.scored()}")
     return Table(f"ablation_{ds.name}", caption, header, rows, notes)

@@ -131,7 +131,7 @@ def run(cfg: Config, *, runs: Sequence[RunFiles], test_tiles: Mapping[str, Seque
     for name in dict.fromkeys([*by_dataset, *s.compare]):
         split, mine = by_dataset.get(name, (None, []))
         ds = DatasetRuns(name, mine, s.compare.get(name, name if name in paper.DATASETS else None),
-                         list(cfg.dataset(name).classes), split)
+                         list(cfg.dataset(name).classes), split, cfg.dataset(name).evaluation.protocol)
         index += [f"## {name}" + (f" (compared with the paper's {ds.paper})" if ds.paper else ""), ""]
         for table in (main_table(ds, s.methods), low_data_table(ds, s.methods),
                       ablation_table(ds, s.ablation, s.paper_epochs)):
