@@ -1,38 +1,65 @@
-"""Benchmark: rotated AP of ``mutdet.evaluation`` against the DOTA devkit's per-detection loop.
+"""Benchmark: both AP protocols of ``mutdet.evaluation`` against straightforward loops written from the references.
 
-Generates a DOTA-val-sized problem (458 images, ~29k objects, ~80k detections, 15 classes), then
-evaluates it with two implementations (VOC07 11-point AP):
+Generates a DOTA-format problem, DOTA-val-sized by default (458 images, ~29k objects, 80k detections,
+15 classes), and evaluates it with each protocol of :func:`mutdet.evaluation.evaluate_detections` and
+with an independent per-detection implementation of the same rules written out below:
 
-* ``mutdet``: :func:`mutdet.evaluation.evaluate_detections`, once for IoU 0.5 alone and once for 0.5 + 0.75;
-* ``devkit``: ``voc_eval`` of ``dota_evaluation_task1.py`` written out below, one threshold per run as
-  in the devkit: for each class, for each detection in rank order, the devkit's axis-aligned
-  pre-filter over the image's objects, then shapely polygon IoU with each remaining object, then the
-  greedy TP/FP decision. It ranks equal scores as mutdet does (the devkit leaves their order to
-  ``np.argsort``).
+* ``dota_devkit``: ``voc_eval`` of the DOTA devkit's ``dota_evaluation_task1.py``, one threshold per
+  run: detections of a class ranked by score over all images; for each, the devkit's axis-aligned
+  pre-filter (``iw * ih > 0`` with its ``+ 1``) over the image's objects, then IoU between the label's
+  own quadrilateral (float64, as written) and the detection's Task1 polygon with shapely (float64),
+  best IoU first in label order; TP if IoU ``>`` the threshold, the object is not difficult (1 and 2
+  both are) and not yet claimed; a hit on a difficult object is neither TP nor FP; difficult objects
+  are not positives; VOC07 11-point AP (and all-points) by the devkit's ``voc_ap`` in float64.
+* ``mmrotate``: ``eval_rbbox_map`` / ``tpfp_default`` with the ground truth of mmrotate's
+  ``DOTADataset``: each label polygon (float32) -> ``cv2.minAreaRect`` -> le90 with ``poly2obb_np_le90``'s
+  normalisation, the object **dropped** when the rectangle has a side < 2, and dropped too when its
+  difficulty exceeds ``difficulty`` (default 100: nothing dropped, difficult objects count as
+  positives; no ignore list). Per image and class: rotated IoU of every detection with every object
+  (shapely polygons of the rotated boxes, float64; pairs whose axis-aligned hulls do not overlap have
+  IoU 0 and are skipped), best IoU first in label order, detections in descending score, TP if IoU
+  ``>=`` the threshold and the object is not yet covered, else FP; then all images' TP/FP sorted by
+  descending score, and mmdet's ``average_precision`` with its dtypes (float32 TP/FP and precision,
+  float32 AP), ``11points`` (default) or ``area``.
 
 The scene: image sides 800-4000 px; per class a DOTA-val-like object count, spread over images with a
-heavy tail (a few images hold hundreds of ships or vehicles) in clusters with a shared orientation;
-class-typical sizes; 6 % difficult. Detections: 92 % of objects found (jittered box, 5 % with a wrong
-class), 15 % of the found ones duplicated, the rest false positives near clusters or anywhere, scores
-rounded to 3 decimals (many ties). Objects are exact rectangles, so both sides see the same boxes.
+heavy tail in clusters with a shared orientation, class-typical sizes. Labels are **integer
+quadrilaterals** as in real DOTA files: each object's rotated rectangle with jittered corners rounded
+to integers (harbours jittered more), ~1.5 % made concave (one corner pulled inside), ~0.6 % of the
+thin classes slivers whose minimum-area rectangle may be thinner than 2 px (dropped by mmrotate, kept
+by the devkit), 30 % listed counter-clockwise, random first corner; 6 % difficult (1 or 2).
+Detections: 92 % of objects found (jittered box, 5 % with a wrong class), 15 % of the found ones
+duplicated, the rest false positives near clusters or anywhere; le90 boxes whose values are float32
+numbers (as a detector's output), their corners as the Task1 polygons; **scores all distinct** and
+exact in float32, so both sides rank identically.
 
-    .venv/bin/python benchmarks/evaluation.py [--seed 0]
+    .venv/bin/python benchmarks/evaluation.py [--scale 1.0] [--seed 0] [--skip-timing-loops]
 
-Prints the sizes, the seconds of each implementation at IoU 0.5 alone and at 0.5 + 0.75, the speed
-ratios and the mAPs; exits non-zero if any class AP differs by more than 1e-9.
+``--scale`` multiplies images, objects and detections (``--quick`` = ``--scale 0.05``). Prints the
+scene, hand cases, and per protocol: the largest per-class |AP difference| (AP50, AP75; VOC07 and
+all-points), wall seconds of ours and of the loop at IoU 0.5 alone and at 0.5 + 0.75 (the loops run one
+threshold at a time, as the references do), the speed-up, and peak memory of each (VmHWM above the
+phase's start, reset through ``/proc/self/clear_refs``; ours also under tracemalloc in a separate
+untimed call). Exits non-zero if a hand case fails or any class AP differs by more than
+``--tolerance`` (default 0).
 """
 from __future__ import annotations
 
 import argparse
+import inspect
+import math
+import resource
 import sys
 import time
-from types import SimpleNamespace
+import tracemalloc
 
+import cv2
 import numpy as np
+import shapely
 from shapely.geometry import Polygon
 
-from mutdet.boxes import le90_to_polygon, rotated_iou
 from mutdet.evaluation import evaluate_detections
+from mutdet.io.annotations import ImageAnnotations
 
 # name: (objects in DOTA-v1.0 val, approximate, typical w x h in pixels)
 CLASSES = {
@@ -43,12 +70,81 @@ CLASSES = {
     "soccer-ball-field": (153, (250, 150)), "roundabout": (179, (110, 105)), "harbor": (2090, (120, 30)),
     "swimming-pool": (440, (40, 25)), "helicopter": (73, (45, 40)),
 }
+THIN_CLASSES = ("bridge", "small-vehicle", "large-vehicle", "ship", "harbor")
 NUM_IMAGES = 458
 NUM_DETECTIONS = 80_000
+THRESHOLDS = (0.5, 0.75)
+SCORE_QUANTUM = 2.0 ** -22  # scores are distinct multiples of this: exact in float32 and float64
 
+
+# ----------------------------------------------------------------------------------------------------
+# Geometry written for this benchmark (independent of mutdet.boxes)
+# ----------------------------------------------------------------------------------------------------
+
+def obb_corners(boxes: np.ndarray) -> np.ndarray:
+    """Rotated boxes ``(N, 5)`` ``(cx, cy, w, h, a)`` -> corners ``(N, 4, 2)`` float64 (mmrotate's obb2poly le90)."""
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 5)
+    c, s = np.cos(b[:, 4]), np.sin(b[:, 4])
+    v1 = np.stack([b[:, 2] / 2 * c, b[:, 2] / 2 * s], axis=1)
+    v2 = np.stack([-b[:, 3] / 2 * s, b[:, 3] / 2 * c], axis=1)
+    ctr = b[:, :2]
+    return np.stack([ctr - v1 - v2, ctr + v1 - v2, ctr + v1 + v2, ctr - v1 + v2], axis=1)
+
+
+def wrap_le90(boxes: np.ndarray) -> np.ndarray:
+    """Any ``(cx, cy, w, h, a)`` -> the same rectangle with ``w >= h`` and ``a`` in ``[-pi/2, pi/2)``."""
+    b = np.array(boxes, dtype=np.float64).reshape(-1, 5)
+    swap = b[:, 2] < b[:, 3]
+    b[swap, 2], b[swap, 3] = b[swap, 3].copy(), b[swap, 2].copy()
+    b[swap, 4] += math.pi / 2
+    b[:, 4] = (b[:, 4] + math.pi / 2) % math.pi - math.pi / 2
+    b[b[:, 4] >= math.pi / 2, 4] -= math.pi
+    return b
+
+
+def poly2obb_le90(poly) -> tuple | None:
+    """One label quadrilateral -> le90 ``(x, y, w, h, a)`` as mmrotate's ``poly2obb_np_le90``, or None (dropped)."""
+    (x, y), (w, h), a = cv2.minAreaRect(np.asarray(poly, dtype=np.float32).reshape(4, 2))
+    if w < 2 or h < 2:
+        return None
+    a = a / 180 * np.pi
+    if w < h:
+        w, h = h, w
+        a += np.pi / 2
+    while not np.pi / 2 > a >= -np.pi / 2:
+        a = a - np.pi if a >= np.pi / 2 else a + np.pi
+    return x, y, w, h, a
+
+
+def shapely_iou(p: np.ndarray, q: np.ndarray) -> float:
+    """IoU of two polygons given as ``(K, 2)`` float64 corner arrays."""
+    a, b = Polygon(p), Polygon(q)
+    inter = a.intersection(b).area
+    return inter / (a.area + b.area - inter)
+
+
+def rotated_iou_matrix(det: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """IoU ``(D, G)`` of rotated boxes (float64 shapely polygons; ``w * h`` areas as mmcv's box_iou_rotated)."""
+    iou = np.zeros((len(det), len(gt)))
+    if not len(det) or not len(gt):
+        return iou
+    dc, gc = obb_corners(det), obb_corners(gt)
+    dlo, dhi, glo, ghi = dc.min(1), dc.max(1), gc.min(1), gc.max(1)
+    meet = np.all((dlo[:, None] < ghi[None]) & (glo[None] < dhi[:, None]), axis=2)
+    i, j = np.nonzero(meet)
+    if len(i):
+        inter = shapely.area(shapely.intersection(shapely.polygons(dc[i]), shapely.polygons(gc[j])))
+        da, ga = det[i, 2].astype(np.float64) * det[i, 3], gt[j, 2].astype(np.float64) * gt[j, 3]
+        iou[i, j] = inter / (da + ga - inter)
+    return iou
+
+
+# ----------------------------------------------------------------------------------------------------
+# Scene
+# ----------------------------------------------------------------------------------------------------
 
 def _boxes_around(rng, n, centre, spread, size, angle, size_jitter=0.15):
-    """``n`` le90-ish boxes ``(n, 5)`` scattered around ``centre`` with a shared orientation."""
+    """``n`` boxes ``(n, 5)`` scattered around ``centre`` with a shared orientation."""
     w = size[0] * np.exp(rng.normal(0, size_jitter, n))
     h = size[1] * np.exp(rng.normal(0, size_jitter, n))
     xy = centre + rng.normal(0, spread, (n, 2))
@@ -56,15 +152,65 @@ def _boxes_around(rng, n, centre, spread, size, angle, size_jitter=0.15):
     return np.column_stack([xy, w, h, theta])
 
 
-def make_scene(seed: int):
-    """Ground truth (image id -> record), detections (class -> arrays) and class names."""
+def _quad_kind(q: np.ndarray) -> str:
+    """``rectangle`` / ``quadrilateral`` (convex, not a rectangle) / ``concave``, or ``thin`` if mmrotate drops it."""
+    if poly2obb_le90(q) is None:
+        return "thin"
+    e = np.roll(q, -1, axis=0) - q
+    if np.all(np.abs((e * np.roll(e, -1, axis=0)).sum(1)) == 0):
+        return "rectangle"
+    p = Polygon(q)
+    return "concave" if p.convex_hull.area > p.area else "quadrilateral"
+
+
+def label_quadrilaterals(rng, boxes: np.ndarray, labels: np.ndarray, names: list[str]) -> np.ndarray:
+    """Integer DOTA label quadrilaterals ``(N, 8)`` around rotated boxes ``(N, 5)`` (modified in place for slivers)."""
+    n = len(boxes)
+    thin = np.isin(np.asarray(names, dtype=object)[labels], THIN_CLASSES) & (rng.random(n) < 0.006)
+    boxes[thin, 3] = rng.uniform(0.8, 2.6, int(thin.sum()))
+    corners = obb_corners(boxes)
+    short = np.minimum(boxes[:, 2], boxes[:, 3])
+    sd = np.where(np.asarray(names, dtype=object)[labels] == "harbor", 0.12, 0.04) * short + 0.3
+    sd[thin] = 0.0
+    q = np.rint(corners + rng.normal(0, 1, (n, 4, 2)) * sd[:, None, None])
+    concave = (rng.random(n) < 0.015) & ~thin
+    for i in np.flatnonzero(concave):
+        k = int(rng.integers(4))
+        c3 = np.delete(q[i], k, axis=0).mean(0)
+        q[i, k] = np.rint(c3 + 0.12 * (q[i, k] - c3))
+    ccw = rng.random(n) < 0.3
+    q[ccw] = q[ccw, ::-1]
+    start = rng.integers(0, 4, n)
+    q = np.stack([np.roll(q[i], -start[i], axis=0) for i in range(n)]) if n else q
+    polys = shapely.polygons(q) if n else np.zeros(0, object)
+    bad = ~shapely.is_valid(polys) | (shapely.area(polys) < 1.0) if n else np.zeros(0, bool)
+    for i in np.flatnonzero(bad):  # self-intersecting or degenerate after rounding: plain integer box
+        w, h = max(2.0, float(np.rint(boxes[i, 2]))), max(1.0, float(np.rint(min(boxes[i, 3], boxes[i, 2]))))
+        x0, y0 = np.rint(boxes[i, :2] - [w / 2, h / 2])
+        q[i] = [[x0, y0], [x0 + w, y0], [x0 + w, y0 + h], [x0, y0 + h]]
+    return q.reshape(n, 8)
+
+
+def _distinct_scores(raw: np.ndarray) -> np.ndarray:
+    """Scores close to ``raw``, all distinct, each a multiple of SCORE_QUANTUM (exact in float32)."""
+    q = np.rint(np.clip(raw, 0, 1) / SCORE_QUANTUM).astype(np.int64)
+    order = np.argsort(q, kind="stable")
+    steps = np.arange(len(q))
+    q[order] = np.maximum.accumulate(q[order] - steps) + steps  # strictly increasing along the order
+    return q * SCORE_QUANTUM
+
+
+def make_scene(seed: int, scale: float = 1.0):
+    """Ground truth (image id -> ImageAnnotations), detections (class -> arrays), class names, statistics."""
     rng = np.random.default_rng(seed)
     names = list(CLASSES)
-    image_ids = [f"P{i:04d}" for i in range(NUM_IMAGES)]
-    sizes = rng.integers(800, 4001, (NUM_IMAGES, 2))
-    objects = {i: [] for i in range(NUM_IMAGES)}  # image -> list of (boxes (n, 5), class)
+    num_images = max(2, int(round(NUM_IMAGES * scale)))
+    image_ids = [f"P{i:04d}" for i in range(num_images)]
+    sizes = rng.integers(800, 4001, (num_images, 2))
+    objects = {i: [] for i in range(num_images)}  # image -> list of (boxes (n, 5), class)
     for c, (name, (count, size)) in enumerate(CLASSES.items()):
-        hosts = rng.choice(NUM_IMAGES, min(NUM_IMAGES, max(3, count // 25)), replace=False)
+        count = max(1, int(round(count * scale)))
+        hosts = rng.choice(num_images, min(num_images, max(3, count // 25)), replace=False)
         counts = rng.multinomial(count, rng.dirichlet(np.full(len(hosts), 0.4)))
         for img, n in zip(hosts, counts):
             while n > 0:  # clusters of up to 60 objects (parking lots, harbours, tank farms)
@@ -73,13 +219,17 @@ def make_scene(seed: int):
                 centre = rng.uniform(spread, np.maximum(sizes[img] - spread, spread + 1))
                 objects[img].append((_boxes_around(rng, k, centre, spread, size, rng.uniform(-1.5, 1.5)), c))
                 n -= k
-    gt, found = {}, []
+    gt, found, kinds = {}, [], {}
     for i, image_id in enumerate(image_ids):
         boxes = np.concatenate([b for b, _ in objects[i]]) if objects[i] else np.zeros((0, 5))
         labels = np.concatenate([np.full(len(b), c) for b, c in objects[i]]) if objects[i] else np.zeros(0, int)
-        difficult = (rng.random(len(labels)) < 0.06).astype(np.int8)
-        gt[image_id] = SimpleNamespace(polygons=le90_to_polygon(boxes), labels=labels.astype(np.int64),
-                                       difficult=difficult)
+        polygons = label_quadrilaterals(rng, boxes, labels, names)
+        difficult = np.where(rng.random(len(labels)) < 0.06, rng.integers(1, 3, len(labels)), 0).astype(np.int8)
+        gt[image_id] = ImageAnnotations(image_id=image_id, polygons=polygons.astype(np.float64),
+                                        labels=labels.astype(np.int64), difficult=difficult)
+        for p in polygons:
+            kind = _quad_kind(p.reshape(4, 2))
+            kinds[kind] = kinds.get(kind, 0) + 1
         found.append((i, boxes, labels))
 
     det_img, det_cls, det_box, det_score = [], [], [], []
@@ -105,11 +255,11 @@ def make_scene(seed: int):
         d = tp_boxes[dup] + np.column_stack([rng.normal(0, 0.2, (int(dup.sum()), 2)) * b[dup, 3:4],
                                              np.zeros((int(dup.sum()), 2)), rng.normal(0, 0.1, int(dup.sum()))])
         add(i, lab[dup], d, tp_scores[dup] * rng.uniform(0.3, 0.9, int(dup.sum())))
-    num_fp = NUM_DETECTIONS - sum(len(s) for s in det_score)
+    num_fp = max(0, int(round(NUM_DETECTIONS * scale)) - sum(len(s) for s in det_score))
     weights = np.array([n for n, _ in CLASSES.values()], dtype=float)
-    fp_img = rng.integers(0, NUM_IMAGES, num_fp)
+    fp_img = rng.integers(0, num_images, num_fp)
     fp_cls = rng.choice(len(names), num_fp, p=weights / weights.sum())
-    for i in range(NUM_IMAGES):
+    for i in range(num_images):
         sel = np.flatnonzero(fp_img == i)
         near = rng.random(len(sel)) < 0.5
         boxes_i = found[i][1]
@@ -123,46 +273,54 @@ def make_scene(seed: int):
                 rng.beta(1, 6, 1))
     img = np.concatenate(det_img)
     cls = np.concatenate(det_cls)
-    box = np.concatenate(det_box)
-    score = np.round(np.concatenate(det_score), 3)
+    box = wrap_le90(np.concatenate(det_box))
+    box[:, 2:4] = np.maximum(box[:, 2:4], 0.5)
+    box = box.astype(np.float32).astype(np.float64)  # a detector's float32 output
+    score = _distinct_scores(np.concatenate(det_score))
+    assert len(np.unique(score.astype(np.float32))) == len(score)
     detections = {}
     for c, name in enumerate(names):
         m = cls == c
         detections[name] = {"image_ids": np.asarray(image_ids, dtype=object)[img[m]], "scores": score[m],
-                            "boxes": box[m], "polygons": le90_to_polygon(box[m])}
-    return gt, detections, names
+                            "boxes": box[m], "polygons": obb_corners(box[m]).reshape(-1, 8)}
+    return gt, detections, names, kinds
 
 
-def _voc_ap(rec, prec, use_07_metric):
-    """The devkit's ``voc_ap``."""
+# ----------------------------------------------------------------------------------------------------
+# Reference rules, one detection at a time
+# ----------------------------------------------------------------------------------------------------
+
+def devkit_voc_ap(rec, prec, use_07_metric):
+    """The devkit's ``voc_ap`` (float64)."""
     if use_07_metric:
         ap = 0.0
         for t in np.arange(0.0, 1.1, 0.1):
             p = 0 if np.sum(rec >= t) == 0 else np.max(prec[rec >= t])
             ap = ap + p / 11.0
-        return ap
+        return float(ap)
     mrec = np.concatenate(([0.0], rec, [1.0]))
     mpre = np.concatenate(([0.0], prec, [0.0]))
     for i in range(mpre.size - 1, 0, -1):
         mpre[i - 1] = np.maximum(mpre[i - 1], mpre[i])
     i = np.where(mrec[1:] != mrec[:-1])[0]
-    return np.sum((mrec[i + 1] - mrec[i]) * mpre[i + 1])
+    return float(np.sum((mrec[i + 1] - mrec[i]) * mpre[i + 1]))
 
 
-def devkit_voc_eval(gt, detections, names, thr, use_07_metric=True):
-    """Per-class AP ``{name: ap}`` at one IoU threshold by the devkit's per-detection loop (shapely IoU)."""
-    image_rank = {k: r for r, k in enumerate(sorted(gt))}
+def devkit_voc_eval(gt, detections, names, thr):
+    """DOTA devkit Task1 rules at one IoU threshold: ``{name: {"voc07", "area", "num_gt", "tp", "fp", "order"}}``."""
     out = {}
     for c, name in enumerate(names):
         recs, npos = {}, 0
         for image_id, ann in gt.items():
-            m = ann.labels == c
-            recs[image_id] = {"poly": ann.polygons[m], "difficult": ann.difficult[m] != 0,
-                              "det": np.zeros(int(m.sum()), dtype=bool)}
-            npos += int(np.sum(ann.difficult[m] == 0))
-        d = detections[name]
-        ids, conf, bbs = d["image_ids"], d["scores"], d["polygons"]
-        order = np.lexsort((np.arange(len(ids)), [image_rank[i] for i in ids], -conf))
+            m = np.asarray(ann.labels) == c
+            diff = np.asarray(ann.difficult)[m].astype(bool)
+            recs[image_id] = {"poly": np.asarray(ann.polygons, dtype=np.float64)[m], "difficult": diff,
+                              "det": [False] * int(m.sum())}
+            npos += int(np.sum(~diff))
+        d = detections.get(name, {"image_ids": [], "scores": np.zeros(0), "polygons": np.zeros((0, 8))})
+        ids, conf = d["image_ids"], np.asarray(d["scores"], dtype=np.float64)
+        bbs = np.asarray(d["polygons"], dtype=np.float64).reshape(-1, 8)
+        order = np.argsort(-conf, kind="stable")
         tp, fp = np.zeros(len(order)), np.zeros(len(order))
         for rank, k in enumerate(order):
             R, bb = recs[ids[k]], bbs[k]
@@ -177,12 +335,7 @@ def devkit_voc_eval(gt, detections, names, thr, use_07_metric=True):
                 ih = np.maximum(iymax - iymin + 1.0, 0.0)
                 keep = np.flatnonzero(iw * ih > 0)
                 if len(keep):
-                    det_poly = Polygon(bb.reshape(4, 2))
-                    overlaps = []
-                    for g in keep:
-                        gp = Polygon(BBGT[g].reshape(4, 2))
-                        inter = gp.intersection(det_poly).area
-                        overlaps.append(inter / (gp.area + det_poly.area - inter))
+                    overlaps = [shapely_iou(BBGT[g].reshape(4, 2), bb.reshape(4, 2)) for g in keep]
                     ovmax, jmax = np.max(overlaps), keep[int(np.argmax(overlaps))]
             if ovmax > thr:
                 if not R["difficult"][jmax]:
@@ -193,61 +346,431 @@ def devkit_voc_eval(gt, detections, names, thr, use_07_metric=True):
                         fp[rank] = 1.0
             else:
                 fp[rank] = 1.0
+        entry = {"num_gt": npos, "tp": tp, "fp": fp, "order": order, "voc07": None, "area": None}
+        out[name] = entry
         if npos == 0:
-            out[name] = None
             continue
-        fp, tp = np.cumsum(fp), np.cumsum(tp)
-        rec = tp / float(npos)
-        prec = tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
-        out[name] = float(_voc_ap(rec, prec, use_07_metric))
+        ctp, cfp = np.cumsum(tp), np.cumsum(fp)
+        rec = ctp / float(npos)
+        prec = ctp / np.maximum(ctp + cfp, np.finfo(np.float64).eps)
+        entry.update(voc07=devkit_voc_ap(rec, prec, True), area=devkit_voc_ap(rec, prec, False),
+                     recall=rec, precision=prec)
     return out
+
+
+def mmrotate_ground_truth(gt, difficulty=100):
+    """mmrotate DOTADataset loading: image id -> (le90 boxes ``(n, 5)`` float32, labels ``(n,)``)."""
+    out = {}
+    for image_id, ann in gt.items():
+        boxes, labels = [], []
+        for poly, label, diff in zip(np.asarray(ann.polygons), np.asarray(ann.labels), np.asarray(ann.difficult)):
+            obb = poly2obb_le90(np.asarray(poly, dtype=np.float32))
+            if obb is None:  # mmrotate: ``except: continue``
+                continue
+            if int(diff) > difficulty:
+                continue
+            boxes.append(obb)
+            labels.append(int(label))
+        out[image_id] = (np.array(boxes, dtype=np.float32).reshape(-1, 5), np.array(labels, dtype=np.int64))
+    return out
+
+
+def mmdet_average_precision(tp: np.ndarray, fp: np.ndarray, num_gts: int, mode: str) -> float:
+    """eval_rbbox_map's precision/recall and mmdet's ``average_precision`` for one class, with their dtypes."""
+    tp = np.cumsum(tp.astype(np.float32))[None]
+    fp = np.cumsum(fp.astype(np.float32))[None]
+    eps = np.finfo(np.float32).eps
+    recalls = tp / np.maximum(np.array([num_gts], dtype=int)[:, None], eps)
+    precisions = tp / np.maximum(tp + fp, eps)
+    ap = np.zeros(1, dtype=np.float32)
+    if mode == "area":
+        mrec = np.hstack((np.zeros((1, 1), recalls.dtype), recalls, np.ones((1, 1), recalls.dtype)))
+        mpre = np.hstack((np.zeros((1, 1), recalls.dtype), precisions, np.zeros((1, 1), recalls.dtype)))
+        for i in range(mpre.shape[1] - 1, 0, -1):
+            mpre[:, i - 1] = np.maximum(mpre[:, i - 1], mpre[:, i])
+        ind = np.where(mrec[0, 1:] != mrec[0, :-1])[0]
+        ap[0] = np.sum((mrec[0, ind + 1] - mrec[0, ind]) * mpre[0, ind + 1])
+    else:
+        for thr in np.arange(0, 1 + 1e-3, 0.1):
+            precs = precisions[0, recalls[0, :] >= thr]
+            ap[0] += precs.max() if precs.size > 0 else 0
+        ap /= 11
+    return float(ap[0]), recalls[0], precisions[0]
+
+
+def mmrotate_eval(mm_gt, detections, names, thr):
+    """eval_rbbox_map / tpfp_default at one IoU threshold: ``{name: {"voc07", "area", "num_gt", "tp", "fp", "order"}}``."""
+    image_ids = list(mm_gt)
+    out = {}
+    for c, name in enumerate(names):
+        d = detections.get(name, {"image_ids": [], "scores": np.zeros(0), "boxes": np.zeros((0, 5))})
+        ids = np.asarray(d["image_ids"], dtype=object)
+        per_image = {}
+        for k, image_id in enumerate(ids):
+            per_image.setdefault(image_id, []).append(k)
+        tps, fps, scores, index = [], [], [], []
+        num_gts = 0
+        for image_id in image_ids:
+            boxes, labels = mm_gt[image_id]
+            gtb = boxes[labels == c]
+            num_gts += len(gtb)
+            idx = np.asarray(per_image.get(image_id, []), dtype=np.int64)
+            det = np.asarray(d["boxes"], dtype=np.float64)[idx].reshape(-1, 5)
+            sc = np.asarray(d["scores"], dtype=np.float64)[idx]
+            tp, fp = np.zeros(len(idx), np.float32), np.zeros(len(idx), np.float32)
+            if len(gtb) == 0:
+                fp[:] = 1
+            elif len(idx):
+                ious = rotated_iou_matrix(det, gtb.astype(np.float64))
+                ious_max, ious_argmax = ious.max(axis=1), ious.argmax(axis=1)
+                covered = np.zeros(len(gtb), dtype=bool)
+                for i in np.argsort(-sc):
+                    if ious_max[i] >= thr:
+                        m = ious_argmax[i]
+                        if not covered[m]:
+                            covered[m] = True
+                            tp[i] = 1
+                        else:
+                            fp[i] = 1
+                    else:
+                        fp[i] = 1
+            tps.append(tp)
+            fps.append(fp)
+            scores.append(sc)
+            index.append(idx)
+        scores = np.concatenate(scores) if scores else np.zeros(0)
+        sort_inds = np.argsort(-scores)
+        tp, fp = np.concatenate(tps)[sort_inds], np.concatenate(fps)[sort_inds]
+        entry = {"num_gt": num_gts, "tp": tp, "fp": fp, "order": np.concatenate(index)[sort_inds],
+                 "voc07": None, "area": None}
+        if num_gts > 0:
+            entry["voc07"], entry["recall"], entry["precision"] = mmdet_average_precision(tp, fp, num_gts, "11points")
+            entry["area"] = mmdet_average_precision(tp, fp, num_gts, "area")[0]
+        out[name] = entry
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Ours
+# ----------------------------------------------------------------------------------------------------
+
+def has_protocols() -> bool:
+    return "protocol" in inspect.signature(evaluate_detections).parameters
+
+
+def ours(gt, detections, names, protocol, thresholds=THRESHOLDS, use_07_metric=True, difficulty=100):
+    """:func:`evaluate_detections` with one protocol; devkit detections as Task1 polygons, mmrotate's as le90 boxes."""
+    key = "polygons" if protocol == "dota_devkit" else "boxes"
+    dets = {n: {"image_ids": d["image_ids"], "scores": d["scores"], key: d[key]} for n, d in detections.items()}
+    kwargs = {"iou_thresholds": thresholds, "use_07_metric": use_07_metric, "protocol": protocol}
+    if protocol == "mmrotate":
+        kwargs["difficulty_threshold"] = difficulty
+    return evaluate_detections(gt, dets, names, **kwargs)
+
+
+def ap_name(t: float) -> str:
+    return f"AP{round(t * 100)}"
+
+
+def compare(our_result, ref: dict, names, key: str, metric: str, detections, gt, protocol, max_report=3):
+    """Largest |AP difference| over classes, and a description of the first differing detections."""
+    worst, notes = 0.0, []
+    for name in names:
+        a, b = our_result["classes"][name].get(key), ref[name][metric]
+        if a is None and b is None:
+            continue
+        if a is None or b is None:
+            worst = math.inf
+            notes.append(f"{name} {key} {metric}: ours {a} reference {b} (num_gt ref {ref[name]['num_gt']}, "
+                         f"ours {our_result['classes'][name].get('num_gt')})")
+            continue
+        diff = abs(a - b)
+        worst = max(worst, diff)
+        if diff > 0 and len(notes) < max_report:
+            notes.append(f"{name} {key} {metric}: ours {a!r} reference {b!r} (num_gt ours "
+                         f"{our_result['classes'][name].get('num_gt')}, reference {ref[name]['num_gt']}); "
+                         + first_difference(our_result, ref[name], name, key, detections, gt, protocol))
+    return worst, notes
+
+
+def first_difference(our_result, ref_entry, name, key, detections, gt, protocol) -> str:
+    """Where the precision-recall curves part (both rank detections by their distinct scores)."""
+    curve = our_result.get("pr_curves", {}).get(name, {}).get(key)
+    if curve is None or "recall" not in ref_entry:
+        return "no PR curve to compare"
+    r1, p1 = np.asarray(curve["recall"], np.float64), np.asarray(curve["precision"], np.float64)
+    r2, p2 = np.asarray(ref_entry["recall"], np.float64), np.asarray(ref_entry["precision"], np.float64)
+    if len(r1) != len(r2):
+        return f"PR curves of different lengths ({len(r1)} vs {len(r2)})"
+    bad = np.flatnonzero((np.abs(r1 - r2) > 1e-12) | (np.abs(p1 - p2) > 1e-6))
+    if not len(bad):
+        return "same TP/FP sequence (difference in AP arithmetic only)"
+    r = int(bad[0])
+    k = int(ref_entry["order"][r])
+    d = detections[name]
+    verdict = "TP" if ref_entry["tp"][r] else ("FP" if ref_entry["fp"][r] else "ignored")
+    return (f"first at rank {r}: detection #{k} of {name!r} on {d['image_ids'][k]} score {d['scores'][k]!r} "
+            f"le90 {d['boxes'][k].tolist()} polygon {d['polygons'][k].tolist()}: reference says {verdict} "
+            f"(recall {r2[r]:.6f} vs ours {r1[r]:.6f}, precision {p2[r]:.6f} vs ours {p1[r]:.6f})")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Hand cases
+# ----------------------------------------------------------------------------------------------------
+
+def _ann(polys, labels, difficult):
+    p = np.asarray(polys, dtype=np.float64).reshape(-1, 8)
+    return ImageAnnotations(image_id="img", polygons=p, labels=np.asarray(labels, np.int64),
+                            difficult=np.asarray(difficult, np.int8))
+
+
+def _dets(boxes, scores, polygons=None):
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 5)
+    polys = obb_corners(boxes).reshape(-1, 8) if polygons is None else np.asarray(polygons, np.float64).reshape(-1, 8)
+    return {"image_ids": np.array(["img"] * len(boxes), dtype=object), "scores": np.asarray(scores, np.float64),
+            "boxes": boxes, "polygons": polys}
+
+
+def hand_cases():
+    """(description, gt, detections, expected {(protocol, difficulty, key): AP}) with one class ``a``."""
+    sq = [0, 0, 2, 0, 2, 2, 0, 2]
+    concave = [0, 0, 4, 0, 1, 1, 0, 4]  # area 4; its minimum-area rectangle has area 16
+    rect_of_concave = obb_corners(np.array([poly2obb_le90(concave)])).reshape(8)
+    return [
+        ("IoU exactly 0.5 (2 x 2 box in a 4 x 2 label, angle 0 exactly on both sides): devkit needs >, mmrotate "
+         "takes >=", {"img": _ann([[0, 0, 4, 0, 4, 2, 0, 2]], [0], [0])}, {"a": _dets([[1, 1, 2, 2, 0]], [0.9])},
+         {("dota_devkit", 100, "AP50"): 0.0, ("mmrotate", 100, "AP50"): 1.0}),
+        ("hit on a difficult object: devkit ignores it; mmrotate counts it (difficulty 100) or drops it (0)",
+         {"img": _ann([sq, [10, 0, 12, 0, 12, 2, 10, 2]], [0, 0], [1, 0])},
+         {"a": _dets([[1, 1, 2, 2, 0], [11, 1, 2, 2, 0]], [0.9, 0.8])},
+         {("dota_devkit", 100, "AP50"): 1.0, ("mmrotate", 100, "AP50"): 1.0, ("mmrotate", 0, "AP50"): 0.5}),
+        ("duplicate: the second detection on a claimed object is FP",
+         {"img": _ann([sq], [0], [0])}, {"a": _dets([[1, 1, 2, 2, 0], [1.01, 1, 2, 2, 0]], [0.9, 0.8])},
+         {("dota_devkit", 100, "AP50"): 1.0, ("mmrotate", 100, "AP50"): 1.0}),
+        ("concave label, detection = its minimum-area rectangle: polygon IoU 0.25, rectangle IoU 1",
+         {"img": _ann([concave], [0], [0])}, {"a": _dets([poly2obb_le90(concave)], [0.9], [rect_of_concave])},
+         {("dota_devkit", 100, "AP50"): 0.0, ("mmrotate", 100, "AP50"): 1.0}),
+        ("sliver 10 x 1: mmrotate drops it (no positives), the devkit keeps it",
+         {"img": _ann([[0, 0, 10, 0, 10, 1, 0, 1], sq], [0, 0], [0, 0])},
+         {"a": _dets([[5, 0.5, 10, 1, 0], [1, 1, 2, 2, 0]], [0.9, 0.8])},
+         {("dota_devkit", 100, "AP50"): 1.0, ("mmrotate", 100, "AP50"): 0.5}),
+    ]
+
+
+def run_hand_cases(check_ours: bool) -> list[str]:
+    """Failures of the reference loops (and of ours if ``check_ours``) on the hand cases; geometry checks first."""
+    failures = []
+    # Geometry: shapely IoU of two 2 x 2 squares offset by 1 is 2 / 6.
+    a, b = np.array([0, 0, 2, 0, 2, 2, 0, 2.0]).reshape(4, 2), np.array([1, 0, 3, 0, 3, 2, 1, 2.0]).reshape(4, 2)
+    if abs(shapely_iou(a, b) - 1 / 3) > 1e-15:
+        failures.append("shapely IoU of offset squares")
+    # Concave label against the unit square inside it: 1 / 4.
+    if abs(shapely_iou(np.array([0, 0, 4, 0, 1, 1, 0, 4.0]).reshape(4, 2),
+                       np.array([0, 0, 1, 0, 1, 1, 0, 1.0]).reshape(4, 2)) - 0.25) > 1e-15:
+        failures.append("shapely IoU of a concave label")
+    # Rectangles (integer, rotated too): the devkit's polygon IoU and mmrotate's rectangle IoU agree.
+    rng = np.random.default_rng(1)
+    for rect in ([0, 0, 8, 6, 5, 10, -3, 4], [3, 2, 3, 9, 24, 9, 24, 2], [0, 0, 12, -5, 17, 7, 5, 12]):
+        obb = np.array([poly2obb_le90(rect)])
+        for _ in range(20):
+            det = wrap_le90(obb + np.concatenate([rng.normal(0, 1, 2), rng.normal(0, 0.5, 2), rng.normal(0, 0.1, 1)]))
+            devkit = shapely_iou(np.reshape(rect, (4, 2)).astype(float), obb_corners(det)[0])
+            mm = rotated_iou_matrix(det, obb)[0, 0]
+            if abs(devkit - mm) > 1e-5:
+                failures.append(f"rectangle {rect}: polygon IoU {devkit} != rotated IoU {mm}")
+    # poly2obb: le90 range, w >= h, and the same rectangle as cv2.boxPoints.
+    for _ in range(200):
+        poly = np.rint(rng.uniform(-50, 50, 8))
+        obb = poly2obb_le90(poly)
+        if obb is None:
+            continue
+        x, y, w, h, t = obb
+        rect = cv2.boxPoints(cv2.minAreaRect(poly.astype(np.float32).reshape(4, 2))).astype(np.float64)
+        if not (w >= h and -np.pi / 2 <= t < np.pi / 2) or \
+                shapely_iou(obb_corners(np.array([obb]))[0], rect) < 1 - 1e-5:
+            failures.append(f"poly2obb_le90 of {poly.tolist()} gave {obb}")
+            break
+    if poly2obb_le90([0, 0, 10, 0, 10, 1, 0, 1]) is not None or poly2obb_le90([0, 0, 10, 0, 10, 2, 0, 2]) is None:
+        failures.append("poly2obb_le90 drop rule (side < 2)")
+    # AP hand cases.
+    for desc, gt, dets, expected in hand_cases():
+        for (protocol, difficulty, key), want in expected.items():
+            thr = 0.5 if key == "AP50" else 0.75
+            if protocol == "dota_devkit":
+                got = devkit_voc_eval(gt, dets, ["a"], thr)["a"]["voc07"]
+            else:
+                got = mmrotate_eval(mmrotate_ground_truth(gt, difficulty), dets, ["a"], thr)["a"]["voc07"]
+            if got is None or abs(got - want) > 1e-6:
+                failures.append(f"reference {protocol} (difficulty {difficulty}) {key}: {desc}: {got} != {want}")
+            if check_ours:
+                try:
+                    res = ours(gt, dets, ["a"], protocol, thresholds=(thr,), difficulty=difficulty)
+                    mine = res["classes"]["a"][key]
+                except Exception as exc:  # report, do not stop the benchmark
+                    mine = f"error {type(exc).__name__}: {exc}"
+                if not isinstance(mine, float) or abs(mine - want) > 1e-6:
+                    failures.append(f"ours {protocol} (difficulty {difficulty}) {key}: {desc}: {mine} != {want}")
+    return failures
+
+
+# ----------------------------------------------------------------------------------------------------
+# Measurement
+# ----------------------------------------------------------------------------------------------------
+
+def _status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith(field + ":"))
+    except (OSError, StopIteration):
+        return None
+
+
+class PeakRSS:
+    """Peak resident memory above the start of a phase: VmHWM after resetting it (``/proc/self/clear_refs`` 5)."""
+
+    def __enter__(self):
+        try:
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")
+            self.resettable = True
+        except OSError:
+            self.resettable = False
+        self.start = _status_kb("VmRSS") or 0
+        return self
+
+    def __exit__(self, *exc):
+        hwm = _status_kb("VmHWM") if self.resettable else None
+        if hwm is None:  # ru_maxrss: not resettable, the peak of the whole process so far
+            hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        self.mb = (hwm - self.start) / 1024
+        return False
+
+
+def tracemalloc_peak_mb(fn) -> float:
+    """Peak of tracemalloc (numpy arrays and Python objects; not torch's own buffers) while ``fn`` runs."""
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1] / 2 ** 20
+    finally:
+        tracemalloc.stop()
+
+
+def bench_protocol(protocol, gt, detections, names, difficulty, timed: bool, tolerance: float):
+    """Parity (VOC07 and all-points, AP50 and AP75) and timings of one protocol; returns (worst, lines)."""
+    label = protocol if protocol == "dota_devkit" else f"mmrotate (difficulty {difficulty})"
+    lines = [f"protocol {label}:"]
+    timings, mem = {}, {}
+    res = {}
+    for use_07 in (True, False):
+        for thresholds in ((0.5, 0.75), (0.5,)) if use_07 else ((0.5, 0.75),):
+            with PeakRSS() as peak:
+                t0 = time.perf_counter()
+                res[(use_07, thresholds)] = ours(gt, detections, names, protocol, thresholds, use_07, difficulty)
+                timings[("ours", use_07, thresholds)] = time.perf_counter() - t0
+            mem[("ours", use_07, thresholds)] = peak.mb
+    ref = {}
+    mm_gt_time = 0.0
+    if protocol == "mmrotate":
+        t0 = time.perf_counter()
+        mm_gt = mmrotate_ground_truth(gt, difficulty)
+        mm_gt_time = time.perf_counter() - t0
+    for thr in THRESHOLDS:
+        with PeakRSS() as peak:
+            t0 = time.perf_counter()
+            ref[thr] = devkit_voc_eval(gt, detections, names, thr) if protocol == "dota_devkit" \
+                else mmrotate_eval(mm_gt, detections, names, thr)
+            timings[("loop", thr)] = time.perf_counter() - t0
+        mem[("loop", thr)] = peak.mb
+    worst, notes = 0.0, []
+    parts = []
+    for use_07, metric in ((True, "voc07"), (False, "area")):
+        for thr in THRESHOLDS:
+            w, n = compare(res[(use_07, (0.5, 0.75))], ref[thr], names, ap_name(thr), metric, detections, gt, protocol)
+            worst = max(worst, w)
+            notes += n
+            parts.append(f"{ap_name(thr)} {'VOC07' if use_07 else 'all-points'} {w:.1e}")
+    lines.append("  parity: max per-class |AP ours - reference loop|: " + ", ".join(parts)
+                 + ("   OK" if worst <= tolerance else "   FAIL"))
+    lines += [f"    {n}" for n in notes]
+    mean = res[(True, (0.5, 0.75))]["mean"]
+    ref_mean = {thr: np.mean([ref[thr][n]["voc07"] for n in names if ref[thr][n]["voc07"] is not None])
+                for thr in THRESHOLDS}
+    lines.append(f"  mAP VOC07: ours AP50 {mean['AP50']:.6f} AP75 {mean['AP75']:.6f}; "
+                 f"reference AP50 {ref_mean[0.5]:.6f} AP75 {ref_mean[0.75]:.6f}; positives "
+                 f"{sum(ref[0.5][n]['num_gt'] for n in names)}")
+    if timed:
+        o50, o_both = timings[("ours", True, (0.5,))], timings[("ours", True, (0.5, 0.75))]
+        l50, l75 = timings[("loop", 0.5)], timings[("loop", 0.75)]
+        extra = f" + {mm_gt_time:.2f} s poly2obb of the labels (once)" if protocol == "mmrotate" else ""
+        lines.append(f"  IoU 0.5 only      ours {o50:7.2f} s   loop {l50:7.2f} s   speed-up x{l50 / o50:.1f}")
+        lines.append(f"  IoU 0.5 and 0.75  ours {o_both:7.2f} s   loop {l50 + l75:7.2f} s   speed-up "
+                     f"x{(l50 + l75) / o_both:.1f}{extra}   (the loop evaluates one threshold per run; target >= x20)")
+        traced = tracemalloc_peak_mb(lambda: ours(gt, detections, names, protocol, THRESHOLDS, True, difficulty))
+        lines.append(f"  peak memory: RSS above the phase's start (VmHWM): ours (0.5 + 0.75) "
+                     f"{mem[('ours', True, (0.5, 0.75))]:.0f} MB, loop {max(mem[('loop', 0.5)], mem[('loop', 0.75)]):.0f} MB; "
+                     f"tracemalloc (numpy and Python objects, not torch's buffers; separate untimed call): "
+                     f"ours {traced:.0f} MB")
+    return worst, lines, res
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="images, objects and detections relative to DOTA-v1.0 val (default 1.0)")
+    parser.add_argument("--quick", action="store_true", help="same as --scale 0.05")
+    parser.add_argument("--protocols", default="dota_devkit,mmrotate")
+    parser.add_argument("--difficulty", type=int, nargs="+", default=[100, 0],
+                        help="mmrotate difficulty thresholds to check (the first is timed; default 100 0)")
+    parser.add_argument("--tolerance", type=float, default=0.0, help="largest |AP difference| accepted (default 0)")
+    parser.add_argument("--self-test", action="store_true", help="hand cases only")
     args = parser.parse_args(argv)
+    scale = 0.05 if args.quick else args.scale
+
+    new_api = has_protocols()
+    failures = run_hand_cases(check_ours=new_api)
+    print(f"hand cases (reference loops{' and ours' if new_api else ''}): "
+          f"{'all passed' if not failures else f'{len(failures)} FAILED'}")
+    for f in failures:
+        print(f"  {f}")
+    if args.self_test:
+        return 1 if failures else 0
+    if not new_api:
+        print("evaluate_detections has no `protocol` argument yet: nothing to compare", file=sys.stderr)
+        return 2
 
     t0 = time.perf_counter()
-    gt, detections, names = make_scene(args.seed)
+    gt, detections, names, kinds = make_scene(args.seed, scale)
     num_obj = sum(len(a.labels) for a in gt.values())
-    num_diff = sum(int(np.sum(a.difficult != 0)) for a in gt.values())
+    diff = np.concatenate([a.difficult for a in gt.values()])
     num_det = sum(len(d["scores"]) for d in detections.values())
     per_image_class = [int(np.sum(a.labels == c)) for a in gt.values() for c in range(len(names))]
-    print(f"scene: {len(gt)} images, {num_obj} objects ({num_diff} difficult), {num_det} detections, "
-          f"{len(names)} classes; largest (image, class): {max(per_image_class)} objects "
-          f"[generated in {time.perf_counter() - t0:.1f} s]")
+    print(f"scene (scale {scale:g}, seed {args.seed}): {len(gt)} images, {num_obj} integer label quadrilaterals "
+          f"({int(np.sum(diff == 1))} difficult 1, {int(np.sum(diff == 2))} difficult 2; "
+          + ", ".join(f"{v} {k}" for k, v in sorted(kinds.items()))
+          + f"), {num_det} detections with distinct scores, {len(names)} classes; largest (image, class): "
+          f"{max(per_image_class)} objects [generated in {time.perf_counter() - t0:.1f} s]")
 
-    boxes_only = {n: {k: d[k] for k in ("image_ids", "scores", "boxes")} for n, d in detections.items()}
+    protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
     t0 = time.perf_counter()
-    rotated_iou(np.ones((1, 5)), np.ones((1, 5)))
-    print(f"first torchvision rotated-IoU call of the process (loads the op): {time.perf_counter() - t0:.2f} s, "
-          "not counted below")
+    warm_gt, warm_dets, _ = hand_cases()[0][1:]
+    for protocol in protocols:
+        ours(warm_gt, warm_dets, ["a"], protocol)
+    print(f"warm-up of ours on a hand case (loads torch / the IoU op): {time.perf_counter() - t0:.2f} s, not counted")
 
-    timings, worst = {}, 0.0
-    ours = {}
-    for thresholds in ((0.5, 0.75), (0.5,)):
-        t0 = time.perf_counter()
-        ours[thresholds] = evaluate_detections(gt, boxes_only, names, iou_thresholds=thresholds, use_07_metric=True)
-        timings[("mutdet", thresholds)] = time.perf_counter() - t0
-    for thr, key in ((0.5, "AP50"), (0.75, "AP75")):
-        t0 = time.perf_counter()
-        ref = devkit_voc_eval(gt, detections, names, thr, use_07_metric=True)
-        timings[("devkit", thr)] = time.perf_counter() - t0
-        for name in names:
-            a, b = ours[(0.5, 0.75)]["classes"][name][key], ref[name]
-            worst = max(worst, 0.0 if a is None and b is None else abs(a - b))
-
-    ours_both, ours_50 = timings[("mutdet", (0.5, 0.75))], timings[("mutdet", (0.5,))]
-    dev_50, dev_75 = timings[("devkit", 0.5)], timings[("devkit", 0.75)]
-    print(f"IoU 0.5 only      mutdet {ours_50:6.2f} s   devkit loop {dev_50:6.2f} s   speed-up x{dev_50 / ours_50:.1f}")
-    print(f"IoU 0.5 and 0.75  mutdet {ours_both:6.2f} s   devkit loop {dev_50 + dev_75:6.2f} s   "
-          f"speed-up x{(dev_50 + dev_75) / ours_both:.1f}   (the devkit evaluates one threshold per run)")
-    mean = ours[(0.5, 0.75)]["mean"]
-    print(f"mAP (VOC07): AP50 {mean['AP50']:.4f}   AP75 {mean['AP75']:.4f}   "
-          f"largest |AP difference| over classes and thresholds {worst:.2e}")
-    if worst > 1e-9:
-        print("FAIL: the two implementations disagree", file=sys.stderr)
+    worst = 0.0
+    for protocol in protocols:
+        for k, difficulty in enumerate(args.difficulty if protocol == "mmrotate" else [100]):
+            w, lines, res = bench_protocol(protocol, gt, detections, names, difficulty, timed=k == 0,
+                                           tolerance=args.tolerance)
+            worst = max(worst, w)
+            print("\n".join(lines), flush=True)
+    print(f"process peak RSS (ru_maxrss, everything above included): "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+    if failures or worst > args.tolerance:
+        print("FAIL: " + ("hand cases failed; " if failures else "")
+              + (f"AP differs by up to {worst:.2e}" if worst > args.tolerance else ""), file=sys.stderr)
         return 1
     return 0
 

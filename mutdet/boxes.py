@@ -220,45 +220,97 @@ def rotated_iou(boxes1, boxes2) -> "np.ndarray | torch.Tensor":
     return iou if as_tensor else iou.double().numpy()
 
 
+def _axis_aligned_extents(boxes: np.ndarray) -> np.ndarray:
+    """``(N, 4)`` ``x0, y0, x1, y1`` of le90 boxes, widened by a relative margin that covers the float32
+    rounding of torchvision's IoU (a pair left out must have IoU exactly 0)."""
+    c, s = np.abs(np.cos(boxes[:, 4])), np.abs(np.sin(boxes[:, 4]))
+    half_x = 0.5 * (boxes[:, 2] * c + boxes[:, 3] * s)
+    half_y = 0.5 * (boxes[:, 2] * s + boxes[:, 3] * c)
+    margin = 1e-4 * (1.0 + np.abs(boxes[:, :2]).max(axis=1) + half_x + half_y)
+    return np.stack([boxes[:, 0] - half_x - margin, boxes[:, 1] - half_y - margin,
+                     boxes[:, 0] + half_x + margin, boxes[:, 1] + half_y + margin], axis=1)
+
+
+def _overlapping_pairs(boxes: np.ndarray, iou_threshold: float, max_cell: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs ``(i, j)``, ``i < j``, of rows of ``boxes`` (le90) whose rotated IoU exceeds ``iou_threshold``.
+
+    Only pairs whose axis-aligned extents meet can have a positive IoU. The plane is cut into square
+    cells about twice the median extent; a box belongs to every cell its extent meets, and a pair is
+    computed in the one cell that holds the corner ``(max x0, max y0)`` of its two extents' overlap (a
+    cell both boxes belong to), so every candidate pair is computed once. IoU is torchvision's rotated
+    IoU on the boxes of one cell at a time (``rotated_iou``), the value it gives in any other call.
+    """
+    extents = _axis_aligned_extents(boxes)
+    size = max(2.0 * float(np.median(np.maximum(extents[:, 2] - extents[:, 0], extents[:, 3] - extents[:, 1]))), 1.0)
+    cells = np.floor(extents / size).astype(np.int64)  # x0, y0, x1, y1 in cells
+    nx = cells[:, 2] - cells[:, 0] + 1
+    ny = cells[:, 3] - cells[:, 1] + 1
+    rows = np.repeat(np.arange(len(boxes)), nx * ny)
+    offset = np.arange(len(rows)) - np.repeat(np.cumsum(nx * ny) - nx * ny, nx * ny)
+    cx = cells[rows, 0] + offset % nx[rows]
+    cy = cells[rows, 1] + offset // nx[rows]
+    order = np.lexsort((rows, cy, cx))
+    rows, cx, cy = rows[order], cx[order], cy[order]
+    starts = np.flatnonzero(np.r_[True, (np.diff(cx) != 0) | (np.diff(cy) != 0)])
+    stops = np.r_[starts[1:], len(rows)]
+    first, second = [], []
+    for start, stop in zip(starts, stops):
+        if stop - start < 2:
+            continue
+        cell_x, cell_y = cx[start], cy[start]
+        for chunk in range(start, stop, max_cell):  # bound the IoU matrix: rows of a chunk x the cell
+            members, chunk_rows = rows[start:stop], rows[chunk:min(chunk + max_cell, stop)]
+            iou = rotated_iou(boxes[chunk_rows], boxes[members])
+            a, b = np.nonzero(iou > iou_threshold)
+            i, j = chunk_rows[a], members[b]
+            corner_x = np.floor(np.maximum(extents[i, 0], extents[j, 0]) / size).astype(np.int64)
+            corner_y = np.floor(np.maximum(extents[i, 1], extents[j, 1]) / size).astype(np.int64)
+            mine = (i < j) & (corner_x == cell_x) & (corner_y == cell_y)
+            first.append(i[mine])
+            second.append(j[mine])
+    empty = np.zeros(0, dtype=np.int64)
+    return (np.concatenate(first) if first else empty), (np.concatenate(second) if second else empty)
+
+
 def rotated_nms(boxes, scores, iou_threshold: float, block_size: int = 2048) -> np.ndarray:
     """Greedy rotated NMS (class-agnostic).
+
+    IoU is computed only for pairs of boxes whose axis-aligned extents meet (any other pair has IoU
+    exactly 0 and cannot suppress), found through a grid of cells; the greedy pass then walks the
+    boxes by decreasing score over that sparse graph. Time and memory grow with the number of
+    overlapping pairs, not with ``N**2`` (a whole image of merged tile detections is one call).
 
     Args:
         boxes: ``(N, 5)`` le90.
         scores: ``(N,)``.
-        iou_threshold: a box is suppressed by a higher-scoring kept box with IoU ``>`` this.
-        block_size: rows of the IoU matrix computed at once; memory is ``block_size x N``.
+        iou_threshold: a box is suppressed by a higher-scoring kept box with IoU ``>`` this (>= 0).
+        block_size: most rows of one IoU matrix (a crowded cell is computed in chunks of this many rows).
     Returns:
         int64 indices of kept boxes, by decreasing score (ties: lower index first).
     """
-    import torch
-
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 5)
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     if len(boxes) != len(scores):
         raise ValueError(f"rotated_nms: {len(boxes)} boxes but {len(scores)} scores")
+    if not iou_threshold >= 0:
+        raise ValueError(f"rotated_nms: iou_threshold must be >= 0, got {iou_threshold}")
     order = np.argsort(-scores, kind="stable")
     n = len(order)
     if n == 0:
         return order.astype(np.int64)
-    sorted_boxes = _to_cxcywhr_tensor(boxes[order])
-    keep = torch.ones(n, dtype=torch.bool)
-    for start in range(0, n, block_size):
-        stop = min(start + block_size, n)
-        rows = sorted_boxes[start:stop]
-        # IoU of this block against itself and every later box: (b, n - start).
-        iou = _tv_box_iou(rows, sorted_boxes[start:])
-        block_keep = keep[start:stop].clone()
-        inside = iou[:, : stop - start] > iou_threshold
-        inside.fill_diagonal_(False)
-        for i in range(stop - start):
-            if block_keep[i]:
-                block_keep[i + 1:] &= ~inside[i, i + 1:]
-        keep[start:stop] = block_keep
-        if stop < n:
-            suppressed_later = (iou[block_keep, stop - start:] > iou_threshold).any(dim=0)
-            keep[stop:] &= ~suppressed_later
-    return order[keep.numpy()].astype(np.int64)
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n)
+    i, j = _overlapping_pairs(boxes, iou_threshold, block_size)
+    # edges from the higher-ranked box to the lower-ranked one, as CSR over ranks
+    high, low = np.minimum(rank[i], rank[j]), np.maximum(rank[i], rank[j])
+    by_high = np.argsort(high, kind="stable")
+    high, low = high[by_high], low[by_high]
+    bounds = np.searchsorted(high, np.arange(n + 1))
+    keep = np.ones(n, dtype=bool)
+    for r in np.unique(high):
+        if keep[r]:
+            keep[low[bounds[r]:bounds[r + 1]]] = False
+    return order[keep].astype(np.int64)
 
 
 def batched_rotated_nms(boxes, scores, idxs, iou_threshold: float) -> np.ndarray:

@@ -67,8 +67,10 @@ def _config(cfg, a):
 def _merge(a):
     from mutdet.config import load_config
 
-    classes = load_config(a.config).dataset(a.dataset).classes if a.dataset else None
-    _stage("merge").run(a.detections, [Path(d) / "tiles.parquet" for d in a.tiles], a.out, a.iou,
+    cfg = load_config(a.config) if a.config else None
+    classes = cfg.dataset(a.dataset).classes if cfg is not None and a.dataset else None
+    iou = a.iou if a.iou is not None else cfg.finetune.merge_iou if cfg is not None else _stage("merge").DEFAULT_MERGE_IOU
+    _stage("merge").run(a.detections, [Path(d) / "tiles.parquet" for d in a.tiles], a.out, iou,
                         task1_dir=a.task1_dir, classes=classes)
 
 
@@ -200,9 +202,10 @@ COMMANDS = (
             (_arg("--detections", required=True, type=Path, help="detections Parquet, id = tile id"),
              _arg("--tiles", required=True, nargs="+", type=Path, help="tiles folder(s) of those tiles"),
              _arg("--out", required=True, type=Path, help="output detections Parquet, id = image id"),
-             _arg("--iou", type=float, default=0.1, help="rotated NMS IoU threshold (default 0.1)"),
+             _arg("--iou", type=float, help="rotated NMS IoU threshold (default: finetune.merge_iou of --config, "
+                                            "else 0.1)"),
              _arg("--task1-dir", type=Path, help="also write DOTA Task1 submission files here"),
-             _arg("--config", help="with --dataset: take the Task1 class list from this config"),
+             _arg("--config", help="take finetune.merge_iou (and with --dataset the Task1 class list) from it"),
              _arg("--dataset", help="dataset whose classes name the Task1 files (default: classes seen)")),
             _merge, config=False),
 )

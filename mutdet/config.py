@@ -371,7 +371,8 @@ def job_sections(cfg: Config, stage: str, *, dataset: str | None = None, variant
                                           "variant": {k: v for k, v in asdict(cfg.variant(variant)).items()
                                                       if k != "name"}}},
         "loss_curves": lambda: {"loss_curves": raw["pretrain"]["loss_curves"]},
-        "finetune": lambda: {"seed": raw["seed"], **data(dataset), "finetune": without("finetune", "runs")},
+        "finetune": lambda: {"seed": raw["seed"], **data(dataset), "finetune": without("finetune", "runs", "merge_iou")},
+        "merge": lambda: {"merge_iou": raw["finetune"]["merge_iou"], "classes": raw["datasets"][dataset]["classes"]},
         "tables": lambda: {"tables": raw["tables"], "finetune": {"runs": raw["finetune"]["runs"]},
                            "datasets": {name: {"classes": d.classes, "protocol": d.evaluation.protocol}
                                         for name, d in cfg.datasets.items()},

@@ -161,3 +161,23 @@ def test_mask_to_le90_recovers_drawn_rectangle():
     assert abs(box[2] - truth[2]) < 3 and abs(box[3] - truth[3]) < 3
     assert abs(box[4] - truth[4]) < math.radians(2)
     assert B.mask_to_le90(np.zeros((5, 5), bool)) is None
+
+
+def test_rotated_nms_over_a_large_sparse_image_matches_the_greedy_reference():
+    """The spatial pruning of candidate pairs (grid cells) changes no result: boxes spread over a large
+    image, crowded clusters, one box much larger than the rest (many cells), boxes that only touch."""
+    rng = np.random.default_rng(11)
+    clusters = rng.uniform(0, 3000, (12, 2))
+    crowd = np.column_stack([np.repeat(clusters, 15, axis=0) + rng.normal(0, 3, (180, 2)),
+                             rng.uniform(10, 40, 180), rng.uniform(4, 10, 180), rng.uniform(-1.5, 1.5, 180)])
+    scattered = random_le90(rng, 60, lo=5, hi=30, extent=3000)
+    big = np.array([[1500.0, 1500.0, 2500.0, 900.0, 0.3]])
+    touching = np.array([[100.0, 3100.0, 20.0, 10.0, 0.0], [120.0, 3100.0, 20.0, 10.0, 0.0]])
+    boxes = np.concatenate([crowd, scattered, big, touching])
+    scores = rng.permutation(len(boxes)) / len(boxes)  # no ties
+    for thr in (0.0, 0.1, 0.5):
+        for block in (3, 2048):
+            np.testing.assert_array_equal(B.rotated_nms(boxes, scores, thr, block_size=block),
+                                          greedy_nms_reference(boxes, scores, thr))
+    with pytest.raises(ValueError, match="iou_threshold must be >= 0"):
+        B.rotated_nms(boxes, scores, -0.1)

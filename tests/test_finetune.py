@@ -15,7 +15,7 @@ from mutdet.engine.checkpoint import load_checkpoint, save_checkpoint
 from mutdet.engine.transfer import transfer_state_dict
 from mutdet.engine.tracking import read_jsonl
 from mutdet.io.artefacts import read_artefact, read_metadata
-from mutdet.stages import evaluate, finetune, tile
+from mutdet.stages import evaluate, finetune, merge, tile
 
 CLASSES = ["plane", "ship"]
 TINY = dict(backbone="light", frozen_stages=-1, frozen_bn=False, embed_dim=32, num_heads=4, num_levels=2,
@@ -72,6 +72,8 @@ def test_finetune_end_to_end_and_resume(tmp_path):
     assert params["image_ids"] == ["a", "b"] and params["classes"] == CLASSES
     ckpt = load_checkpoint(out / "checkpoint.pt")
     assert ckpt["config"]["model"]["embed_dim"] == 32 and ckpt["meta"]["finished"]
+    assert result["detections"] == out / "detections_tiles.parquet" and not (out / "detections.parquet").exists()
+    merge.run(out / "detections_tiles.parquet", [tmp_path / "tiles_test" / "tiles.parquet"], out / "detections.parquet")
     tiles_dets = read_artefact(out / "detections_tiles.parquet", "detections")
     merged = read_artefact(out / "detections.parquet", "detections")
     assert read_metadata(out / "detections_tiles.parquet")["frame"] == "tile"

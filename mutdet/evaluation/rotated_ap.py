@@ -1,34 +1,83 @@
-"""Rotated VOC average precision with the DOTA devkit's semantics (``dota_evaluation_task1.py``).
+"""Rotated VOC average precision under two protocols, each following its reference tool.
 
-For each class, detections of all images are ranked by score and matched greedily:
+``protocol="dota_devkit"``: the DOTA devkit's ``dota_evaluation_task1.py`` (what the DOTA server scores)
+----------------------------------------------------------------------------------------------------
 
-* a detection's candidate is its best-IoU ground truth among **all** objects of that image and class,
-  difficult ones included (ties between equal IoUs: the object that comes first in the label file);
-* IoU must be strictly greater than the threshold, else the detection is a false positive;
-* a candidate that is difficult (``difficult`` 1 *or* 2) makes the detection neither TP nor FP;
-* the first detection (in rank order) to claim a non-difficult object is a TP, later ones are FP;
-* difficult objects are not counted as positives (``num_gt`` counts non-difficult objects only);
-* precision ``tp / max(tp + fp, eps)`` and recall ``tp / num_gt`` along the ranking (ignored
-  detections keep their slot, as in the devkit), then VOC07 11-point AP (the DOTA convention,
-  default) or all-points AP (VOC2010+).
+* Ground truth: each label's own quadrilateral, float64, as written (:class:`ImageAnnotations`
+  ``polygons``); every object counts, difficult ones included.
+* Detections: the Task1 polygon as given (``"polygons"``), or the four corners of the le90 box
+  (:func:`mutdet.boxes.le90_to_polygon`, float64).
+* IoU: the devkit's ``polyiou`` formula (:mod:`mutdet.evaluation.polygons`): for simple quadrilaterals,
+  convex or concave, the exact polygon IoU; for self-intersecting or degenerate ones, the devkit's signed
+  winding-number formula (see below). Computed with shapely 2 (GEOS, float64), vectorised over candidate
+  pairs. Candidates: the image's objects of the detection's class whose axis-aligned bounds meet the
+  detection's (one ``shapely.STRtree`` over all objects). The devkit's own pre-filter (axis-aligned
+  overlap with its ``+ 1`` pixel convention) keeps a superset of ours; every pair either leaves out has
+  intersection 0, hence IoU 0 (or <= 0), so no match changes. Pairs whose IoU cannot exceed the smallest
+  threshold (upper bound ``m / (A_d + A_g - m)`` with ``m`` the smallest of both areas and their
+  bounds' overlap area, minus a 1e-9 margin) are not computed either, for simple polygons only; this
+  cannot change a match (a detection with no IoU above the threshold is a false positive whichever
+  object has its best IoU).
+* Best match: per detection, the object with the largest IoU, the first in label-file order among
+  equal IoUs (``np.argmax``); difficult objects take part.
+* Decision, IoU strictly greater than the threshold (``ovmax > ovthresh``): if the best object is
+  difficult (``difficult`` 1 *or* 2, any non-zero value), the detection is neither TP nor FP; else the
+  first detection in rank order to claim it is a TP, later ones FP. IoU <= threshold: FP.
+* Positives: non-difficult objects (``npos``). Ranking: all images' detections of the class by
+  descending score. Precision ``tp / max(tp + fp, float64 eps)`` and recall ``tp / npos`` along the
+  ranking (ignored detections keep their slot), float64; AP by the devkit's ``voc_ap``: VOC07 11-point
+  (default) or all-points.
+* Not followed, by design: a class without positives has AP ``None`` and is left out of the mean (the
+  devkit divides by zero and averages the result in); detections on an image without ground truth raise
+  (the devkit's ``KeyError``).
+* Degenerate labels: the label readers (:mod:`mutdet.io.annotations`) already refuse self-intersecting
+  and degenerate quadrilaterals (an error, or skipped and listed under ``on_bad_object: skip``), so the
+  evaluate stage never gives any here. This function takes them anyway and computes what the devkit
+  computes: ``inter`` is the integral of the product of the two rings' winding numbers (orientation made
+  positive; a polygon with signed area exactly 0 keeps its order, where the devkit decides by the sign
+  of its rounding error), the union uses the absolute shoelace areas. So a bow tie's lobes count with
+  opposite signs and its IoU can be negative or above 1; a polygon of area 0 has IoU 0 with everything
+  (a never-matched positive, as in the devkit). The result's ``"polygons"`` counts them.
 
-Differences from the devkit, by design:
+``protocol="mmrotate"``: mmrotate's ``eval_rbbox_map`` (what ARS-DETR and MutDet report for DIOR-R)
+----------------------------------------------------------------------------------------------------
 
-* Ground truth is the minimum-area rectangle of each label polygon (:func:`mutdet.boxes.polygon_to_le90`),
-  and IoU is torchvision's exact rotated IoU (:func:`mutdet.boxes.rotated_iou`, float32) instead of
-  the devkit's polygon IoU. For rectangular labels (and every le90 detection) the two coincide up to
-  float32 rounding; for a non-rectangular quadrilateral the devkit intersects the quadrilateral itself.
-* Equal scores: the devkit's ``np.argsort(-confidence)`` leaves their order to the sort algorithm.
-  Here the ranking is a stable sort by descending score, then by image id (string order), then by
-  input order (row of the detections table, or position in the class's arrays).
-* Detections on an image that is not in the ground truth raise an error (the devkit crashes with a
-  ``KeyError``).
+* Ground truth as mmrotate's DOTA / DIOR dataset classes build it: each label polygon in float32 ->
+  OpenCV ``minAreaRect`` -> le90 box (``poly2obb_np``, float32); an object whose rectangle has a side
+  below 2 pixels is **dropped** (``poly2obb_np`` returns nothing, the loader skips the line); an object
+  whose ``difficult`` exceeds ``difficulty_threshold`` is **dropped** too (the ``difficulty`` option of
+  mmrotate's ``DOTADataset``; default 100: nothing is dropped, difficult objects are ordinary
+  positives). Dropped means gone, not ignored: no ignore list is passed (``bboxes_ignore`` is empty), so
+  a detection on a dropped object is an ordinary FP unless it matches another object.
+* Detections: the le90 box (``"boxes"``), or the minimum-area rectangle of the given polygon.
+* IoU: exact rotated-box IoU in float32 (torchvision's ``box_iou_rotated``, the same algorithm as
+  mmcv's, see :func:`mutdet.boxes.rotated_iou`), on boxes rounded to float32 as mmrotate stores them;
+  pairs whose axis-aligned hulls do not overlap have IoU 0 and are skipped.
+* Matching per image and class (``tpfp_default``): detections in descending score; each takes its
+  best-IoU object among all of the image's kept objects of the class (the first among equal IoUs); TP if
+  IoU **>=** the threshold and the object is not yet covered, FP otherwise. There are no ignored
+  detections. Then all images' TP/FP of the class are ranked by descending score.
+* Positives: the kept objects. Recall ``tp / max(npos, eps)``; precision ``tp / max(tp + fp, eps)`` in
+  float32 (mmrotate's TP/FP arrays are float32), AP by mmdet's ``average_precision`` accumulated in
+  float32: ``11points`` (VOC07, default) or ``area`` (all points); the mean over classes with positives,
+  in float32 as ``np.mean`` of float32 values gives it.
+* Not followed: mmrotate's ``DOTADataset`` leaves out images whose label file is empty (size 0); here
+  every image of the ground truth counts. A class without positives has AP ``None`` (mmrotate: 0, left
+  out of the mean too), and the mean with no such class is ``None`` (mmrotate: 0.0).
 
-Speed: IoU is computed per (image, class). Within one, detections are cut into small spatial blocks
-(recursive median splits of their centres) and each block is compared only with the objects whose
-axis-aligned extent meets the block's; objects left out have IoU exactly 0 with every detection of
-the block, so the best IoU and its (first) argmax are unchanged for any threshold above 0. The greedy
-pass is vectorised: an object is claimed by the first ranked non-difficult hit on it.
+Both protocols
+--------------
+
+* Equal scores: both references sort with ``np.argsort(-score)``, which is not stable (its order among
+  equal scores depends on the array's length and contents). Here the ranking is a stable sort by
+  descending score, then image id (string order), then input order (row of the detections table, or
+  position in the class's arrays); within an image, mmrotate's matching order is the same.
+* ``iou_thresholds`` are each in ``(0, 1)``; each gives ``AP<round(100 t)>``, and all of 0.50:0.05:0.95
+  together add ``AP50:95``.
+
+Speed: the best IoU and its argmax are computed once per detection for all thresholds (candidate
+pairs by spatial pruning), and the greedy pass is vectorised: an object is claimed by the first ranked
+hit on it that is not ignored.
 """
 from __future__ import annotations
 
@@ -37,17 +86,26 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pyarrow as pa
 
-from mutdet.boxes import polygon_to_le90, rotated_iou
+from mutdet.boxes import le90_to_polygon, polygon_to_le90, rotated_iou
+from mutdet.evaluation.polygons import candidate_pairs, mmrotate_label_boxes, pair_iou, quad_pieces
 
-__all__ = ["VOC07_RECALL_POINTS", "evaluate_detections", "voc_ap", "ap_key"]
+__all__ = ["PROTOCOLS", "VOC07_RECALL_POINTS", "evaluate_detections", "voc_ap", "mmdet_average_precision",
+           "ap_key"]
+
+PROTOCOLS = ("dota_devkit", "mmrotate")
 
 # The devkit's 11 recall points, as ``np.arange`` produces them (0.30000000000000004, ...): a recall of
-# exactly 0.3 does *not* reach the 4th point. Kept bit-identical on purpose.
+# exactly 0.3 does *not* reach the 4th point. Kept bit-identical on purpose (mmdet's
+# ``np.arange(0, 1 + 1e-3, 0.1)`` gives the same 11 values).
 VOC07_RECALL_POINTS = np.arange(0.0, 1.1, 0.1)
 
 # Largest (detections x candidate objects) IoU matrix computed in one torchvision call before a block
-# of detections is split. A call costs ~30 us plus ~0.13 us per pair on one CPU core.
+# of detections is split (mmrotate protocol). A call costs ~30 us plus ~0.13 us per pair on one CPU core.
 MAX_PAIRS = 2048
+
+# Margin under which a pair's IoU upper bound lets the dota_devkit protocol skip it (the bound is computed
+# in float64 and the IoU by GEOS; both are far more precise than this).
+_BOUND_MARGIN = 1e-9
 
 
 def ap_key(threshold: float) -> str:
@@ -56,7 +114,7 @@ def ap_key(threshold: float) -> str:
 
 
 def voc_ap(recall: np.ndarray, precision: np.ndarray, use_07_metric: bool = True) -> float:
-    """VOC AP of one precision-recall curve, as the devkit's ``voc_ap``.
+    """VOC AP of one precision-recall curve, as the devkit's ``voc_ap`` (float64).
 
     Args:
         recall, precision: ``(D,)`` along the ranked detections.
@@ -78,52 +136,33 @@ def voc_ap(recall: np.ndarray, precision: np.ndarray, use_07_metric: bool = True
     return float(np.sum((mrec[i + 1] - mrec[i]) * mpre[i + 1]))
 
 
-def _le90_bounds(boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Axis-aligned hull ``(lo, hi)``, each ``(N, 2)`` (x, y), of le90 boxes ``(N, 5)``."""
-    c, s = np.abs(np.cos(boxes[:, 4])), np.abs(np.sin(boxes[:, 4]))
-    hw, hh = boxes[:, 2] / 2, boxes[:, 3] / 2
-    ext = np.stack([hw * c + hh * s, hw * s + hh * c], axis=1)
-    return boxes[:, :2] - ext, boxes[:, :2] + ext
-
-
-def _best_matches(det: np.ndarray, det_lo: np.ndarray, det_hi: np.ndarray,
-                  gt: np.ndarray, gt_lo: np.ndarray, gt_hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Best IoU and its first argmax for every detection of one (image, class).
-
-    Blocks of detections start as the whole set; a block is compared with the objects whose hull
-    meets the block's hull (others have IoU 0 with all of it), and is halved at the median of its
-    centres along its longer side while that comparison would exceed ``MAX_PAIRS`` pairs.
+def mmdet_average_precision(recall: np.ndarray, precision: np.ndarray, use_07_metric: bool = True) -> float:
+    """AP as mmdet's ``average_precision`` computes it for mmrotate, with its float32 result.
 
     Args:
-        det: ``(D, 5)`` le90 with hulls ``det_lo``, ``det_hi`` ``(D, 2)``; gt: ``(G, 5)`` likewise.
+        recall: ``(D,)`` float64; precision: ``(D,)`` float32 (mmrotate's dtypes).
+        use_07_metric: ``"11points"`` mode (each point's precision added to a float32 sum, then divided
+            by 11 in float32) if true, else ``"area"`` (float64 area under the envelope, rounded to
+            float32).
     Returns:
-        ``best`` ``(D,)`` float64 and ``arg`` ``(D,)`` int64 index into ``gt``, -1 (with ``best`` 0)
-        where no object's hull meets the detection's block.
+        The float32 value as a Python float.
     """
-    best = np.zeros(len(det))
-    arg = np.full(len(det), -1, dtype=np.int64)
-    stack = [(np.arange(len(det)), np.arange(len(gt)))]
-    while stack:
-        idx, cand = stack.pop()
-        lo, hi = det_lo[idx].min(axis=0), det_hi[idx].max(axis=0)
-        cand = cand[np.all((gt_lo[cand] < hi) & (gt_hi[cand] > lo), axis=1)]  # stays ascending
-        if len(cand) == 0:
-            continue
-        if len(idx) * len(cand) > MAX_PAIRS and len(idx) > 1:
-            centres = det[idx, :2]
-            axis = int(np.argmax(centres.max(axis=0) - centres.min(axis=0)))
-            half = len(idx) // 2
-            part = np.argpartition(centres[:, axis], half)
-            stack += [(idx[part[:half]], cand), (idx[part[half:]], cand)]
-            continue
-        # IoU is translation invariant; centring keeps torchvision's float32 precise on large images.
-        shift = np.array([*(lo + hi) / 2, 0.0, 0.0, 0.0])
-        iou = rotated_iou(det[idx] - shift, gt[cand] - shift)  # (b, c)
-        j = iou.argmax(axis=1)  # first maximum: label-file order among equal IoUs
-        best[idx] = iou[np.arange(len(idx)), j]
-        arg[idx] = cand[j]
-    return best, arg
+    recall = np.asarray(recall, dtype=np.float64)
+    precision = np.asarray(precision, dtype=np.float32)
+    if use_07_metric:
+        ap = np.float32(0.0)
+        for t in VOC07_RECALL_POINTS:
+            reached = recall >= t
+            ap = np.float32(ap + (precision[reached].max() if reached.any() else np.float32(0.0)))
+        return float(np.float32(ap / np.float32(11)))
+    mrec = np.concatenate(([0.0], recall, [1.0]))
+    mpre = np.concatenate(([0.0], precision.astype(np.float64), [0.0]))
+    mpre = np.maximum.accumulate(mpre[::-1])[::-1]
+    i = np.flatnonzero(mrec[1:] != mrec[:-1])
+    return float(np.float32(np.sum((mrec[i + 1] - mrec[i]) * mpre[i + 1])))
 
+
+# ---------------------------------------------------------------------------------------------- inputs
 
 def _check_boxes(boxes: np.ndarray, what: str) -> np.ndarray:
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 5)
@@ -133,14 +172,22 @@ def _check_boxes(boxes: np.ndarray, what: str) -> np.ndarray:
     return boxes
 
 
+def _check_polygons(polygons: np.ndarray, what: str) -> np.ndarray:
+    polygons = np.asarray(polygons, dtype=np.float64).reshape(-1, 8)
+    bad = ~np.isfinite(polygons).all(axis=1)
+    if bad.any():
+        raise ValueError(f"{what}: polygon {int(np.argmax(bad))} is not finite: {polygons[bad][0]}")
+    return polygons
+
+
 def _ground_truth(gt: Mapping, image_ids: list[str], num_classes: int):
-    """Concatenate the objects of every image: image index, class, le90 box ``(N, 5)``, difficult flag."""
-    img, cls, polys, diff = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros((0, 8))], [np.zeros(0, bool)]
+    """Concatenate the objects of every image: image index, class, polygon ``(N, 8)``, difficult value."""
+    img, cls, polys, diff = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros((0, 8))], [np.zeros(0, np.int64)]
     for i, image_id in enumerate(image_ids):
         ann = gt[image_id]
         labels = np.asarray(ann.labels, dtype=np.int64).reshape(-1)
         polygons = np.asarray(ann.polygons, dtype=np.float64).reshape(-1, 8)
-        difficult = np.asarray(ann.difficult).reshape(-1)
+        difficult = np.asarray(ann.difficult).reshape(-1).astype(np.int64)
         if not (len(labels) == len(polygons) == len(difficult)):
             raise ValueError(f"ground truth of {image_id!r}: {len(polygons)} polygons, {len(labels)} labels, "
                              f"{len(difficult)} difficult flags")
@@ -149,14 +196,36 @@ def _ground_truth(gt: Mapping, image_ids: list[str], num_classes: int):
         img.append(np.full(len(labels), i, dtype=np.int64))
         cls.append(labels)
         polys.append(polygons)
-        diff.append(difficult != 0)
-    polygons = np.concatenate(polys)
-    boxes = polygon_to_le90(polygons) if len(polygons) else np.zeros((0, 5))
-    return np.concatenate(img), np.concatenate(cls), _check_boxes(boxes, "ground truth"), np.concatenate(diff)
+        diff.append(difficult)
+    return (np.concatenate(img), np.concatenate(cls), _check_polygons(np.concatenate(polys), "ground truth"),
+            np.concatenate(diff))
 
 
-def _detections(detections, classes: Sequence[str]):
-    """Flatten either input form into image ids, class indices, scores, le90 boxes and input order."""
+class _Detections:
+    """Flattened detections: image ids, class indices, scores, input order, and le90 boxes and/or polygons."""
+
+    def __init__(self, image_ids, cls, scores, order, boxes, polygons):
+        self.image_ids, self.cls, self.scores, self.order = image_ids, cls, scores, order
+        self._boxes, self._polygons = boxes, polygons  # (D, 5) / (D, 8); NaN rows where not given
+
+    def polygons(self) -> np.ndarray:
+        """Each detection's polygon: as given, else the le90 box's corners."""
+        out = self._polygons.copy()
+        missing = np.isnan(out[:, 0])
+        out[missing] = le90_to_polygon(self._boxes[missing])
+        return out
+
+    def boxes(self) -> np.ndarray:
+        """Each detection's le90 box: as given, else the polygon's minimum-area rectangle."""
+        out = self._boxes.copy()
+        missing = np.isnan(out[:, 0])
+        if missing.any():
+            out[missing] = polygon_to_le90(self._polygons[missing])
+        return out
+
+
+def _detections(detections, classes: Sequence[str]) -> _Detections:
+    """Flatten either input form (see :func:`evaluate_detections`)."""
     if isinstance(detections, pa.Table):
         for name in ("id", "class_id", "score", "cx", "cy", "w", "h", "theta"):
             if name not in detections.column_names:
@@ -173,8 +242,9 @@ def _detections(detections, classes: Sequence[str]):
                 raise ValueError(f"detections table row {r}: class_id {cls[r]} is {classes[cls[r]]!r} in the "
                                  f"class list but the row says {names[r]!r}")
         scores = detections.column("score").to_numpy().astype(np.float64)
-        boxes = np.stack([detections.column(c).to_numpy().astype(np.float64)
-                          for c in ("cx", "cy", "w", "h", "theta")], axis=1).reshape(-1, 5)
+        boxes = _check_boxes(np.stack([detections.column(c).to_numpy().astype(np.float64)
+                                       for c in ("cx", "cy", "w", "h", "theta")], axis=1), "detections")
+        polygons = np.full((len(cls), 8), np.nan)
         order = np.arange(len(cls))
     else:
         unknown = [c for c in detections if c not in classes]
@@ -185,51 +255,163 @@ def _detections(detections, classes: Sequence[str]):
             if name not in detections:
                 continue
             d = detections[name]
+            if "boxes" not in d and "polygons" not in d:
+                raise ValueError(f"detections of {name!r}: need 'boxes' (le90) or 'polygons'")
             ids = np.asarray(d["image_ids"], dtype=object).reshape(-1)
-            if "boxes" in d:
-                boxes = np.asarray(d["boxes"], dtype=np.float64).reshape(-1, 5)
-            else:
-                polygons = np.asarray(d["polygons"], dtype=np.float64).reshape(-1, 8)
-                boxes = polygon_to_le90(polygons) if len(polygons) else np.zeros((0, 5))
             sc = np.asarray(d["scores"], dtype=np.float64).reshape(-1)
-            if not (len(ids) == len(sc) == len(boxes)):
-                raise ValueError(f"detections of {name!r}: {len(ids)} image ids, {len(sc)} scores, {len(boxes)} boxes")
-            parts.append((ids, np.full(len(ids), c, dtype=np.int64), sc, boxes, np.arange(len(ids))))
+            boxes = (_check_boxes(d["boxes"], f"detections of {name!r}") if "boxes" in d
+                     else np.full((len(ids), 5), np.nan))
+            polys = (_check_polygons(d["polygons"], f"detections of {name!r}") if "polygons" in d
+                     else np.full((len(ids), 8), np.nan))
+            if not (len(ids) == len(sc) == len(boxes) == len(polys)):
+                raise ValueError(f"detections of {name!r}: {len(ids)} image ids, {len(sc)} scores, "
+                                 f"{len(boxes)} boxes, {len(polys)} polygons")
+            parts.append((ids, np.full(len(ids), c, dtype=np.int64), sc, np.arange(len(ids)), boxes, polys))
         if not parts:
-            parts = [(np.zeros(0, object), np.zeros(0, np.int64), np.zeros(0), np.zeros((0, 5)), np.zeros(0, np.int64))]
-        image_ids, cls, scores, boxes, order = (np.concatenate(p) for p in zip(*parts))
+            parts = [(np.zeros(0, object), np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64),
+                      np.zeros((0, 5)), np.zeros((0, 8)))]
+        image_ids, cls, scores, order, boxes, polygons = (np.concatenate(p) for p in zip(*parts))
     if not np.isfinite(scores).all():
         raise ValueError(f"detections: non-finite score at position {int(np.argmin(np.isfinite(scores)))}")
-    return image_ids, cls, scores, _check_boxes(boxes, "detections"), order
+    return _Detections(image_ids, cls, scores, order, boxes, polygons)
 
 
-def evaluate_detections(gt: Mapping, detections, classes: Sequence[str],
-                        iou_thresholds: Sequence[float] = (0.5, 0.75), use_07_metric: bool = True) -> dict:
-    """Rotated VOC AP per class at each IoU threshold (see the module docstring for the rules).
+# --------------------------------------------------------------------------------------------- matching
+
+def _best_devkit(gt_polys, gt_key, det_polys, det_key, min_threshold):
+    """dota_devkit: best polygon IoU and its first argmax (index into the ground truth) per detection.
+
+    Returns ``best`` (0 where there is no candidate), ``arg`` (-1 there) and the polygon statistics.
+    """
+    g, d = quad_pieces(gt_polys), quad_pieces(det_polys)
+    idet, igt = candidate_pairs(d.lo, d.hi, det_key, g.lo, g.hi, gt_key)
+    # Upper bound of the IoU of simple pairs: the intersection is at most the smaller area and the overlap
+    # of the bounds; the IoU grows with the intersection.
+    overlap = np.prod(np.clip(np.minimum(d.hi[idet], g.hi[igt]) - np.maximum(d.lo[idet], g.lo[igt]), 0, None), axis=1)
+    m = np.minimum(np.minimum(d.area[idet], g.area[igt]), overlap)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        bound = m / (d.area[idet] + g.area[igt] - m)
+    skip = d.simple[idet] & g.simple[igt] & (bound < min_threshold - _BOUND_MARGIN)
+    idet, igt = idet[~skip], igt[~skip]
+    iou = pair_iou(d, g, idet, igt)
+    best = np.zeros(len(det_polys))
+    arg = np.full(len(det_polys), -1, dtype=np.int64)
+    if len(iou):
+        order = np.lexsort((igt, -iou, idet))  # per detection: largest IoU first, then label order
+        first = order[np.r_[True, idet[order][1:] != idet[order][:-1]]]
+        best[idet[first]] = iou[first]
+        arg[idet[first]] = igt[first]
+    stats = {"gt_non_simple": int(np.sum(~g.simple & ~g.zero_area)), "gt_zero_area": int(np.sum(g.zero_area)),
+             "detections_non_simple": int(np.sum(~d.simple & ~d.zero_area)),
+             "detections_zero_area": int(np.sum(d.zero_area)),
+             "pairs_computed": int(len(iou)), "pairs_skipped_by_bound": int(skip.sum())}
+    return best, arg, stats
+
+
+def _le90_bounds(boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Axis-aligned hull ``(lo, hi)``, each ``(N, 2)`` (x, y), of le90 boxes ``(N, 5)``."""
+    c, s = np.abs(np.cos(boxes[:, 4])), np.abs(np.sin(boxes[:, 4]))
+    hw, hh = boxes[:, 2] / 2, boxes[:, 3] / 2
+    ext = np.stack([hw * c + hh * s, hw * s + hh * c], axis=1)
+    return boxes[:, :2] - ext, boxes[:, :2] + ext
+
+
+def _best_rotated(det, gt):
+    """mmrotate: best rotated IoU (float32 values) and its first argmax for every detection of one (image, class).
+
+    Blocks of detections start as the whole set; a block is compared with the objects whose hull
+    meets the block's hull (others have IoU 0 with all of it), and is halved at the median of its
+    centres along its longer side while that comparison would exceed ``MAX_PAIRS`` pairs.
+
+    Returns:
+        ``best`` ``(D,)`` float64 and ``arg`` ``(D,)`` int64 index into ``gt``, -1 (with ``best`` 0)
+        where no object's hull meets the detection's block.
+    """
+    det_lo, det_hi = _le90_bounds(det)
+    gt_lo, gt_hi = _le90_bounds(gt)
+    best = np.zeros(len(det))
+    arg = np.full(len(det), -1, dtype=np.int64)
+    stack = [(np.arange(len(det)), np.arange(len(gt)))]
+    while stack:
+        idx, cand = stack.pop()
+        lo, hi = det_lo[idx].min(axis=0), det_hi[idx].max(axis=0)
+        cand = cand[np.all((gt_lo[cand] < hi) & (gt_hi[cand] > lo), axis=1)]  # stays ascending
+        if len(cand) == 0:
+            continue
+        if len(idx) * len(cand) > MAX_PAIRS and len(idx) > 1:
+            centres = det[idx, :2]
+            axis = int(np.argmax(centres.max(axis=0) - centres.min(axis=0)))
+            half = len(idx) // 2
+            part = np.argpartition(centres[:, axis], half)
+            stack += [(idx[part[:half]], cand), (idx[part[half:]], cand)]
+            continue
+        # IoU is translation invariant; centring keeps float32 precise on large images (mmcv centres each
+        # pair on its midpoint for the same reason).
+        shift = np.array([*(lo + hi) / 2, 0.0, 0.0, 0.0])
+        iou = rotated_iou(det[idx] - shift, gt[cand] - shift)  # (b, c)
+        j = iou.argmax(axis=1)  # first maximum: label-file order among equal IoUs
+        best[idx] = iou[np.arange(len(idx)), j]
+        arg[idx] = cand[j]
+    return best, arg
+
+
+def _best_mmrotate(gt_box, gt_key, det_box, det_key):
+    best = np.zeros(len(det_box))
+    arg = np.full(len(det_box), -1, dtype=np.int64)
+    by_key = np.argsort(det_key, kind="stable")
+    keys_present, starts = np.unique(det_key[by_key], return_index=True)
+    g0s, g1s = np.searchsorted(gt_key, keys_present, "left"), np.searchsorted(gt_key, keys_present, "right")
+    for rows, g0, g1 in zip(np.split(by_key, starts[1:]), g0s, g1s):
+        if g1 > g0:  # else every detection of the group is a false positive
+            b, a = _best_rotated(det_box[rows], gt_box[g0:g1])
+            best[rows] = b
+            arg[rows] = np.where(a >= 0, a + g0, -1)
+    return best, arg
+
+
+# ------------------------------------------------------------------------------------------------- main
+
+def evaluate_detections(gt: Mapping, detections, classes: Sequence[str], *,
+                        iou_thresholds: Sequence[float] = (0.5, 0.75), use_07_metric: bool = True,
+                        protocol: str = "dota_devkit", difficulty_threshold: int = 100) -> dict:
+    """Rotated VOC AP per class at each IoU threshold, under one protocol (rules: module docstring).
 
     Args:
         gt: image id -> ground truth of every evaluated image (images without objects included), each
-            with ``polygons`` ``(N, 8)`` (full-image pixels), ``labels`` ``(N,)`` indices into
-            ``classes`` and ``difficult`` ``(N,)`` (0 normal, 1 or 2 ignored), e.g.
-            :class:`mutdet.io.annotations.ImageAnnotations`.
+            with ``polygons`` ``(N, 8)`` (the label quadrilaterals as written, full-image pixels),
+            ``labels`` ``(N,)`` indices into ``classes`` and ``difficult`` ``(N,)`` integers (0 normal;
+            DOTA 1 difficult, 2 cut by tiling), e.g. :class:`mutdet.io.annotations.ImageAnnotations`.
         detections: either a ``detections`` artefact table (columns ``id`` = image id, ``class_id``,
             ``score``, le90 ``cx cy w h theta`` in full-image pixels; ``class_name``, if present, must
             agree with ``classes``), or a mapping class name -> ``{"image_ids": (D,), "scores": (D,),
-            "boxes": (D, 5) le90}`` (or ``"polygons": (D, 8)`` instead of ``"boxes"``); missing classes
-            have no detections.
+            "boxes": (D, 5) le90}`` and/or ``"polygons": (D, 8)`` (Task1 quadrilaterals, ``x1 y1 ... x4
+            y4``); missing classes have no detections. With both keys, ``dota_devkit`` uses the polygons
+            and ``mmrotate`` the boxes; with one, the other is derived (le90 corners; minimum-area
+            rectangle).
         classes: class names; label / ``class_id`` ``k`` is ``classes[k]``.
-        iou_thresholds: each in ``(0, 1)``; a match needs IoU strictly greater.
-        use_07_metric: VOC07 11-point AP (DOTA convention) if true, else all-points AP.
+        iou_thresholds: each in ``(0, 1)``; ``dota_devkit`` needs IoU ``>`` it, ``mmrotate`` ``>=``.
+        use_07_metric: VOC07 11-point AP (default of both references) if true, else all-points AP.
+        protocol: ``"dota_devkit"`` or ``"mmrotate"``.
+        difficulty_threshold: ``mmrotate`` only: objects whose ``difficult`` exceeds it are dropped
+            (mmrotate's ``difficulty``; the default 100 drops none). ``dota_devkit`` always ignores
+            difficult 1 and 2.
     Returns:
         ``{"settings": {...}, "classes": {name: {"AP50": .., "AP75": .., "num_gt": .., "num_difficult": ..,
         "num_detections": ..}}, "mean": {"AP50": .., "AP75": .., "num_classes": .., "num_gt": ..,
-        "num_detections": ..}, "pr_curves": {name: {"AP50": {"recall": (D,), "precision": (D,)}}}}``.
-        A class without non-difficult ground truth has AP ``None`` (undefined), no PR curve, and is left
-        out of the mean; ``mean["num_classes"]`` counts the classes averaged, and the mean is ``None``
-        when there are none. If the thresholds include all of 0.50:0.05:0.95, ``"AP50:95"`` (their
-        mean, the COCO-style figure) is added per class and to the mean. AP at different thresholds is
-        never averaged otherwise.
+        "num_detections": ..}, "polygons": {...}, "pr_curves": {name: {"AP50": {"recall": (D,),
+        "precision": (D,)}}}}``. ``num_gt`` counts the positives; ``num_difficult`` the difficult objects
+        (``dota_devkit``: ignored; ``mmrotate``: dropped by ``difficulty_threshold``); ``mmrotate`` adds
+        ``num_too_small`` (dropped, side < 2). ``"polygons"`` counts labels and detection polygons that
+        are not simple or have area 0 (and, for ``mmrotate``, labels dropped as too small). A class
+        without positives has AP ``None`` (undefined), no PR curve, and is left out of the mean;
+        ``mean["num_classes"]`` counts the classes averaged, and the mean is ``None`` when there are
+        none. If the thresholds include all of 0.50:0.05:0.95, ``"AP50:95"`` (their mean, the
+        COCO-style figure) is added per class and to the mean. AP at different thresholds is never
+        averaged otherwise.
     """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    devkit = protocol == "dota_devkit"
     classes = list(classes)
     thresholds = [float(t) for t in iou_thresholds]
     if not thresholds or any(not 0.0 < t < 1.0 for t in thresholds):
@@ -240,70 +422,110 @@ def evaluate_detections(gt: Mapping, detections, classes: Sequence[str],
     image_ids = sorted(gt)
     n_img = len(image_ids)
 
-    gt_img, gt_cls, gt_box, gt_diff = _ground_truth(gt, image_ids, len(classes))
+    gt_img, gt_cls, gt_poly, gt_diff = _ground_truth(gt, image_ids, len(classes))
     gt_order = np.argsort(gt_cls * n_img + gt_img, kind="stable")  # by (class, image), file order kept
-    gt_img, gt_cls, gt_box, gt_diff = gt_img[gt_order], gt_cls[gt_order], gt_box[gt_order], gt_diff[gt_order]
-    gt_key = gt_cls * n_img + gt_img
-    gt_lo, gt_hi = _le90_bounds(gt_box)
+    gt_img, gt_cls, gt_poly, gt_diff = gt_img[gt_order], gt_cls[gt_order], gt_poly[gt_order], gt_diff[gt_order]
 
-    det_ids, det_cls, det_score, det_box, det_input = _detections(detections, classes)
+    dets = _detections(detections, classes)
     index = {image_id: i for i, image_id in enumerate(image_ids)}
-    det_img = np.fromiter((index.get(i, -1) for i in det_ids), dtype=np.int64, count=len(det_ids))
+    det_img = np.fromiter((index.get(i, -1) for i in dets.image_ids), dtype=np.int64, count=len(dets.image_ids))
     unknown = det_img < 0
     if unknown.any():
-        raise ValueError(f"detections on images without ground truth: {sorted(set(det_ids[unknown]))[:5]}")
-    det_lo, det_hi = _le90_bounds(det_box)
-
-    # Best IoU and argmax (index into the sorted ground truth) per detection, one (image, class) at a time.
-    best = np.zeros(len(det_box))
-    arg = np.full(len(det_box), -1, dtype=np.int64)
+        raise ValueError(f"detections on images without ground truth: {sorted(set(dets.image_ids[unknown]))[:5]}")
+    det_cls, det_score, det_input = dets.cls, dets.scores, dets.order
     det_key = det_cls * n_img + det_img
-    by_key = np.argsort(det_key, kind="stable")
-    keys_present, starts = np.unique(det_key[by_key], return_index=True)
-    gt_starts, gt_stops = np.searchsorted(gt_key, keys_present, "left"), np.searchsorted(gt_key, keys_present, "right")
-    for rows, g0, g1 in zip(np.split(by_key, starts[1:]), gt_starts, gt_stops):
-        if g1 > g0:  # else every detection of the group is a false positive
-            b, a = _best_matches(det_box[rows], det_lo[rows], det_hi[rows], gt_box[g0:g1], gt_lo[g0:g1], gt_hi[g0:g1])
-            best[rows] = b
-            arg[rows] = np.where(a >= 0, a + g0, -1)
-    diff_of_arg = np.append(gt_diff, False)[arg]  # arg -1 -> the appended False
 
+    if devkit:
+        gt_ignored = gt_diff != 0  # difficult 1 and 2 (any non-zero value): neither positive nor FP
+        gt_dropped = np.zeros(len(gt_cls), dtype=bool)
+        gt_key = gt_cls * n_img + gt_img
+        best, arg, polygon_stats = _best_devkit(gt_poly, gt_key, dets.polygons(), det_key, min(thresholds))
+    else:
+        gt_box, kept = mmrotate_label_boxes(gt_poly)
+        too_small = ~kept
+        too_difficult = gt_diff > int(difficulty_threshold)
+        gt_dropped = too_small | too_difficult
+        polygon_stats = _polygon_counts(gt_poly, dets)
+        polygon_stats["gt_dropped_too_small"] = int(too_small.sum())
+        keep = ~gt_dropped
+        gt_ignored = np.zeros(int(keep.sum()), dtype=bool)
+        gt_key = (gt_cls * n_img + gt_img)[keep]
+        det_box = dets.boxes().astype(np.float32).astype(np.float64)  # mmrotate's float32 detections
+        best, arg = _best_mmrotate(gt_box[keep], gt_key, det_box, det_key)
+    ignored_of_arg = np.append(gt_ignored, False)[arg]  # arg -1 -> the appended False
+
+    # Positives: devkit: the non-difficult objects; mmrotate: the objects not dropped.
+    positive = ~gt_ignored if devkit else ~gt_dropped
     per_class, curves = {}, {}
     for c, name in enumerate(classes):
-        num_gt = int(np.sum((gt_cls == c) & ~gt_diff))
+        mine = gt_cls == c
+        num_gt = int(np.sum(mine & positive))
         rows = np.flatnonzero(det_cls == c)
         rows = rows[np.lexsort((det_input[rows], det_img[rows], -det_score[rows]))]  # rank order
-        entry = {"num_gt": num_gt, "num_difficult": int(np.sum((gt_cls == c) & gt_diff)), "num_detections": len(rows)}
+        if devkit:
+            entry = {"num_gt": num_gt, "num_difficult": int(np.sum(mine & gt_ignored)), "num_detections": len(rows)}
+        else:
+            entry = {"num_gt": num_gt, "num_difficult": int(np.sum(mine & too_difficult & ~too_small)),
+                     "num_too_small": int(np.sum(mine & too_small)), "num_detections": len(rows)}
         per_class[name] = entry
         if num_gt == 0:
             entry.update({k: None for k in keys})
             continue
         curves[name] = {}
         for t, k in zip(thresholds, keys):
-            hit = best[rows] > t
-            claim = hit & ~diff_of_arg[rows]
+            hit = best[rows] > t if devkit else best[rows] >= t
+            claim = hit & ~ignored_of_arg[rows]
             claims = np.flatnonzero(claim)
             _, first = np.unique(arg[rows][claims], return_index=True)  # first ranked claim per object
             tp = np.zeros(len(rows), dtype=bool)
             tp[claims[first]] = True
-            fp = ~hit | (claim & ~tp)  # a hit on a difficult object is neither
+            fp = ~hit | (claim & ~tp)  # a hit on an ignored (devkit: difficult) object is neither
             ctp, cfp = np.cumsum(tp), np.cumsum(fp)
             recall = ctp / float(num_gt)
-            precision = ctp / np.maximum(ctp + cfp, np.finfo(np.float64).eps)
-            entry[k] = voc_ap(recall, precision, use_07_metric)
-            curves[name][k] = {"recall": recall, "precision": precision}
+            if devkit:
+                precision = ctp / np.maximum(ctp + cfp, np.finfo(np.float64).eps)
+                entry[k] = voc_ap(recall, precision, use_07_metric)
+            else:
+                ctp32, cfp32 = ctp.astype(np.float32), cfp.astype(np.float32)
+                precision = ctp32 / np.maximum(ctp32 + cfp32, np.finfo(np.float32).eps)
+                entry[k] = mmdet_average_precision(recall, precision, use_07_metric)
+            curves[name][k] = {"recall": recall, "precision": precision.astype(np.float64)}
 
     averaged = [n for n in classes if per_class[n]["num_gt"] > 0]
     mean = {"num_classes": len(averaged), "num_gt": sum(per_class[n]["num_gt"] for n in classes),
-            "num_detections": int(len(det_box))}
+            "num_detections": int(len(det_score))}
     for k in keys:
-        mean[k] = float(np.mean([per_class[n][k] for n in averaged])) if averaged else None
+        values = [per_class[n][k] for n in averaged]
+        if not values:
+            mean[k] = None
+        elif devkit:
+            mean[k] = float(np.mean(values))
+        else:
+            mean[k] = float(np.mean(np.asarray(values, dtype=np.float32)))  # mmrotate: float32 mean
     coco_keys = [ap_key(t) for t in np.linspace(0.5, 0.95, 10)]
     if all(k in keys for k in coco_keys):
         for entry in [*per_class.values(), mean]:
             values = [entry[k] for k in coco_keys]
             entry["AP50:95"] = None if values[0] is None else float(np.mean(values))
-    settings = {"iou_thresholds": thresholds, "use_07_metric": bool(use_07_metric),
-                "ap": "voc07_11_point" if use_07_metric else "all_points", "iou_rule": "iou > threshold",
-                "difficult": "ignored (1 and 2)", "ties": "score desc, then image id, then input order"}
-    return {"settings": settings, "classes": per_class, "mean": mean, "pr_curves": curves}
+    settings = {"protocol": protocol, "iou_thresholds": thresholds, "use_07_metric": bool(use_07_metric),
+                "ap": "voc07_11_point" if use_07_metric else "all_points",
+                "ties": "score desc, then image id, then input order"}
+    if devkit:
+        settings.update({"iou": "label polygon vs detection polygon (devkit polyiou formula, float64)",
+                         "iou_rule": "iou > threshold", "difficult": "ignored (1 and 2)"})
+    else:
+        settings.update({"iou": "label min-area rectangle vs detection box (rotated IoU, float32)",
+                         "iou_rule": "iou >= threshold", "difficulty_threshold": int(difficulty_threshold),
+                         "difficult": f"dropped above {int(difficulty_threshold)}",
+                         "small_labels": "dropped (min-area rectangle side < 2 px)"})
+    return {"settings": settings, "classes": per_class, "mean": mean, "polygons": polygon_stats, "pr_curves": curves}
+
+
+def _polygon_counts(gt_poly: np.ndarray, dets: _Detections) -> dict:
+    """Non-simple and zero-area label and detection polygons (detection polygons: given ones only)."""
+    g = quad_pieces(gt_poly)
+    given = dets._polygons[~np.isnan(dets._polygons[:, 0])]
+    d = quad_pieces(given)
+    return {"gt_non_simple": int(np.sum(~g.simple & ~g.zero_area)), "gt_zero_area": int(np.sum(g.zero_area)),
+            "detections_non_simple": int(np.sum(~d.simple & ~d.zero_area)),
+            "detections_zero_area": int(np.sum(d.zero_area))}

@@ -111,7 +111,7 @@ def format_table(metrics: dict) -> str:
 
 def run(cfg: Config, *, dataset: str, split: str, out_dir: Path, detections: Path | None = None,
         task1_dir: Path | None = None, iou_thresholds: Sequence[float] = (0.5, 0.75),
-        use_07_metric: bool = True) -> dict:
+        use_07_metric: bool = True, protocol: str | None = None) -> dict:
     """Evaluate one detection set on one split; write ``metrics.json`` and ``pr_curve.png`` to ``out_dir``.
 
     The ground truth is read as the tile stage reads it (``on_bad_object`` included), so an image or

@@ -1,5 +1,6 @@
 """Stage ``finetune``: train the oriented DETR on labelled tiles from an initialisation, then
-detect on the test tiles and merge to full images (the ``evaluate`` stage scores them).
+detect on the test tiles. The ``merge`` stage maps the tile detections to full images (a CPU job, not
+held inside the GPU job) and the ``evaluate`` stage scores them.
 
 Outputs in ``out_dir``:
 
@@ -11,7 +12,6 @@ Outputs in ``out_dir``:
                                       tiles, init checkpoint and code; else it is set aside)
 ``checkpoint.pt``                     final weights + the config needed to rebuild the model
 ``detections_tiles.parquet``          ``detections``, frame ``tile`` (test tiles)
-``detections.parquet``                ``detections``, frame ``image`` (merged with rotated NMS)
 ====================================  ==================================================================
 
 Logic lives in :mod:`mutdet.data` and :mod:`mutdet.engine`; this module wires them.
@@ -39,7 +39,6 @@ from mutdet.io.identity import file_digest, files_identity
 from mutdet.losses import build_criterion
 from mutdet.models import build_detector
 from mutdet.stages.common import code_version, log
-from mutdet.stages.merge import merge_table
 
 __all__ = ["run", "build_model_and_criterion"]
 
@@ -95,7 +94,7 @@ def run(cfg: Config, *, dataset: str, epochs: int, tiles_dirs: Sequence[Path], t
         "input_size": input_size, "flip_probability": ft.flip_probability, "init": str(init), "seed": seed,
         "tiles_dirs": list(tiles_dirs), "test_tiles_dirs": list(test_tiles_dirs or []),
         "image_ids": None if image_ids is None else sorted(image_ids), "num_train_tiles": len(train_set),
-        "merge_iou": ft.merge_iou, "num_select": ft.num_select, "score_threshold": ft.score_threshold,
+        "num_select": ft.num_select, "score_threshold": ft.score_threshold,
         "code_version": code_version(),
     })
     if dist.is_main_process():
@@ -129,10 +128,7 @@ def run(cfg: Config, *, dataset: str, epochs: int, tiles_dirs: Sequence[Path], t
                                   batch_size=ft.eval_batch_size, num_select=ft.num_select,
                                   score_threshold=ft.score_threshold)
         meta = {"frame": "tile", "checkpoint": str(out_dir / "checkpoint.pt"), "code_version": code_version()}
-        write_artefact(tile_dets, out_dir / "detections_tiles.parquet", "detections", meta)
-        merged = merge_table(tile_dets, test_set.tiles, ft.merge_iou)
-        detections_path = out_dir / "detections.parquet"
-        write_artefact(merged, detections_path, "detections", {**meta, "frame": "image", "merge_iou": ft.merge_iou})
-        log.info("finetune: %d tile detections -> %d image detections -> %s", tile_dets.num_rows, merged.num_rows,
-                 detections_path)
+        detections_path = out_dir / "detections_tiles.parquet"
+        write_artefact(tile_dets, detections_path, "detections", meta)
+        log.info("finetune: %d tile detections -> %s", tile_dets.num_rows, detections_path)
     return {"train": result, "detections": detections_path}

@@ -1,6 +1,7 @@
-# Fine-tuning per dataset x initialisation x data fraction x schedule, then detection on the test split.
-# The evaluate rule (evaluate.smk) scores `detections.parquet` into `metrics.json` beside it.
-# Only the final checkpoint and detections are declared outputs: the resume state (checkpoints/last.pt,
+# Fine-tuning per dataset x initialisation x data fraction x schedule, then detection on the test tiles;
+# the merge rule (a CPU job) maps the tile detections to full images, and the evaluate rule
+# (evaluate.smk) scores `detections.parquet` into `metrics.json` beside it. Only the final checkpoint and
+# tile detections are declared outputs of fine-tuning: the resume state (checkpoints/last.pt,
 # metrics.jsonl) must survive a failed or killed job.
 FINETUNE_DIR = LAYOUT.finetune_dir("{init}", "{fraction}", "{epochs}", "{dataset}", "{split}")
 
@@ -13,7 +14,6 @@ rule finetune:
         init=lambda w: [] if w.init == "none" else [p(LAYOUT.pretrain_checkpoint(w.init))],
     output:
         checkpoint=p(FINETUNE_DIR / "checkpoint.pt"),
-        detections=p(FINETUNE_DIR / "detections.parquet"),
         tile_detections=p(FINETUNE_DIR / "detections_tiles.parquet"),
     params:
         mutdet=MUTDET,
@@ -36,3 +36,23 @@ rule finetune:
         " {params.mutdet} finetune --config {params.config:q} --dataset {wildcards.dataset} --tiles {params.tiles:q}"
         " --test-tiles {params.test_tiles:q} --image-ids {input.subset:q} --init {params.init:q}"
         " --epochs {wildcards.epochs} --out {params.out:q} --threads {threads} > {log:q} 2>&1"
+
+
+rule merge:
+    input:
+        detections=p(FINETUNE_DIR / "detections_tiles.parquet"),
+        tiles=lambda w: split_tiles(w.dataset, w.split),
+    output:
+        detections=p(FINETUNE_DIR / "detections.parquet"),
+    params:
+        mutdet=MUTDET,
+        config=CONFIG_FILE,
+        sections=sections("merge", dataset="dataset"),
+        tiles=lambda w, input: [os.path.dirname(f) for f in input.tiles],
+    log:
+        p(LAYOUT.logs_dir() / f"{FINETUNE_DIR.relative_to(RESULTS)}.merge.log"),
+    conda:
+        "../../envs/mutdet.yaml"
+    shell:
+        "{params.mutdet} merge --config {params.config:q} --dataset {wildcards.dataset}"
+        " --detections {input.detections:q} --tiles {params.tiles:q} --out {output.detections:q} > {log:q} 2>&1"
