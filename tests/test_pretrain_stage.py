@@ -73,7 +73,8 @@ def artefacts(tmp_path_factory):
     vectors[:, 0] = ranks * 10.0  # recognisable after normalisation: rank 0 has a zero first component
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     targets = pa.table({"tile_id": proposals.column("tile_id"), "proposal_index": proposals.column("proposal_index"),
-                        "embedding": vector_column(vectors), "cluster_id": pa.array(ranks % K, pa.int16())})
+                        "embedding": vector_column(vectors), "cluster_id": pa.array(ranks % K, pa.int16()),
+                        "norm": pa.array(np.linspace(0.5, 2.0, n), pa.float32())})  # the L1 target's scale
     write_targets(targets, tmp / "targets.parquet", {"dim": DIM, "params": {"k": K}})
     return {"tmp": tmp, "tiles": tmp / "tiles", "proposals": tmp / "proposals.parquet",
             "targets": tmp / "targets.parquet", "by_tile": by_tile}
@@ -191,3 +192,17 @@ def test_cli_rejects_unknown_variant(tmp_path, caplog):
     code = main(["pretrain", "--config", "{}", "--variant", "mutdett", "--tiles", str(tmp_path),
                  "--proposals", str(tmp_path / "p"), "--targets", str(tmp_path / "t"), "--out", str(tmp_path / "o")])
     assert code == 2 and "pretrain.variants: no variant named 'mutdett' (have ['detreg', 'mutdet'])" in caplog.text
+
+
+def test_dataset_keeps_in_memory_only_the_proposals_items_use(artefacts):
+    """With max_boxes, the rows past the best max_boxes of a tile are dropped when the shard is read
+    (memory follows what the items use), and every item is the same as without the cut."""
+    full = ProposalTileDataset([artefacts["tiles"]], [artefacts["proposals"]], [artefacts["targets"]])
+    cut = ProposalTileDataset([artefacts["tiles"]], [artefacts["proposals"]], [artefacts["targets"]], max_boxes=1)
+    assert len(cut._vectors[0]) == len(artefacts["by_tile"])  # one row per tile
+    assert len(cut._vectors[0]) < len(full._vectors[0])
+    for index in range(len(full)):
+        _, a = full[index]
+        _, b = cut[index]
+        for key in ("labels", "boxes", "embeddings", "embedding_norms"):
+            torch.testing.assert_close(b[key], a[key][:1], rtol=0, atol=0)

@@ -50,16 +50,18 @@ def test_targets_schema_norm_is_optional_but_typed(tmp_path):
 
 
 def test_dataset_passes_the_norms_in_box_order(artefacts, tmp_path):  # noqa: F811
-    table = read_targets(artefacts["targets"])
+    table = read_targets(artefacts["targets"]).drop_columns(["norm"])
     norms = np.arange(1, table.num_rows + 1, dtype=np.float32) * 0.5  # recognisable per row
     write_targets(table.append_column("norm", pa.array(norms, pa.float32())), tmp_path / "targets.parquet",
                   {"dim": DIM, "params": {"k": 3}})
+    write_targets(table, tmp_path / "old.parquet", {"dim": DIM, "params": {"k": 3}})  # an older cluster stage's
     ds = ProposalTileDataset([artefacts["tiles"]], [artefacts["proposals"]], [tmp_path / "targets.parquet"],
                              require_norms=True)
-    old = ProposalTileDataset([artefacts["tiles"]], [artefacts["proposals"]], [artefacts["targets"]])
+    old = ProposalTileDataset([artefacts["tiles"]], [artefacts["proposals"]], [tmp_path / "old.parquet"])
     # a file of an older cluster stage is an error where the norms are needed (the L1 alignment)
-    with pytest.raises(ValueError, match=r"targets\.parquet: no 'norm' column .*snakemake --forcerun cluster"):
-        ProposalTileDataset([artefacts["tiles"]], [artefacts["proposals"]], [artefacts["targets"]], require_norms=True)
+    with pytest.raises(ValueError, match=r"old\.parquet: no 'norm' column .*snakemake --forcerun cluster"):
+        ProposalTileDataset([artefacts["tiles"]], [artefacts["proposals"]], [tmp_path / "old.parquet"],
+                            require_norms=True)
     keys = list(zip(table.column("tile_id").to_pylist(), table.column("proposal_index").to_pylist()))
     row_of = {k: i for i, k in enumerate(keys)}
     for index in range(len(ds)):

@@ -16,7 +16,8 @@ rows as the proposals, in the same order: checked here). Each item is ``(image, 
 ``size``        ``(2,)`` int64 ``(h, w)`` of the returned image; ``scale``, ``tile_id`` as TileDataset
 ==============  ===============================================================================
 
-Proposals are kept best first, at most ``max_boxes`` per tile; tiles without proposals are skipped.
+Proposals are kept best first, at most ``max_boxes`` per tile (the rows past it are dropped when the
+shard is read, so memory follows what the items use); tiles without proposals are skipped.
 Vectors stay float16 in memory until an item is built (about 0.5 KB per proposal at D = 256, plus 4
 bytes for its norm).
 """
@@ -108,6 +109,11 @@ class ProposalTileDataset(Dataset):
             ids, boxes, labels, vectors, norms = ids[order], boxes[order], labels[order], vectors[order], norms[order]
             uniq, starts = np.unique(ids, return_index=True) if len(ids) else (np.array([]), np.array([], int))
             stops = np.append(starts[1:], len(ids))
+            if max_boxes is not None and len(ids):  # only the rows items can use stay in memory
+                kept = (np.arange(len(ids)) - np.repeat(starts, stops - starts)) < max_boxes
+                ids, boxes, labels, vectors, norms = ids[kept], boxes[kept], labels[kept], vectors[kept], norms[kept]
+                uniq, starts = np.unique(ids, return_index=True)
+                stops = np.append(starts[1:], len(ids))
             span = {str(t): (int(s), int(e)) for t, s, e in zip(uniq, starts, stops)}
             known = dict(zip(tiles.column("tile_id").to_pylist(), tiles.column("tile_path").to_pylist()))
             unknown = sorted(set(span) - set(known))
@@ -120,8 +126,6 @@ class ProposalTileDataset(Dataset):
             self._norms.append(norms)
             for tile_id in sorted(span):
                 start, stop = span[tile_id]
-                if max_boxes is not None:
-                    stop = min(stop, start + max_boxes)
                 self.tile_ids.append(tile_id)
                 self._paths.append(tiles_dir / known[tile_id])
                 self._items.append((shard, start, stop))
