@@ -205,3 +205,32 @@ def test_cluster_stage_rejects_mixed_embeddings_and_tiny_pools(tmp_path):
     with pytest.raises(ValueError, match="2 embedding files but 1 target files"):
         cluster.run(cluster_config(), embedding_files=files, target_files=[tmp_path / "t.parquet"],
                     out_dir=tmp_path / "out")
+
+
+def test_cluster_stage_reads_embeddings_a_batch_at_a_time_with_the_same_result(tmp_path, monkeypatch):
+    """Memory follows one batch of rows, not a shard's whole column: batches of 7 rows (sample rows and
+    projections split across batch boundaries) give exactly the targets of one whole read."""
+    files = write_shards(tmp_path)
+    _, whole = run_cluster(files, tmp_path / "whole")
+    original = cluster._embedding_batches
+    seen = []
+
+    def small(path, batch_rows=7):
+        for first, matrix in original(path, 7):
+            seen.append(len(matrix))
+            yield first, matrix
+
+    monkeypatch.setattr(cluster, "_embedding_batches", small)
+    _, batched = run_cluster(files, tmp_path / "batched")
+    assert max(seen) == 7 and len(seen) > 2 * len(files)
+    for a, b in zip(whole, batched):
+        a, b = read_targets(a), read_targets(b)
+        # BLAS may round a product of 7 rows differently from one of 70: equal up to float rounding,
+        # keys and clusters (well separated blobs) exactly
+        for key in ("tile_id", "proposal_index", "cluster_id"):
+            assert a.column(key).equals(b.column(key))
+        dim = vector_matrix(read_embeddings(files[0]).column("embedding")).shape[1]
+        norm_a, norm_b = (t.column("norm").to_numpy() for t in (a, b))
+        np.testing.assert_allclose(norm_b, norm_a, rtol=4 * dim * np.finfo(np.float32).eps)
+        z_a, z_b = (vector_matrix(t.column("embedding")).astype(np.float32) for t in (a, b))
+        assert np.abs(z_a - z_b).max() <= np.finfo(np.float16).eps  # one float16 step of a unit vector

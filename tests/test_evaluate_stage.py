@@ -13,7 +13,7 @@ import mutdet
 from mutdet.boxes import le90_to_polygon
 from mutdet.config import from_dict
 from mutdet.io.annotations import AnnotationError
-from mutdet.io.artefacts import ArtefactError, write_artefact
+from mutdet.io.artefacts import ArtefactError, read_artefact, write_artefact
 from mutdet.io.task1 import write_task1
 from mutdet.stages import evaluate
 
@@ -141,3 +141,119 @@ def test_input_errors(cfg, tmp_path):
         evaluate.run(cfg, dataset="tiny", split="val", out_dir=tmp_path / "eval",
                      detections=_write_detections(tmp_path / "stray.parquet", rows=stray))
     assert not (tmp_path / "eval" / "metrics.json").exists()
+
+
+# --- protocols -------------------------------------------------------------------------------------------------
+
+def test_protocol_defaults_to_the_datasets_and_is_recorded(cfg, tmp_path):
+    assert cfg.dataset("tiny").evaluation.protocol == "dota_devkit"  # DOTA labels: the devkit / server
+    metrics = evaluate.run(cfg, dataset="tiny", split="val", out_dir=tmp_path / "eval",
+                           detections=_write_detections(tmp_path / "dets.parquet"))
+    settings = json.loads((tmp_path / "eval" / "metrics.json").read_text())["settings"]
+    assert settings["protocol"] == "dota_devkit" and settings["iou_rule"] == "iou > threshold"
+    assert "difficulty_threshold" not in settings
+    assert metrics["polygons"] == {"gt_non_simple": 0, "gt_zero_area": 0, "detections_non_simple": 0,
+                                   "detections_zero_area": 0, "gt_skipped_self_intersecting": 0,
+                                   "gt_skipped_degenerate": 0}
+
+
+def test_mmrotate_override_counts_difficult_objects(cfg, tmp_path):
+    metrics = evaluate.run(cfg, dataset="tiny", split="val", out_dir=tmp_path / "eval", protocol="mmrotate",
+                           detections=_write_detections(tmp_path / "dets.parquet"))
+    on_disk = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert on_disk["settings"]["protocol"] == "mmrotate" and on_disk["settings"]["difficulty_threshold"] == 100
+    assert on_disk["settings"]["iou_rule"] == "iou >= threshold"
+    ship = metrics["classes"]["ship"]
+    assert (ship["num_gt"], ship["num_difficult"]) == (2, 0)  # the difficult ship is an ordinary positive
+    assert ship["AP50"] == pytest.approx(1.0)  # and the detection on it a TP
+    assert metrics["classes"]["plane"]["AP50"] == pytest.approx(2 / 3)
+    assert metrics["classes"]["plane"]["AP75"] == pytest.approx(6 * 0.5 / 11)
+
+
+def test_difficulty_threshold_from_the_config(cfg, tmp_path):
+    raw = {**cfg.raw}
+    raw["datasets"] = {"tiny": {**cfg.raw["datasets"]["tiny"],
+                                "evaluation": {"protocol": "mmrotate", "difficulty_threshold": 0}}}
+    metrics = evaluate.run(from_dict(raw), dataset="tiny", split="val", out_dir=tmp_path / "eval",
+                           detections=_write_detections(tmp_path / "dets.parquet"))
+    assert metrics["settings"]["protocol"] == "mmrotate" and metrics["settings"]["difficulty_threshold"] == 0
+    ship = metrics["classes"]["ship"]
+    assert (ship["num_gt"], ship["num_difficult"]) == (1, 1)
+    assert ship["AP50"] == pytest.approx(0.5)  # the difficult ship is dropped: the detection on it is an FP
+    with pytest.raises(ValueError, match="protocol must be one of"):
+        evaluate.run(cfg, dataset="tiny", split="val", out_dir=tmp_path / "eval", protocol="coco",
+                     detections=_write_detections(tmp_path / "dets.parquet"))
+
+
+def test_skipped_bad_label_polygons_are_counted(cfg, tmp_path):
+    (cfg.dataset("tiny").root / "labelTxt" / "P3.txt").write_text(
+        "10 10 50 50 50 10 10 50 plane 0\n"   # self-intersecting (bow tie)
+        "10 10 20 10 30 10 40 10 ship 0\n")   # collinear
+    metrics = evaluate.run(skipping(cfg), dataset="tiny", split="val", out_dir=tmp_path / "eval",
+                           detections=_write_detections(tmp_path / "dets.parquet"))
+    assert metrics["polygons"]["gt_skipped_self_intersecting"] == 1
+    assert metrics["polygons"]["gt_skipped_degenerate"] == 1
+
+
+# --- Task1 round trip ------------------------------------------------------------------------------------------
+
+def _round_trip_dataset(tmp_path):
+    """Integer-quadrilateral labels (rectangles, trapezoids, concave darts) and le90 detections, many with an
+    IoU within 1e-4 of 0.5 or 0.75, in 4 images of 1000 x 1000."""
+    rng = np.random.default_rng(7)
+    root = tmp_path / "rt"
+    (root / "images").mkdir(parents=True)
+    (root / "labelTxt").mkdir()
+    rows = []
+    for i in range(4):
+        image_id = f"R{i}"
+        cv2.imwrite(str(root / "images" / f"{image_id}.png"), np.zeros((1000, 1000, 3), np.uint8))
+        lines = []
+        for k in range(30):
+            x0, y0 = (k % 6) * 150 + 20 + i, (k // 6) * 180 + 30
+            w, h = int(rng.integers(20, 120)), int(rng.integers(8, 60))
+            cls = CLASSES[k % 2]
+            kind = k % 3
+            if kind == 0:
+                quad = rect(x0, y0, x0 + w, y0 + h)
+            elif kind == 1:
+                quad = [x0, y0, x0 + w, y0, x0 + w, y0 + h // 2, x0, y0 + h]  # trapezoid
+            else:
+                quad = [x0, y0, x0 + w // 2, y0 + h, x0 + w, y0, x0 + w // 2, y0 + h // 3]  # concave dart
+            lines.append(" ".join(map(str, quad)) + f" {cls} 0")
+            base = np.array(box(x0, y0, x0 + w, y0 + h))
+            if kind == 0:  # stretch the height so that IoU = h / h' is a threshold plus 1e-5 .. 1e-4
+                t = (0.5, 0.75)[k % 2]
+                base[3] = h / (t + float(rng.uniform(1e-5, 1e-4)))
+                base[1] = y0 + base[3] / 2
+            jitter = rng.normal(0, [1.5, 1.5, 2, 1, 0.03]) * (kind != 0)
+            rows.append((image_id, cls, float(np.float32(rng.random())), base + jitter))
+            rows.append((image_id, cls, float(np.float32(rng.random())), base + rng.normal(0, [4, 4, 4, 2, 0.1])))
+        (root / "labelTxt" / f"{image_id}.txt").write_text("\n".join(lines) + "\n")
+    config = from_dict({"datasets": {"rt": {"root": str(root), "format": "dota", "classes": CLASSES,
+                                            "splits": {"val": {}}}}})
+    return config, rows
+
+
+def test_task1_files_round_trip_to_the_same_ap(tmp_path):
+    config, rows = _round_trip_dataset(tmp_path)
+    parquet = _write_detections(tmp_path / "dets.parquet", rows=rows)
+    table = read_artefact(parquet, "detections")
+    boxes = np.stack([table.column(c).to_numpy() for c in ("cx", "cy", "w", "h", "theta")], axis=1)
+    # As merge and detect write them: the le90 boxes' corners.
+    args = (table.column("id").to_pylist(), table.column("class_name").to_pylist(), table.column("score").to_numpy(),
+            le90_to_polygon(boxes), CLASSES)
+    write_task1(tmp_path / "task1", *args)
+    write_task1(tmp_path / "task1_2dp", *args, coordinate_decimals=2)
+    kw = {"dataset": "rt", "split": "val", "iou_thresholds": (0.5, 0.75)}
+    from_parquet = evaluate.run(config, out_dir=tmp_path / "e1", detections=parquet, **kw)
+    from_task1 = evaluate.run(config, out_dir=tmp_path / "e2", task1_dir=tmp_path / "task1", **kw)
+    assert from_task1["classes"] == from_parquet["classes"] and from_task1["mean"] == from_parquet["mean"]
+    assert 0 < from_parquet["mean"]["AP75"] < from_parquet["mean"]["AP50"] < 1
+    # Two decimals move the stretched boxes' IoU onto or below the threshold: different AP.
+    rounded = evaluate.run(config, out_dir=tmp_path / "e3", task1_dir=tmp_path / "task1_2dp", **kw)
+    assert rounded["mean"]["AP50"] != from_parquet["mean"]["AP50"]
+    # mmrotate reads the Task1 polygons back as boxes: the same AP too.
+    mm = [evaluate.run(config, out_dir=tmp_path / f"m{i}", protocol="mmrotate", **kw, **src)
+          for i, src in enumerate([{"detections": parquet}, {"task1_dir": tmp_path / "task1"}])]
+    assert mm[0]["classes"] == mm[1]["classes"]

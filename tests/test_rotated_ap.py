@@ -1,18 +1,27 @@
-"""Rotated VOC AP: hand-computed cases and an independent devkit-style implementation."""
+"""Rotated VOC AP, both protocols: hand-computed cases and independent per-detection implementations.
+
+Hand-computed IoUs below were also checked against the DOTA devkit's own ``polyiou`` (compiled from its
+source) and the protocols' AP against the devkit's ``voc_eval`` and mmrotate's ``eval_rbbox_map``.
+"""
 from __future__ import annotations
 
 import functools
 from types import SimpleNamespace
 
+import cv2
 import numpy as np
 import pyarrow as pa
 import pytest
+import shapely
 from shapely.geometry import Polygon
 
 from mutdet.boxes import le90_to_polygon
 from mutdet.evaluation import evaluate_detections, rotated_ap, voc_ap
+from mutdet.evaluation.polygons import devkit_iou, mmrotate_label_boxes, quad_pieces
 
 pytestmark = pytest.mark.numerics  # run again under other CPU kernels by `make test`
+
+DEVKIT, MMROTATE = "dota_devkit", "mmrotate"
 
 
 def rect(x0, y0, x1, y1):
@@ -36,78 +45,85 @@ def dets(*rows):
     return {"image_ids": [r[0] for r in rows], "scores": [r[1] for r in rows], "boxes": [r[2] for r in rows]}
 
 
-def test_basic_tp_duplicate_fp_11_point_and_all_points():
+def polys(*rows):
+    """rows of (image_id, score, polygon (8,)) -> the per-class input with Task1 polygons."""
+    return {"image_ids": [r[0] for r in rows], "scores": [r[1] for r in rows], "polygons": [r[2] for r in rows]}
+
+
+def ap(result, key="AP50", name="a"):
+    return result["classes"][name][key]
+
+
+# --- protocol-independent rules -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("protocol", [DEVKIT, MMROTATE])
+def test_basic_tp_duplicate_fp_11_point_and_all_points(protocol):
     gt = {"img": gt_image([rect(0, 0, 10, 10), rect(20, 0, 30, 10)], [0, 0])}
     d = {"a": dets(("img", 0.9, box(0, 0, 10, 10)),    # TP on object 1
                    ("img", 0.8, box(0, 0, 10, 10)),    # duplicate on object 1: FP
                    ("img", 0.7, box(50, 50, 60, 60)),  # no overlap: FP
                    ("img", 0.6, box(20, 0, 30, 10)))}  # TP on object 2
-    r07 = evaluate_detections(gt, d, ["a"], use_07_metric=True)
+    r07 = evaluate_detections(gt, d, ["a"], use_07_metric=True, protocol=protocol)
     # recall .5 .5 .5 1, precision 1 .5 1/3 .5: recall points 0..0.5 -> 1, 0.6..1.0 -> 0.5
-    assert r07["classes"]["a"]["AP50"] == pytest.approx(8.5 / 11, abs=1e-12)
-    assert r07["classes"]["a"]["AP75"] == pytest.approx(8.5 / 11, abs=1e-12)
-    np.testing.assert_allclose(r07["pr_curves"]["a"]["AP50"]["precision"], [1, 0.5, 1 / 3, 0.5])
+    assert r07["classes"]["a"]["AP50"] == pytest.approx(8.5 / 11, abs=1e-7)
+    assert r07["classes"]["a"]["AP75"] == pytest.approx(8.5 / 11, abs=1e-7)
+    np.testing.assert_allclose(r07["pr_curves"]["a"]["AP50"]["precision"], [1, 0.5, 1 / 3, 0.5], rtol=1e-7)
     np.testing.assert_allclose(r07["pr_curves"]["a"]["AP50"]["recall"], [0.5, 0.5, 0.5, 1])
-    rall = evaluate_detections(gt, d, ["a"], use_07_metric=False)
-    assert rall["classes"]["a"]["AP50"] == pytest.approx(0.5 * 1 + 0.5 * 0.5, abs=1e-12)
+    rall = evaluate_detections(gt, d, ["a"], use_07_metric=False, protocol=protocol)
+    assert rall["classes"]["a"]["AP50"] == pytest.approx(0.5 * 1 + 0.5 * 0.5, abs=1e-7)
     assert rall["settings"]["ap"] == "all_points" and r07["settings"]["ap"] == "voc07_11_point"
+    assert r07["settings"]["protocol"] == protocol
     assert r07["classes"]["a"]["num_gt"] == 2 and r07["classes"]["a"]["num_detections"] == 4
 
 
-def test_iou_must_exceed_threshold_strictly():
-    gt = {"img": gt_image([rect(0, 0, 10, 10)], [0])}
-    exactly_half = {"a": dets(("img", 0.9, box(0, 0, 10, 20)))}  # IoU 100 / 200
-    r = evaluate_detections(gt, exactly_half, ["a"], iou_thresholds=(0.5,))
-    assert r["classes"]["a"]["AP50"] == 0.0
-    above = {"a": dets(("img", 0.9, box(0, 0, 10, 16)))}  # IoU 100 / 160
-    r = evaluate_detections(gt, above, ["a"], iou_thresholds=(0.5, 0.75))
-    assert r["classes"]["a"]["AP50"] == pytest.approx(1.0) and r["classes"]["a"]["AP75"] == 0.0
+def test_mmrotate_ap_is_float32_as_mmdet_computes_it():
+    # TP, FP, TP on 3 objects: precision 1, 1/2, 2/3 at recall 1/3, 1/3, 2/3. mmdet adds the 11 points'
+    # float32 precisions in float32 and divides by 11 in float32; the devkit adds p / 11 in float64.
+    gt = {"img": gt_image([rect(0, 0, 10, 10), rect(20, 0, 30, 10), rect(40, 0, 50, 10)], [0, 0, 0])}
+    d = {"a": dets(("img", 0.9, box(0, 0, 10, 10)), ("img", 0.8, box(80, 0, 90, 10)), ("img", 0.6, box(20, 0, 30, 10)))}
+    mm = ap(evaluate_detections(gt, d, ["a"], protocol=MMROTATE))
+    dk = ap(evaluate_detections(gt, d, ["a"], protocol=DEVKIT))
+    recall, points = np.array([1, 1, 2]) / 3, np.arange(0, 1.1, 0.1)
+    expected32 = np.float32(0)
+    for t in points:
+        reached = recall >= t
+        expected32 = np.float32(expected32 + (np.float32([1, 1 / 2, 2 / 3])[reached].max() if reached.any() else 0))
+    assert mm == float(np.float32(expected32 / np.float32(11)))
+    p64 = np.array([1, 1 / 2, 2 / 3])
+    assert dk == sum((p64[recall >= t].max() if (recall >= t).any() else 0) / 11 for t in points)
+    assert dk == pytest.approx(6 / 11, abs=1e-7) and mm == pytest.approx(6 / 11, abs=1e-7) and dk != mm
 
 
-def test_difficult_objects_are_ignored_not_counted():
-    gt = {"img": gt_image([rect(0, 0, 10, 10), rect(20, 0, 30, 10), rect(40, 0, 50, 10)], [0, 0, 0], [1, 2, 0])}
-    d = {"a": dets(("img", 0.9, box(0, 0, 10, 10)),    # on difficult 1: neither TP nor FP
-                   ("img", 0.8, box(40, 0, 50, 10)),   # TP
-                   ("img", 0.7, box(20, 0, 30, 10)),   # on difficult 2: ignored
-                   ("img", 0.6, box(80, 80, 90, 90)),  # FP
-                   ("img", 0.5, box(0, 0, 10, 10)))}   # second hit on a difficult object: still ignored
-    r = evaluate_detections(gt, d, ["a"])
-    entry = r["classes"]["a"]
-    assert (entry["num_gt"], entry["num_difficult"], entry["num_detections"]) == (1, 2, 5)
-    assert entry["AP50"] == pytest.approx(1.0)
-    # Ignored detections keep their slot: tp 0 1 1 1 1, fp 0 0 0 1 1.
-    np.testing.assert_allclose(r["pr_curves"]["a"]["AP50"]["precision"], [0, 1, 1, 0.5, 0.5])
-
-
-def test_best_match_on_difficult_hides_a_normal_object():
-    # The detection's best IoU is the difficult object (1.0), although the normal one is above 0.5 too.
-    gt = {"img": gt_image([rect(0, 0, 10, 10), rect(1, 0, 11, 10)], [0, 0], [1, 0])}
-    r = evaluate_detections(gt, {"a": dets(("img", 0.9, box(0, 0, 10, 10)))}, ["a"])
-    assert r["classes"]["a"]["AP50"] == 0.0 and r["classes"]["a"]["num_gt"] == 1
-
-
-def test_equal_scores_rank_by_image_id_then_input_order():
+@pytest.mark.parametrize("protocol", [DEVKIT, MMROTATE])
+def test_equal_scores_rank_by_image_id_then_input_order(protocol):
     gt = {"b": gt_image([rect(0, 0, 10, 10)], [0]), "a": gt_image([], [])}
     # Same score: image "a" (an FP, it has no object) ranks before image "b" (the TP).
-    r = evaluate_detections(gt, {"a": dets(("b", 0.5, box(0, 0, 10, 10)), ("a", 0.5, box(0, 0, 10, 10)))}, ["a"])
+    d = {"a": dets(("b", 0.5, box(0, 0, 10, 10)), ("a", 0.5, box(0, 0, 10, 10)))}
+    r = evaluate_detections(gt, d, ["a"], protocol=protocol)
     np.testing.assert_allclose(r["pr_curves"]["a"]["AP50"]["precision"], [0, 0.5])
-    assert r["classes"]["a"]["AP50"] == pytest.approx(0.5)
-    # Same score, same image: input order decides.
+    assert ap(r) == pytest.approx(0.5)
+    # Same score, same image: input order decides, for the ranking and for which duplicate takes the object.
     tp_first = dets(("b", 0.5, box(0, 0, 10, 10)), ("b", 0.5, box(50, 50, 60, 60)))
     fp_first = dets(("b", 0.5, box(50, 50, 60, 60)), ("b", 0.5, box(0, 0, 10, 10)))
-    assert evaluate_detections(gt, {"a": tp_first}, ["a"])["classes"]["a"]["AP50"] == pytest.approx(1.0)
-    assert evaluate_detections(gt, {"a": fp_first}, ["a"])["classes"]["a"]["AP50"] == pytest.approx(0.5)
+    assert ap(evaluate_detections(gt, {"a": tp_first}, ["a"], protocol=protocol)) == pytest.approx(1.0)
+    assert ap(evaluate_detections(gt, {"a": fp_first}, ["a"], protocol=protocol)) == pytest.approx(0.5)
+    loose_first = dets(("b", 0.5, box(0, 0, 10, 16)), ("b", 0.5, box(0, 0, 10, 10)))  # both hit the one object
+    r = evaluate_detections(gt, {"a": loose_first}, ["a"], iou_thresholds=(0.5, 0.75), protocol=protocol)
+    assert ap(r, "AP50") == pytest.approx(1.0)  # the first (IoU 0.625) takes it, the exact one is a duplicate
+    assert ap(r, "AP75") == pytest.approx(0.5)  # at 0.75 only the second hits
+    assert r["settings"]["ties"] == "score desc, then image id, then input order"
 
 
-def test_table_input_ties_follow_row_order():
+@pytest.mark.parametrize("protocol", [DEVKIT, MMROTATE])
+def test_table_input_ties_follow_row_order(protocol):
     gt = {"b": gt_image([rect(0, 0, 10, 10)], [0])}
     rows = [box(50, 50, 60, 60), box(0, 0, 10, 10)]  # FP then TP, equal scores
     table = pa.table({"id": ["b", "b"], "class_id": pa.array([0, 0], pa.int16()), "class_name": ["a", "a"],
                       "score": pa.array([0.5, 0.5], pa.float32()),
                       **{k: [r[i] for r in rows] for i, k in enumerate(["cx", "cy", "w", "h", "theta"])}})
-    assert evaluate_detections(gt, table, ["a"])["classes"]["a"]["AP50"] == pytest.approx(0.5)
+    assert ap(evaluate_detections(gt, table, ["a"], protocol=protocol)) == pytest.approx(0.5)
     with pytest.raises(ValueError, match="row 0"):
-        evaluate_detections(gt, table.set_column(2, "class_name", pa.array(["x", "a"])), ["a"])
+        evaluate_detections(gt, table.set_column(2, "class_name", pa.array(["x", "a"])), ["a"], protocol=protocol)
 
 
 def test_class_without_detections_class_without_gt_and_image_without_gt():
@@ -125,11 +141,17 @@ def test_class_without_detections_class_without_gt_and_image_without_gt():
     assert r["classes"]["b"]["AP50"] == 0.0
     assert r["mean"]["AP50"] == pytest.approx(0.25) and r["mean"]["num_classes"] == 2
     assert r["mean"]["num_gt"] == 2 and r["mean"]["num_detections"] == 3
+    mm = evaluate_detections(gt, d, ["a", "b", "c"], protocol=MMROTATE)
+    assert mm["classes"]["b"] == {"num_gt": 1, "num_difficult": 0, "num_too_small": 0, "num_detections": 0,
+                                  "AP50": 0.0, "AP75": 0.0}
+    assert mm["mean"]["AP50"] == pytest.approx(0.25)
 
 
 def test_no_ground_truth_at_all_gives_null_mean():
-    r = evaluate_detections({"x": gt_image([], [])}, {"a": dets(("x", 0.5, box(0, 0, 4, 4)))}, ["a"])
-    assert r["mean"]["AP50"] is None and r["mean"]["num_classes"] == 0
+    for protocol in (DEVKIT, MMROTATE):
+        r = evaluate_detections({"x": gt_image([], [])}, {"a": dets(("x", 0.5, box(0, 0, 4, 4)))}, ["a"],
+                                protocol=protocol)
+        assert r["mean"]["AP50"] is None and r["mean"]["num_classes"] == 0
 
 
 def test_coco_range_adds_ap50_95_only_with_all_ten_thresholds():
@@ -141,13 +163,15 @@ def test_coco_range_adds_ap50_95_only_with_all_ten_thresholds():
     assert "AP50:95" not in evaluate_detections(gt, d, ["a"])["mean"]
 
 
-def test_rotated_boxes_far_from_origin_match():
+@pytest.mark.parametrize("protocol", [DEVKIT, MMROTATE])
+def test_rotated_boxes_far_from_origin_match(protocol):
     centre = np.array([12000.0, 9000.0])
     gt_box = np.array([[*centre, 60.0, 12.0, 0.7]])
     gt = {"big": gt_image(le90_to_polygon(gt_box), [0])}
     det = gt_box + np.array([[1.0, -0.5, 2.0, 0.5, 0.02]])
-    r = evaluate_detections(gt, {"a": {"image_ids": ["big"], "scores": [0.9], "polygons": le90_to_polygon(det)}}, ["a"])
-    assert r["classes"]["a"]["AP50"] == pytest.approx(1.0)
+    r = evaluate_detections(gt, {"a": {"image_ids": ["big"], "scores": [0.9], "polygons": le90_to_polygon(det)}},
+                            ["a"], protocol=protocol)
+    assert ap(r) == pytest.approx(1.0)
 
 
 def test_input_errors_name_the_problem():
@@ -162,6 +186,12 @@ def test_input_errors_name_the_problem():
         evaluate_detections(gt, {}, ["a"], iou_thresholds=(0.5, 0.501))
     with pytest.raises(ValueError, match="non-finite score"):
         evaluate_detections(gt, {"a": dets(("img", float("nan"), box(0, 0, 10, 10)))}, ["a"])
+    with pytest.raises(ValueError, match="protocol must be one of"):
+        evaluate_detections(gt, {}, ["a"], protocol="voc")
+    with pytest.raises(ValueError, match="'boxes' \\(le90\\) or 'polygons'"):
+        evaluate_detections(gt, {"a": {"image_ids": [], "scores": []}}, ["a"])
+    with pytest.raises(ValueError, match="not finite"):
+        evaluate_detections(gt, {"a": polys(("img", 0.5, [0, 0, 1, 0, 1, np.inf, 0, 1]))}, ["a"])
 
 
 def test_voc_ap_uses_the_devkit_recall_points():
@@ -170,7 +200,181 @@ def test_voc_ap_uses_the_devkit_recall_points():
     assert voc_ap(np.array([0.3]), np.array([1.0]), use_07_metric=False) == pytest.approx(0.3)
 
 
-# --- independent reference: per-detection loop over shapely polygons, devkit logic -------------------------
+# --- polygon IoU versus minimum-area rectangle IoU (hand-computed) -------------------------------------------
+
+# Right trapezoid with vertical sides x=0 (length 30) and x=40 (length 10), top edge y = 30 - x/2.
+# Area (30 + 10) / 2 * 40 = 800; its minimum-area rectangle is the 40 x 30 box (area 1200).
+TRAPEZOID = [0, 0, 40, 0, 40, 10, 0, 30]
+# Harbour-like chevron (concave at (60, 4)): hull triangle (0,0) (60,10) (120,0) of area 600 minus the
+# notch (0,0) (120,0) (60,4) of area 240 = 360; its minimum-area rectangle is the 120 x 10 box.
+CHEVRON = [0, 0, 60, 10, 120, 0, 60, 4]
+
+
+def test_hand_computed_polygon_ious():
+    cases = [
+        # trapezoid vs box y in [0, 20]: 20 * 20 + integral_20^40 (30 - x/2) dx = 400 + 300 = 700 -> 700 / 900
+        (TRAPEZOID, rect(0, 0, 40, 20), 7 / 9),
+        # trapezoid vs box y in [10, 30]: integral_0^40 (20 - x/2) dx = 400 -> 400 / 1200
+        (TRAPEZOID, rect(0, 10, 40, 30), 1 / 3),
+        (CHEVRON, rect(0, 0, 120, 10), 360 / 1200),  # the chevron lies inside its rectangle
+    ]
+    for gt_poly, det_poly, expected in cases:
+        iou = devkit_iou(np.array([gt_poly], float), np.array([det_poly], float))[0, 0]
+        assert iou == pytest.approx(expected, abs=1e-12)
+    boxes, keep = mmrotate_label_boxes(np.array([TRAPEZOID, CHEVRON], float))
+    np.testing.assert_allclose(boxes, [[20, 15, 40, 30, 0], [60, 5, 120, 10, 0]], atol=1e-5)
+    assert keep.all()
+
+
+@pytest.mark.parametrize("protocol, ap50, ap75", [
+    # devkit, polygon IoU: D1 0.778 (TP at 0.5 and 0.75), D2 0.333 (FP), chevron box 0.3 (FP)
+    (DEVKIT, {"t1": 1.0, "t2": 0.0, "harbour": 0.0}, {"t1": 1.0, "t2": 0.0, "harbour": 0.0}),
+    # mmrotate, minimum-area rectangle IoU: D1 and D2 0.667 (TP at 0.5, FP at 0.75), chevron box 1.0
+    (MMROTATE, {"t1": 1.0, "t2": 1.0, "harbour": 1.0}, {"t1": 0.0, "t2": 0.0, "harbour": 1.0}),
+])
+def test_polygon_and_rectangle_iou_fall_on_different_sides(protocol, ap50, ap75):
+    gt = {"t1": gt_image([TRAPEZOID], [0]), "t2": gt_image([TRAPEZOID], [1]), "harbour": gt_image([CHEVRON], [2])}
+    d = {"t1": dets(("t1", 0.9, box(0, 0, 40, 20))), "t2": dets(("t2", 0.9, box(0, 10, 40, 30))),
+         "harbour": dets(("harbour", 0.9, box(0, 0, 120, 10)))}
+    r = evaluate_detections(gt, d, ["t1", "t2", "harbour"], protocol=protocol)
+    assert {n: ap(r, "AP50", n) for n in d} == pytest.approx(ap50)
+    assert {n: ap(r, "AP75", n) for n in d} == pytest.approx(ap75)
+
+
+def test_task1_polygon_is_used_as_written_by_the_devkit_protocol():
+    # A detection given as a polygon is intersected as that polygon (not its rectangle): the trapezoid
+    # detection on the 40 x 30 box label has IoU 800 / 1200 under the devkit.
+    gt = {"t": gt_image([rect(0, 0, 40, 30)], [0])}
+    r = evaluate_detections(gt, {"a": polys(("t", 0.9, TRAPEZOID))}, ["a"], iou_thresholds=(0.5, 0.75))
+    assert (ap(r, "AP50"), ap(r, "AP75")) == (pytest.approx(1.0), 0.0)
+    r = evaluate_detections(gt, {"a": polys(("t", 0.9, TRAPEZOID))}, ["a"], iou_thresholds=(0.5, 0.75),
+                            protocol=MMROTATE)  # mmrotate: its minimum-area rectangle, the label's box itself
+    assert (ap(r, "AP50"), ap(r, "AP75")) == (pytest.approx(1.0), pytest.approx(1.0))
+
+
+# --- IoU exactly at the threshold ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("protocol, expected", [(DEVKIT, 0.0), (MMROTATE, 1.0)])
+def test_iou_exactly_at_the_threshold(protocol, expected):
+    gt = {"img": gt_image([rect(0, 0, 10, 10)], [0])}
+    half = {"a": dets(("img", 0.9, box(0, 0, 10, 20)))}  # IoU 100 / 200 = 0.5 exactly
+    assert ap(evaluate_detections(gt, half, ["a"], iou_thresholds=(0.5,), protocol=protocol)) == pytest.approx(expected)
+    three_quarters = {"a": dets(("img", 0.9, box(0, 0, 10, 7.5)))}  # IoU 75 / 100 = 0.75 exactly
+    r = evaluate_detections(gt, three_quarters, ["a"], iou_thresholds=(0.5, 0.75), protocol=protocol)
+    assert ap(r, "AP50") == pytest.approx(1.0) and ap(r, "AP75") == pytest.approx(expected)
+    above = {"a": dets(("img", 0.9, box(0, 0, 10, 16)))}  # IoU 100 / 160
+    r = evaluate_detections(gt, above, ["a"], iou_thresholds=(0.5, 0.75), protocol=protocol)
+    assert ap(r, "AP50") == pytest.approx(1.0) and ap(r, "AP75") == 0.0
+    assert r["settings"]["iou_rule"] == ("iou > threshold" if protocol == DEVKIT else "iou >= threshold")
+
+
+# --- difficult objects -----------------------------------------------------------------------------------------
+
+DIFFICULT_GT = {"img": gt_image([rect(0, 0, 10, 10), rect(20, 0, 30, 10), rect(40, 0, 50, 10)], [0, 0, 0], [1, 2, 0])}
+DIFFICULT_DETS = {"a": dets(("img", 0.9, box(0, 0, 10, 10)),    # on difficult 1
+                            ("img", 0.8, box(40, 0, 50, 10)),   # on the normal object
+                            ("img", 0.7, box(20, 0, 30, 10)),   # on difficult 2
+                            ("img", 0.6, box(80, 80, 90, 90)),  # on nothing
+                            ("img", 0.5, box(0, 0, 10, 10)))}   # second hit on difficult 1
+
+
+def test_devkit_ignores_difficult_1_and_2():
+    r = evaluate_detections(DIFFICULT_GT, DIFFICULT_DETS, ["a"])
+    entry = r["classes"]["a"]
+    assert (entry["num_gt"], entry["num_difficult"], entry["num_detections"]) == (1, 2, 5)
+    assert entry["AP50"] == pytest.approx(1.0)
+    # Hits on difficult objects are neither TP nor FP but keep their slot: tp 0 1 1 1 1, fp 0 0 0 1 1.
+    np.testing.assert_allclose(r["pr_curves"]["a"]["AP50"]["precision"], [0, 1, 1, 0.5, 0.5])
+    assert r["settings"]["difficult"] == "ignored (1 and 2)"
+
+
+@pytest.mark.parametrize("threshold, num_gt, num_difficult, precision", [
+    (100, 3, 0, [1, 1, 1, 0.75, 0.6]),    # default: difficult objects are ordinary positives
+    (1, 2, 1, [1, 1, 2 / 3, 0.5, 0.4]),   # difficult 2 dropped: the hit on it is an FP
+    (0, 1, 2, [0, 0.5, 1 / 3, 0.25, 0.2]),  # both dropped: hits on them are FPs, not ignored
+])
+def test_mmrotate_drops_objects_above_the_difficulty_threshold(threshold, num_gt, num_difficult, precision):
+    r = evaluate_detections(DIFFICULT_GT, DIFFICULT_DETS, ["a"], protocol=MMROTATE, difficulty_threshold=threshold)
+    entry = r["classes"]["a"]
+    assert (entry["num_gt"], entry["num_difficult"], entry["num_too_small"]) == (num_gt, num_difficult, 0)
+    np.testing.assert_allclose(r["pr_curves"]["a"]["AP50"]["precision"], precision, rtol=1e-7)
+    assert r["settings"]["difficulty_threshold"] == threshold
+
+
+def test_best_match_on_difficult_hides_a_normal_object_in_the_devkit_only():
+    # The detection's best IoU is the difficult object (1.0), although the normal one is above 0.5 too.
+    gt = {"img": gt_image([rect(0, 0, 10, 10), rect(1, 0, 11, 10)], [0, 0], [1, 0])}
+    d = {"a": dets(("img", 0.9, box(0, 0, 10, 10)))}
+    r = evaluate_detections(gt, d, ["a"])
+    assert ap(r) == 0.0 and r["classes"]["a"]["num_gt"] == 1
+    # mmrotate with the difficult object dropped: the detection matches the normal one (IoU 90 / 110).
+    assert ap(evaluate_detections(gt, d, ["a"], protocol=MMROTATE, difficulty_threshold=0)) == pytest.approx(1.0)
+
+
+def test_mmrotate_drops_labels_thinner_than_2_pixels():
+    gt = {"img": gt_image([rect(0, 0, 40, 1.5), rect(0, 10, 40, 12)], [0, 0])}  # 1.5 px: dropped; 2 px: kept
+    d = {"a": dets(("img", 0.9, box(0, 0, 40, 1.5)), ("img", 0.8, box(0, 10, 40, 12)))}
+    mm = evaluate_detections(gt, d, ["a"], protocol=MMROTATE)
+    assert (mm["classes"]["a"]["num_gt"], mm["classes"]["a"]["num_too_small"]) == (1, 1)
+    np.testing.assert_allclose(mm["pr_curves"]["a"]["AP50"]["precision"], [0, 0.5])  # the sliver's hit is an FP
+    assert mm["polygons"]["gt_dropped_too_small"] == 1
+    dk = evaluate_detections(gt, d, ["a"])  # the devkit keeps it
+    assert dk["classes"]["a"]["num_gt"] == 2 and ap(dk) == pytest.approx(1.0)
+
+
+# --- degenerate and self-intersecting polygons (devkit formula) ------------------------------------------------
+
+# Bow tie (0,0) (10,0) (0,10) (6,10): the edges x + y = 10 and y = 5x/3 cross at (3.75, 6.25). Lower lobe
+# (0,0) (10,0) (3.75,6.25), area 31.25, counter-clockwise; upper lobe (3.75,6.25) (0,10) (6,10), area 11.25,
+# clockwise. Signed area 31.25 - 11.25 = 20.
+BOW_TIE = [0, 0, 10, 0, 0, 10, 6, 10]
+
+
+def test_bow_tie_label_follows_the_devkit_formula():
+    g = np.array([BOW_TIE], float)
+    # The box below y = 6.25 holds the whole lower lobe: inter 31.25, union 20 + 62.5 - 31.25 = 51.25.
+    assert devkit_iou(g, np.array([rect(0, 0, 10, 6.25)], float))[0, 0] == pytest.approx(31.25 / 51.25, abs=1e-12)
+    # The box 10 x 10 holds both lobes: inter 31.25 - 11.25 = 20, union 20 + 100 - 20 = 100.
+    assert devkit_iou(g, np.array([rect(0, 0, 10, 10)], float))[0, 0] == pytest.approx(0.2, abs=1e-12)
+    # The box above y = 6.25 holds only the upper lobe: inter -11.25, union 20 + 37.5 + 11.25 = 68.75.
+    assert devkit_iou(g, np.array([rect(0, 6.25, 10, 10)], float))[0, 0] == pytest.approx(-11.25 / 68.75, abs=1e-12)
+    # Reversing the vertex order changes nothing (the devkit turns a negative polygon around).
+    assert devkit_iou(g[:, [6, 7, 4, 5, 2, 3, 0, 1]], np.array([rect(0, 0, 10, 6.25)], float))[0, 0] == \
+        pytest.approx(31.25 / 51.25, abs=1e-12)
+    # In the evaluation: IoU 0.61 > 0.5 is a TP (shapely's repaired polygon would give 31.25 / 73.75 = 0.42).
+    gt = {"img": gt_image([BOW_TIE], [0])}
+    r = evaluate_detections(gt, {"a": dets(("img", 0.9, box(0, 0, 10, 6.25)))}, ["a"])
+    assert ap(r) == pytest.approx(1.0)
+    assert r["polygons"]["gt_non_simple"] == 1 and r["polygons"]["gt_zero_area"] == 0
+
+
+def test_zero_area_labels_are_positives_that_nothing_matches():
+    flat = [0, 0, 10, 0, 20, 0, 5, 0]  # collinear
+    balanced = [0, 0, 10, 10, 10, 0, 0, 10]  # bow tie with equal lobes: signed area 0
+    gt = {"img": gt_image([flat, balanced, rect(0, 20, 10, 30)], [0, 0, 0])}
+    d = {"a": dets(("img", 0.9, box(0, -1, 20, 1)), ("img", 0.8, box(0, 0, 10, 10)), ("img", 0.7, box(0, 20, 10, 30)))}
+    r = evaluate_detections(gt, d, ["a"])
+    assert r["classes"]["a"]["num_gt"] == 3
+    np.testing.assert_allclose(r["pr_curves"]["a"]["AP50"]["recall"], [0, 0, 1 / 3])
+    assert r["polygons"]["gt_zero_area"] == 2
+    pieces = quad_pieces(np.array([flat, balanced], float))
+    assert pieces.zero_area.all() and not pieces.simple.any()
+    assert devkit_iou(np.array([flat], float), np.array([flat], float))[0, 0] == 0.0  # 0 / 0: no match
+
+
+def test_touching_and_repeated_vertices():
+    # A repeated vertex is a triangle (simple); a spike (vertex back on its own edge) is not simple but
+    # the formula still gives the triangle's IoU.
+    triangle = [0, 0, 10, 0, 10, 0, 0, 10]
+    spike = [0, 0, 10, 0, 5, 0, 0, 10]  # (5, 0) lies on the edge (0,0)-(10,0)
+    box_poly = np.array([rect(0, 0, 10, 10)], float)
+    assert devkit_iou(np.array([triangle], float), box_poly)[0, 0] == pytest.approx(0.5, abs=1e-12)
+    p = quad_pieces(np.array([spike], float))
+    assert not p.simple[0]
+    assert devkit_iou(np.array([spike], float), box_poly)[0, 0] == pytest.approx(25 / 100, abs=1e-12)
+
+
+# --- independent references on random scenes --------------------------------------------------------------------
 
 def _shapely_iou(p, q):
     a, b = Polygon(np.reshape(p, (4, 2))), Polygon(np.reshape(q, (4, 2)))
@@ -178,26 +382,41 @@ def _shapely_iou(p, q):
     return inter / (a.area + b.area - inter)
 
 
-def _reference_ap(gt, per_class, classes, thr, use_07):
+def _reference_ap(gt, per_class, classes, thr, use_07, protocol, difficulty=100):
+    """One detection at a time: devkit (polygon IoU > thr, difficult ignored, global greedy) or mmrotate
+    (min-area rectangles of the float32 labels as shapely polygons, dropped labels, per-image greedy, >=)."""
     rank_of = {k: r for r, k in enumerate(sorted(gt))}
+    labels = {}
+    for k, a in gt.items():
+        if protocol == DEVKIT:
+            labels[k] = (a.polygons, a.labels, a.difficult != 0)
+            continue
+        kept, shapes = [], []
+        for p, dd in zip(a.polygons, a.difficult):
+            r = cv2.minAreaRect(np.asarray(p, np.float32).reshape(4, 2))
+            kept.append(min(r[1]) >= 2 and dd <= difficulty)
+            shapes.append(cv2.boxPoints(r).astype(np.float64).reshape(8))
+        kept = np.array(kept, bool)
+        labels[k] = (np.array(shapes).reshape(-1, 8)[kept], a.labels[kept], np.zeros(int(kept.sum()), bool))
     out = {}
     for c, name in enumerate(classes):
         d = per_class[name]
-        polys = le90_to_polygon(np.asarray(d["boxes"]))
+        dpolys = (np.asarray(d["polygons"]) if protocol == DEVKIT  # mmrotate: float32 boxes
+                  else le90_to_polygon(np.asarray(d["boxes"]).astype(np.float32).astype(np.float64)))
         order = sorted(range(len(d["scores"])), key=lambda i: (-d["scores"][i], rank_of[d["image_ids"][i]], i))
-        taken = {k: np.zeros(len(a.labels), bool) for k, a in gt.items()}
-        npos = sum(int(np.sum((a.labels == c) & (a.difficult == 0))) for a in gt.values())
+        taken = {k: np.zeros(len(v[1]), bool) for k, v in labels.items()}
+        npos = sum(int(np.sum((v[1] == c) & ~v[2])) for v in labels.values())
         tp, fp = [], []
         for i in order:
-            ann = gt[d["image_ids"][i]]
+            shapes, labs, ignored = labels[d["image_ids"][i]]
             best, jbest = -np.inf, -1
-            for j in np.flatnonzero(ann.labels == c):
-                iou = _shapely_iou(ann.polygons[j], polys[i])
+            for j in np.flatnonzero(labs == c):
+                iou = _shapely_iou(shapes[j], dpolys[i])
                 if iou > best:
                     best, jbest = iou, j
             t = f = 0
-            if best > thr:
-                if ann.difficult[jbest] == 0:
+            if (best > thr) if protocol == DEVKIT else (best >= thr):
+                if not ignored[jbest]:
                     if not taken[d["image_ids"][i]][jbest]:
                         t, taken[d["image_ids"][i]][jbest] = 1, True
                     else:
@@ -212,33 +431,47 @@ def _reference_ap(gt, per_class, classes, thr, use_07):
         ctp, cfp = np.cumsum(tp, dtype=float), np.cumsum(fp, dtype=float)
         rec, prec = ctp / npos, ctp / np.maximum(ctp + cfp, np.finfo(np.float64).eps)
         if use_07:
-            ap = sum((prec[rec >= t].max() if np.any(rec >= t) else 0.0) for t in np.arange(0.0, 1.1, 0.1)) / 11
+            value = sum((prec[rec >= t].max() if np.any(rec >= t) else 0.0) for t in np.arange(0.0, 1.1, 0.1)) / 11
         else:
             mrec, mpre = np.r_[0.0, rec, 1.0], np.r_[0.0, prec, 0.0]
             for k in range(len(mpre) - 2, -1, -1):
                 mpre[k] = max(mpre[k], mpre[k + 1])
-            ap = sum((mrec[k + 1] - mrec[k]) * mpre[k + 1] for k in range(len(mrec) - 1) if mrec[k + 1] != mrec[k])
-        out[name] = float(ap)
+            value = sum((mrec[k + 1] - mrec[k]) * mpre[k + 1] for k in range(len(mrec) - 1) if mrec[k + 1] != mrec[k])
+        out[name] = float(value)
     return out
 
 
 @functools.lru_cache(maxsize=None)
 def _random_scene(seed, thresholds):
-    """Rotated rectangles, jittered detections, duplicates, false positives, difficult objects, tied scores.
+    """Integer quadrilateral labels (jittered rotated rectangles, some concave, some thinner than 2 px, random
+    first corner and direction), jittered detections, duplicates, false positives, difficult objects, tied
+    scores. Every label is a simple polygon (the readers refuse others).
 
-    Detections whose IoU with any object lies within 1e-5 of a threshold, or whose two best IoUs
-    are within 1e-5 of each other, are dropped: torchvision computes IoU in float32.
+    Detections whose IoU with any label (polygon and min-area rectangle) lies within 1e-3 of a threshold, or
+    whose two best IoUs are within 1e-3 of each other, are dropped: the mmrotate protocol rounds boxes to
+    float32 (3000 px from the origin) and computes IoU in float32, the reference in float64.
     """
     rng = np.random.default_rng(seed)
     classes = ["a", "b", "c", "d"]  # "d" never has objects
-    gt, per_class = {}, {c: {"image_ids": [], "scores": [], "boxes": []} for c in classes}
+    gt, per_class = {}, {c: {"image_ids": [], "scores": [], "boxes": [], "polygons": []} for c in classes}
     for i in range(12):
         image_id = f"im{i:02d}"
         n = int(rng.integers(0, 25))
         boxes = np.column_stack([rng.uniform(0, 300, (n, 2)) + 3000 * (i % 3), rng.uniform(12, 50, n),
-                                 rng.uniform(6, 20, n), rng.uniform(-np.pi / 2, np.pi / 2, n)])
+                                 rng.uniform(1, 20, n), rng.uniform(-np.pi / 2, np.pi / 2, n)])
+        pts = le90_to_polygon(boxes).reshape(n, 4, 2) + rng.normal(0, 1.0, (n, 4, 2))
+        concave = rng.random(n) < 0.15
+        pts[concave, 0] = 0.3 * pts[concave, 0] + 0.7 * pts[concave].mean(axis=1)
+        pts = np.round(pts)
+        flip = rng.random(n) < 0.3
+        pts[flip] = pts[flip, ::-1]
+        pts = np.roll(pts, int(rng.integers(0, 4)), axis=1)
+        ok = shapely.is_valid(shapely.polygons(pts)) if n else np.zeros(0, bool)
+        pts, boxes = pts[ok], boxes[ok]
+        n = len(pts)
         labels = rng.integers(0, 3, n)
-        gt[image_id] = gt_image(le90_to_polygon(boxes), labels, (rng.random(n) < 0.15) * rng.integers(1, 3, n))
+        gt[image_id] = gt_image(pts.reshape(n, 8), labels, (rng.random(n) < 0.15) * rng.integers(1, 3, n))
+        mm_rects = [cv2.boxPoints(cv2.minAreaRect(p.astype(np.float32))).reshape(8) for p in pts]
         cand_boxes = [boxes + np.column_stack([rng.normal(0, s, (n, 4)), rng.normal(0, s / 30, n)]) for s in (1.0, 3.0)]
         cand_boxes.append(np.column_stack([rng.uniform(0, 300, (n + 3, 2)) + 3000 * (i % 3), rng.uniform(12, 50, n + 3),
                                            rng.uniform(6, 20, n + 3), rng.uniform(-1.5, 1.5, n + 3)]))
@@ -246,32 +479,50 @@ def _random_scene(seed, thresholds):
         for b, lab in zip(cand_boxes, cand_labels):
             b[:, 2:4] = np.abs(b[:, 2:4]) + 1
             for box_, c in zip(b, lab):
-                same = gt[image_id].polygons[gt[image_id].labels == c]
-                ious = sorted((_shapely_iou(p, le90_to_polygon(box_)) for p in same), reverse=True)
-                near_thr = any(abs(v - t) < 1e-5 for v in ious for t in thresholds)
-                near_tie = len(ious) > 1 and ious[0] - ious[1] < 1e-5 and ious[0] > min(thresholds) - 1e-5
-                if near_thr or near_tie:
+                dpoly = le90_to_polygon(box_)
+                same = np.flatnonzero(labels == c)
+                near = False
+                for shapes in (pts.reshape(-1, 8), mm_rects):
+                    ious = sorted((_shapely_iou(shapes[j], dpoly) for j in same), reverse=True)
+                    near |= any(abs(v - t) < 1e-3 for v in ious for t in thresholds)
+                    near |= len(ious) > 1 and ious[0] - ious[1] < 1e-3 and ious[0] > min(thresholds) - 1e-3
+                if near:
                     continue
                 per_class[classes[c]]["image_ids"].append(image_id)
                 per_class[classes[c]]["scores"].append(float(np.round(rng.random(), 2)))  # many ties
                 per_class[classes[c]]["boxes"].append(box_)
+                per_class[classes[c]]["polygons"].append(dpoly)
     return gt, per_class, classes
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("use_07", [True, False])
-@pytest.mark.parametrize("max_pairs", [rotated_ap.MAX_PAIRS, 8])  # 8: many small spatial blocks
-def test_matches_independent_shapely_reference(seed, use_07, max_pairs, monkeypatch):
-    monkeypatch.setattr(rotated_ap, "MAX_PAIRS", max_pairs)
+@pytest.mark.parametrize("protocol, difficulty", [(DEVKIT, 100), (MMROTATE, 100), (MMROTATE, 1)])
+def test_matches_independent_reference(seed, use_07, protocol, difficulty, monkeypatch):
+    monkeypatch.setattr(rotated_ap, "MAX_PAIRS", 8 if seed == 1 else rotated_ap.MAX_PAIRS)  # many small blocks
     thresholds = (0.5, 0.75)
     gt, per_class, classes = _random_scene(seed, thresholds)
-    ours = evaluate_detections(gt, per_class, classes, iou_thresholds=thresholds, use_07_metric=use_07)
+    ours = evaluate_detections(gt, per_class, classes, iou_thresholds=thresholds, use_07_metric=use_07,
+                               protocol=protocol, difficulty_threshold=difficulty)
     for thr, key in zip(thresholds, ("AP50", "AP75")):
-        ref = _reference_ap(gt, per_class, classes, thr, use_07)
+        ref = _reference_ap(gt, per_class, classes, thr, use_07, protocol, difficulty)
         for name in classes:
             if ref[name] is None:
                 assert ours["classes"][name][key] is None
-            else:
-                assert abs(ours["classes"][name][key] - ref[name]) <= 1e-9, (name, key)
+            else:  # mmrotate's AP is float32
+                tolerance = 1e-12 if protocol == DEVKIT else 1e-6
+                assert abs(ours["classes"][name][key] - ref[name]) <= tolerance, (name, key)
     assert ours["classes"]["d"]["AP50"] is None
     assert any(0 < ours["classes"][n]["AP75"] < ours["classes"][n]["AP50"] < 1 for n in ("a", "b", "c"))
+
+
+def test_random_scene_exercises_the_differences():
+    """The scene above is not one where both protocols agree: labels are not rectangles, some are concave
+    and some thinner than 2 px."""
+    gt, per_class, classes = _random_scene(0, (0.5, 0.75))
+    dk = evaluate_detections(gt, per_class, classes, protocol=DEVKIT)
+    mm = evaluate_detections(gt, per_class, classes, protocol=MMROTATE)
+    assert any(dk["classes"][n]["AP75"] != pytest.approx(mm["classes"][n]["AP75"], abs=1e-3) for n in "abc")
+    assert mm["polygons"]["gt_dropped_too_small"] > 0
+    assert sum(not quad_pieces(a.polygons).simple.all() for a in gt.values()) == 0
+    assert dk["candidate_pairs"]["skipped_by_bound"] > 0 and dk["candidate_pairs"]["computed"] > 0  # the bound prunes

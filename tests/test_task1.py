@@ -29,25 +29,40 @@ def test_round_trip_and_every_class_file(tmp_path):
     assert [p.name for p in paths] == ["Task1_plane.txt", "Task1_small-vehicle.txt", "Task1_ship.txt"]
     assert task1_path(tmp_path, "small-vehicle").read_text() == ""  # written although empty
     first = task1_path(tmp_path, "plane").read_text().splitlines()[0].split()
-    assert first[0] == "P0001" and len(first) == 10 and all(len(t.split(".")[1]) == 2 for t in first[2:])
+    assert first[0] == "P0001" and len(first) == 10
+    assert first[2:] == [repr(v) for v in d["polygons"][0].tolist()]  # shortest float64 round-trip text
 
     back = read_task1(tmp_path, CLASSES)
     order = np.concatenate([np.flatnonzero(d["class_names"] == c) for c in CLASSES])  # by class, then input order
     assert list(back["image_ids"]) == list(d["image_ids"][order])
     assert list(back["class_names"]) == list(d["class_names"][order])
     assert np.array_equal(back["scores"].astype(np.float32), d["scores"][order])  # float32-exact
-    np.testing.assert_allclose(back["polygons"], d["polygons"][order], atol=0.005 + 1e-9)
+    assert np.array_equal(back["polygons"], d["polygons"][order])  # float64-exact: evaluation sees the same polygons
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporary files
 
 
-def test_more_decimals_and_empty_input(tmp_path):
+def test_fixed_decimals_and_empty_input(tmp_path):
     d = _detections()
     write_task1(tmp_path / "a", d["image_ids"], d["class_names"], d["scores"], d["polygons"], CLASSES,
                 coordinate_decimals=6)
     np.testing.assert_allclose(read_task1(tmp_path / "a", CLASSES)["polygons"][0], d["polygons"][0], atol=5e-7)
+    write_task1(tmp_path / "c", d["image_ids"], d["class_names"], d["scores"], d["polygons"], CLASSES,
+                coordinate_decimals=2)
+    first = task1_path(tmp_path / "c", "plane").read_text().splitlines()[0].split()
+    assert all(len(t.split(".")[1]) == 2 for t in first[2:])
+    back = read_task1(tmp_path / "c", CLASSES)["polygons"]
+    np.testing.assert_allclose(back[0], d["polygons"][0], atol=0.005 + 1e-9)
+    assert not np.array_equal(back[0], d["polygons"][0])
     write_task1(tmp_path / "b", [], [], [], np.zeros((0, 8)), CLASSES)
     empty = read_task1(tmp_path / "b", CLASSES)
     assert empty["polygons"].shape == (0, 8) and len(empty["image_ids"]) == 0
+
+
+def test_exact_text_for_any_float(tmp_path):
+    # Values whose shortest text needs all 17 digits, or an exponent, still read back bit-exactly.
+    values = np.array([[0.1 + 0.2, 1e-05, -0.0, 4000.000000000001, 1 / 3, 2.5e-300, 123456789.12345679, 7.0]])
+    write_task1(tmp_path, ["P1"], ["plane"], [0.5], values, CLASSES)
+    assert np.array_equal(read_task1(tmp_path, CLASSES)["polygons"], values)
 
 
 def test_writer_rejects_bad_input(tmp_path):

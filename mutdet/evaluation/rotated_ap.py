@@ -182,7 +182,8 @@ def _check_polygons(polygons: np.ndarray, what: str) -> np.ndarray:
 
 def _ground_truth(gt: Mapping, image_ids: list[str], num_classes: int):
     """Concatenate the objects of every image: image index, class, polygon ``(N, 8)``, difficult value."""
-    img, cls, polys, diff = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros((0, 8))], [np.zeros(0, np.int64)]
+    img, cls, diff = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    polys = [np.zeros((0, 8))]
     for i, image_id in enumerate(image_ids):
         ann = gt[image_id]
         labels = np.asarray(ann.labels, dtype=np.int64).reshape(-1)
@@ -303,9 +304,9 @@ def _best_devkit(gt_polys, gt_key, det_polys, det_key, min_threshold):
         arg[idet[first]] = igt[first]
     stats = {"gt_non_simple": int(np.sum(~g.simple & ~g.zero_area)), "gt_zero_area": int(np.sum(g.zero_area)),
              "detections_non_simple": int(np.sum(~d.simple & ~d.zero_area)),
-             "detections_zero_area": int(np.sum(d.zero_area)),
-             "pairs_computed": int(len(iou)), "pairs_skipped_by_bound": int(skip.sum())}
-    return best, arg, stats
+             "detections_zero_area": int(np.sum(d.zero_area))}
+    pairs = {"computed": int(len(iou)), "skipped_by_bound": int(skip.sum())}
+    return best, arg, stats, pairs
 
 
 def _le90_bounds(boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -398,12 +399,19 @@ def evaluate_detections(gt: Mapping, detections, classes: Sequence[str], *,
     Returns:
         ``{"settings": {...}, "classes": {name: {"AP50": .., "AP75": .., "num_gt": .., "num_difficult": ..,
         "num_detections": ..}}, "mean": {"AP50": .., "AP75": .., "num_classes": .., "num_gt": ..,
-        "num_detections": ..}, "polygons": {...}, "pr_curves": {name: {"AP50": {"recall": (D,),
-        "precision": (D,)}}}}``. ``num_gt`` counts the positives; ``num_difficult`` the difficult objects
-        (``dota_devkit``: ignored; ``mmrotate``: dropped by ``difficulty_threshold``); ``mmrotate`` adds
-        ``num_too_small`` (dropped, side < 2). ``"polygons"`` counts labels and detection polygons that
-        are not simple or have area 0 (and, for ``mmrotate``, labels dropped as too small). A class
-        without positives has AP ``None`` (undefined), no PR curve, and is left out of the mean;
+        "num_detections": ..}, "polygons": {...}, "candidate_pairs": {...}, "pr_curves": {name: {"AP50":
+        {"recall": (D,), "precision": (D,)}}}}``.
+
+        ``num_gt`` counts the positives; ``num_difficult`` the difficult objects (``dota_devkit``:
+        ignored; ``mmrotate``: dropped by ``difficulty_threshold``); ``mmrotate`` adds ``num_too_small``
+        (dropped, side < 2). ``"polygons"`` counts label and detection polygons that are not simple
+        (``*_non_simple``) or have area 0 (``*_zero_area``), and for ``mmrotate`` the labels dropped as
+        too small (``gt_dropped_too_small``); ``"candidate_pairs"`` (``dota_devkit``: ``computed``,
+        ``skipped_by_bound``) how many polygon pairs were intersected and how many the IoU bound
+        skipped. ``settings`` holds ``protocol``, ``iou_thresholds``, ``use_07_metric``, ``ap``,
+        ``iou``, ``iou_rule``, ``difficult``, ``ties`` and, for ``mmrotate``, ``difficulty_threshold``.
+
+        A class without positives has AP ``None`` (undefined), no PR curve, and is left out of the mean;
         ``mean["num_classes"]`` counts the classes averaged, and the mean is ``None`` when there are
         none. If the thresholds include all of 0.50:0.05:0.95, ``"AP50:95"`` (their mean, the
         COCO-style figure) is added per class and to the mean. AP at different thresholds is never
@@ -439,7 +447,7 @@ def evaluate_detections(gt: Mapping, detections, classes: Sequence[str], *,
         gt_ignored = gt_diff != 0  # difficult 1 and 2 (any non-zero value): neither positive nor FP
         gt_dropped = np.zeros(len(gt_cls), dtype=bool)
         gt_key = gt_cls * n_img + gt_img
-        best, arg, polygon_stats = _best_devkit(gt_poly, gt_key, dets.polygons(), det_key, min(thresholds))
+        best, arg, polygon_stats, pairs = _best_devkit(gt_poly, gt_key, dets.polygons(), det_key, min(thresholds))
     else:
         gt_box, kept = mmrotate_label_boxes(gt_poly)
         too_small = ~kept
@@ -452,6 +460,7 @@ def evaluate_detections(gt: Mapping, detections, classes: Sequence[str], *,
         gt_key = (gt_cls * n_img + gt_img)[keep]
         det_box = dets.boxes().astype(np.float32).astype(np.float64)  # mmrotate's float32 detections
         best, arg = _best_mmrotate(gt_box[keep], gt_key, det_box, det_key)
+        pairs = {}
     ignored_of_arg = np.append(gt_ignored, False)[arg]  # arg -1 -> the appended False
 
     # Positives: devkit: the non-difficult objects; mmrotate: the objects not dropped.
@@ -518,7 +527,8 @@ def evaluate_detections(gt: Mapping, detections, classes: Sequence[str], *,
                          "iou_rule": "iou >= threshold", "difficulty_threshold": int(difficulty_threshold),
                          "difficult": f"dropped above {int(difficulty_threshold)}",
                          "small_labels": "dropped (min-area rectangle side < 2 px)"})
-    return {"settings": settings, "classes": per_class, "mean": mean, "polygons": polygon_stats, "pr_curves": curves}
+    return {"settings": settings, "classes": per_class, "mean": mean, "polygons": polygon_stats,
+            "candidate_pairs": pairs, "pr_curves": curves}
 
 
 def _polygon_counts(gt_poly: np.ndarray, dets: _Detections) -> dict:

@@ -6,7 +6,12 @@ One file per class, ``Task1_<class>.txt``, one detection a line::
 
 with the polygon in full-image pixels. Every class gets its file, empty if it has no detections (the
 server expects all of them). Scores are written with the shortest text that reads back to the same
-float32; coordinates with ``coordinate_decimals`` decimals (2, as mmrotate writes them).
+float32 (so the ranking, ties included, survives the round trip); coordinates by default with the
+shortest text that reads back to the same float64 (Python's ``repr``), so that evaluating the files
+(:mod:`mutdet.stages.evaluate`, protocol ``dota_devkit``, which intersects the polygons as written) gives
+exactly the AP of the detections they were written from. Fixed decimals (``coordinate_decimals``, e.g. 2
+as mmrotate writes them) make smaller files but move corners by up to half a unit of the last decimal,
+enough to turn a detection whose IoU is near a threshold from TP to FP.
 """
 from __future__ import annotations
 
@@ -41,7 +46,7 @@ def _check_token(value: str, what: str) -> None:
 
 
 def write_task1(out_dir: str | Path, image_ids: Sequence[str], class_names: Sequence[str], scores, polygons,
-                classes: Sequence[str], coordinate_decimals: int = 2) -> list[Path]:
+                classes: Sequence[str], coordinate_decimals: int | None = None) -> list[Path]:
     """Write ``Task1_<class>.txt`` for every class of ``classes`` (atomically, one file at a time).
 
     Args:
@@ -51,7 +56,8 @@ def write_task1(out_dir: str | Path, image_ids: Sequence[str], class_names: Sequ
         scores: ``(D,)`` confidence, written as float32 (the ``detections`` artefact's type).
         polygons: ``(D, 8)`` ``x1 y1 ... x4 y4`` in full-image pixels.
         classes: every class name; each gets a file, in input order of its detections.
-        coordinate_decimals: decimals written for coordinates.
+        coordinate_decimals: decimals written for coordinates; ``None`` (default): the shortest text
+            that reads back to the same float64.
     Returns:
         The written paths, in the order of ``classes``.
     """
@@ -72,7 +78,10 @@ def write_task1(out_dir: str | Path, image_ids: Sequence[str], class_names: Sequ
     for image_id, name, score, poly in zip(image_ids, class_names, scores, polygons):
         if name not in lines:
             raise ValueError(f"write_task1: detection of class {name!r}, not one of {list(classes)}")
-        coords = " ".join(f"{v:.{coordinate_decimals}f}" for v in poly)
+        if coordinate_decimals is None:
+            coords = " ".join(map(repr, poly.tolist()))
+        else:
+            coords = " ".join(f"{v:.{coordinate_decimals}f}" for v in poly)
         lines[name].append(f"{image_id} {np.format_float_positional(score, unique=True, trim='-')} {coords}\n")
     paths = []
     for c in classes:

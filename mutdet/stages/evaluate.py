@@ -5,9 +5,15 @@ and either a ``detections`` artefact (frame ``image``: ``id`` is the image id, l
 full-image pixels) or a folder of DOTA Task1 files. Outputs in ``out_dir``:
 
 * ``metrics.json``: per class and mean AP at each IoU threshold (``AP50``, ``AP75`` kept separate),
-  ground-truth and detection counts, the settings, the inputs, skipped objects and images (with
-  file, line and reason), the mutdet version and the code version (with the git commit);
+  ground-truth and detection counts, the settings (``protocol``, and ``difficulty_threshold`` for
+  ``mmrotate``, among them), the inputs, skipped objects and images (with file, line and reason),
+  ``polygons`` (labels and detection polygons that are not simple or have area 0, labels dropped by
+  mmrotate as thinner than 2 px, and labels the reader skipped as self-intersecting or degenerate), the
+  mutdet version and the code version (with the git commit);
 * ``pr_curve.png``: precision-recall curves at the first threshold.
+
+The protocol (:mod:`mutdet.evaluation.rotated_ap`: ``dota_devkit`` or ``mmrotate``) is the dataset's
+``evaluation.protocol`` unless ``run`` is given one.
 
 The ground truth is what tiling accepted: each image goes through
 :func:`mutdet.io.datasets.load_image` (image present and complete, label file parsed, objects
@@ -27,6 +33,7 @@ import pyarrow.compute as pc
 import mutdet
 from mutdet.config import Config, DatasetConfig
 from mutdet.evaluation import ap_key, evaluate_detections
+from mutdet.evaluation.rotated_ap import PROTOCOLS
 from mutdet.evaluation.plots import plot_pr_curves
 from mutdet.io.annotations import AnnotationError, ClassMap
 from mutdet.io.artefacts import ArtefactError, read_artefact, read_metadata
@@ -93,6 +100,13 @@ def _task1_by_class(folder: Path, classes: Sequence[str]) -> dict:
     return by_class
 
 
+def _skipped_polygon_counts(skipped: list[dict]) -> dict:
+    """Labels the reader skipped (``on_bad_object: skip``) as self-intersecting or degenerate."""
+    reasons = [s["reason"] for s in skipped]
+    return {"gt_skipped_self_intersecting": sum(r.startswith("self-intersecting") for r in reasons),
+            "gt_skipped_degenerate": sum(r.startswith("degenerate") for r in reasons)}
+
+
 def format_table(metrics: dict) -> str:
     """A plain-text table of per-class AP (percent) and counts, then the mean."""
     keys = [ap_key(t) for t in metrics["settings"]["iou_thresholds"]]
@@ -115,7 +129,10 @@ def run(cfg: Config, *, dataset: str, split: str, out_dir: Path, detections: Pat
     """Evaluate one detection set on one split; write ``metrics.json`` and ``pr_curve.png`` to ``out_dir``.
 
     The ground truth is read as the tile stage reads it (``on_bad_object`` included), so an image or
-    object that tiling skipped is skipped here too, and listed.
+    object that tiling skipped is skipped here too, and listed. Self-intersecting and degenerate label
+    quadrilaterals are such bad objects (an error, or skipped under ``on_bad_object: skip``); the
+    devkit would score them with its signed-area formula, which
+    :func:`~mutdet.evaluation.evaluate_detections` also implements.
 
     Args:
         dataset, split: the labelled split to evaluate on (every image of it counts, with or without
@@ -124,8 +141,10 @@ def run(cfg: Config, *, dataset: str, split: str, out_dir: Path, detections: Pat
         detections: a ``detections`` Parquet artefact in the full-image frame; or
         task1_dir: a folder with ``Task1_<class>.txt`` for every class of the dataset (exactly one of
             the two).
-        iou_thresholds: IoU thresholds (a match needs IoU > threshold).
-        use_07_metric: VOC07 11-point AP (DOTA) if true, else all-points AP.
+        iou_thresholds: IoU thresholds (``dota_devkit``: a match needs IoU > threshold; ``mmrotate``: >=).
+        use_07_metric: VOC07 11-point AP (both references' default) if true, else all-points AP.
+        protocol: ``"dota_devkit"`` or ``"mmrotate"``; ``None``: the dataset's ``evaluation.protocol``
+            (``mmrotate`` takes the dataset's ``evaluation.difficulty_threshold``).
     Returns:
         The dict written to ``metrics.json``.
     """
@@ -133,6 +152,9 @@ def run(cfg: Config, *, dataset: str, split: str, out_dir: Path, detections: Pat
         raise ValueError("evaluate: give exactly one of detections (Parquet) or task1_dir (Task1 files)")
     out_dir = Path(out_dir)
     ds = cfg.dataset(dataset)
+    protocol = ds.evaluation.protocol if protocol is None else protocol
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"evaluate: protocol must be one of {PROTOCOLS}, got {protocol!r}")
     gt, skipped_images = load_ground_truth(ds, split, cfg.on_bad_object)
     skipped = [s.to_dict() for ann in gt.values() for s in ann.skipped]
     skipped_ids = {s["image_id"] for s in skipped_images}
@@ -164,7 +186,9 @@ def run(cfg: Config, *, dataset: str, split: str, out_dir: Path, detections: Pat
             dets[name] = {key: value[keep] for key, value in d.items()}
         source = {"task1_dir": str(task1_dir)}
 
-    result = evaluate_detections(gt, dets, ds.classes, iou_thresholds=iou_thresholds, use_07_metric=use_07_metric)
+    result = evaluate_detections(gt, dets, ds.classes, iou_thresholds=iou_thresholds, use_07_metric=use_07_metric,
+                                 protocol=protocol, difficulty_threshold=ds.evaluation.difficulty_threshold)
+    polygons = {**result["polygons"], **_skipped_polygon_counts(skipped)}
     metrics = {
         "dataset": ds.name,
         "split": split,
@@ -176,6 +200,7 @@ def run(cfg: Config, *, dataset: str, split: str, out_dir: Path, detections: Pat
         "skipped_objects": skipped,
         "skipped_images": skipped_images,
         "detections_on_skipped_images": num_on_skipped,
+        "polygons": polygons,
         "mutdet_version": mutdet.__version__,
         "code_version": code_version(),
     }
@@ -183,8 +208,9 @@ def run(cfg: Config, *, dataset: str, split: str, out_dir: Path, detections: Pat
     write_json(out_dir / "metrics.json", metrics)
     plot_pr_curves(result, out_dir / "pr_curve.png", key=ap_key(result["settings"]["iou_thresholds"][0]),
                    title=f"{ds.name} {split}")
-    log.info("evaluation of %s on %s/%s (%d images, %s AP, IoU > threshold)\n%s", next(iter(source.values())),
-             ds.name, split, len(gt), result["settings"]["ap"], format_table(metrics))
+    log.info("evaluation of %s on %s/%s (%d images, protocol %s, %s AP, %s)\n%s", next(iter(source.values())),
+             ds.name, split, len(gt), protocol, result["settings"]["ap"], result["settings"]["iou_rule"],
+             format_table(metrics))
     if skipped or skipped_images:
         log.warning("%d bad object(s) and %d image(s) skipped (on_bad_object: skip), %d detection(s) on skipped "
                     "images left out; listed in %s", len(skipped), len(skipped_images), num_on_skipped,
