@@ -133,7 +133,7 @@ DEFAULT_PROTOCOL = {"dota": "dota_devkit", "dior": "mmrotate", "voc": "mmrotate"
 @dataclass(frozen=True)
 class EvaluationConfig:
     protocol: str  # dota_devkit | mmrotate (resolved)
-    difficulty_threshold: int  # mmrotate: objects above it are ignored
+    difficulty_threshold: int  # mmrotate: objects above it are dropped from the ground truth
 
 
 @dataclass(frozen=True)

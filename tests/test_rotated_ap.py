@@ -526,3 +526,18 @@ def test_random_scene_exercises_the_differences():
     assert mm["polygons"]["gt_dropped_too_small"] > 0
     assert sum(not quad_pieces(a.polygons).simple.all() for a in gt.values()) == 0
     assert dk["candidate_pairs"]["skipped_by_bound"] > 0 and dk["candidate_pairs"]["computed"] > 0  # the bound prunes
+
+
+def test_mmrotate_label_box_is_min_area_rects_own_centre_size_and_angle():
+    """mmrotate's poly2obb_np_le90 keeps minAreaRect's centre, size and angle (not a box rebuilt from its
+    corners, which differs by ~1e-5): here that difference moves the IoU across 0.75 (0.7499991 for
+    mmrotate's box, 0.7500007 for the rebuilt one), so the detection is a miss at AP75."""
+    label = [541, 1142, 557, 1138, 565, 1180, 550, 1181]
+    boxes, keep = mmrotate_label_boxes([label])
+    expected = np.array([552.91254, 1160.5405, 42.755116, 16.465866, 1.3825748], np.float32)
+    np.testing.assert_array_equal(boxes[0].astype(np.float32), expected)
+    assert keep.all()
+    detection = [553.8150634765625, 1158.778564453125, 38.13111877441406, 14.36171817779541, 1.338976502418518]
+    result = evaluate_detections({"img": gt_image([label], [0])}, {"a": dets(("img", 0.9, detection))}, ["a"],
+                                 protocol=MMROTATE)
+    assert ap(result, "AP50") == pytest.approx(1.0) and ap(result, "AP75") == 0.0

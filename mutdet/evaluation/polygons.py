@@ -40,7 +40,6 @@ import cv2
 import numpy as np
 import shapely
 
-from mutdet.boxes import normalize_le90
 
 __all__ = ["QuadPieces", "quad_pieces", "candidate_pairs", "pair_iou", "devkit_iou", "mmrotate_label_boxes",
            "MMROTATE_MIN_SIDE"]
@@ -174,23 +173,29 @@ def devkit_iou(polygons_a, polygons_b) -> np.ndarray:
 def mmrotate_label_boxes(polygons) -> tuple[np.ndarray, np.ndarray]:
     """Label polygons ``(N, 8)`` -> mmrotate's le90 boxes and which labels it keeps.
 
-    Each polygon is cast to float32 and given to OpenCV ``minAreaRect``; a rectangle with a side below
-    :data:`MMROTATE_MIN_SIDE` is dropped (mmrotate's ``poly2obb_np`` returns nothing and the dataset
-    skips the line). The le90 box is rebuilt from the rectangle's corners and rounded to float32, the
-    type mmrotate stores it in.
+    As mmrotate's ``poly2obb_np_le90``: each polygon is cast to float32 and given to OpenCV
+    ``minAreaRect``; a rectangle with a side below :data:`MMROTATE_MIN_SIDE` is dropped (the dataset
+    skips the line). The box is the rectangle's own centre, size and angle (``a / 180 * pi``; sides
+    swapped and ``pi / 2`` added when ``w < h``; the angle wrapped into ``[-pi/2, pi/2)``), rounded
+    to float32, the type mmrotate stores it in. (Rebuilding the box from ``boxPoints`` corners instead
+    differs by about 1e-5, enough to move an IoU across 0.75 and to meet the float32 rotated-IoU
+    kernel's failures on other values: ``benchmarks/evaluation.py`` has both cases.)
 
     Returns:
         ``boxes`` ``(N, 5)`` float64 holding float32 values (rows of dropped labels are still filled) and
         ``keep`` ``(N,)`` bool.
     """
     polys = np.asarray(polygons, dtype=np.float64).reshape(-1, 8)
-    corners = np.empty((len(polys), 4, 2))
+    boxes = np.empty((len(polys), 5))
     keep = np.empty(len(polys), dtype=bool)
     for i, p in enumerate(polys.astype(np.float32).reshape(-1, 4, 2)):
-        rect = cv2.minAreaRect(p)
-        keep[i] = not (rect[1][0] < MMROTATE_MIN_SIDE or rect[1][1] < MMROTATE_MIN_SIDE)
-        corners[i] = cv2.boxPoints(rect)
-    e1, e2 = corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 1]
-    boxes = np.stack([*corners.mean(axis=1).T, np.hypot(*e1.T), np.hypot(*e2.T), np.arctan2(e1[:, 1], e1[:, 0])],
-                     axis=1).reshape(-1, 5)
-    return normalize_le90(boxes).astype(np.float32).astype(np.float64), keep
+        (x, y), (w, h), a = cv2.minAreaRect(p)
+        keep[i] = not (w < MMROTATE_MIN_SIDE or h < MMROTATE_MIN_SIDE)
+        a = a / 180 * np.pi
+        if w < h:
+            w, h = h, w
+            a += np.pi / 2
+        while not np.pi / 2 > a >= -np.pi / 2:
+            a += -np.pi if a >= np.pi / 2 else np.pi
+        boxes[i] = (x, y, w, h, a)
+    return boxes.astype(np.float32).astype(np.float64), keep

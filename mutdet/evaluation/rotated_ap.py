@@ -12,8 +12,8 @@
   winding-number formula (see below). Computed with shapely 2 (GEOS, float64), vectorised over candidate
   pairs. Candidates: the image's objects of the detection's class whose axis-aligned bounds meet the
   detection's (one ``shapely.STRtree`` over all objects). The devkit's own pre-filter (axis-aligned
-  overlap with its ``+ 1`` pixel convention) keeps a superset of ours; every pair either leaves out has
-  intersection 0, hence IoU 0 (or <= 0), so no match changes. Pairs whose IoU cannot exceed the smallest
+  overlap with its ``+ 1`` pixel convention) keeps a superset of ours; a pair that either leaves out has
+  intersection 0, hence IoU 0, below every threshold, so no match changes. Pairs whose IoU cannot exceed the smallest
   threshold (upper bound ``m / (A_d + A_g - m)`` with ``m`` the smallest of both areas and their
   bounds' overlap area, minus a 1e-9 margin) are not computed either, for simple polygons only; this
   cannot change a match (a detection with no IoU above the threshold is a false positive whichever
@@ -47,7 +47,8 @@
   below 2 pixels is **dropped** (``poly2obb_np`` returns nothing, the loader skips the line); an object
   whose ``difficult`` exceeds ``difficulty_threshold`` is **dropped** too (the ``difficulty`` option of
   mmrotate's ``DOTADataset``; default 100: nothing is dropped, difficult objects are ordinary
-  positives). Dropped means gone, not ignored: no ignore list is passed (``bboxes_ignore`` is empty), so
+  positives; its ``DIORDataset`` does not read ``<difficult>`` at all, which is the default). Dropped
+  means gone, not ignored: no ignore list is passed (``bboxes_ignore`` is empty), so
   a detection on a dropped object is an ordinary FP unless it matches another object.
 * Detections: the le90 box (``"boxes"``), or the minimum-area rectangle of the given polygon.
 * IoU: exact rotated-box IoU in float32 (torchvision's ``box_iou_rotated``, the same algorithm as
@@ -63,7 +64,7 @@
   in float32 as ``np.mean`` of float32 values gives it.
 * Not followed: mmrotate's ``DOTADataset`` leaves out images whose label file is empty (size 0); here
   every image of the ground truth counts. A class without positives has AP ``None`` (mmrotate: 0, left
-  out of the mean too), and the mean with no such class is ``None`` (mmrotate: 0.0).
+  out of the mean too), and the mean when no class has positives is ``None`` (mmrotate: 0.0).
 
 Both protocols
 --------------
