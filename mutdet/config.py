@@ -76,6 +76,17 @@ def _key_path(error: jsonschema.ValidationError) -> str:
     return ".".join(str(p) for p in error.absolute_path) or "<top level>"
 
 
+def _hint(error: jsonschema.ValidationError) -> str:
+    """A number written as YAML 1.1 reads it as text (``1e-4``: no dot) gets told how to write it."""
+    if error.validator == "type" and isinstance(error.instance, str):
+        try:
+            float(error.instance)
+        except ValueError:
+            return ""
+        return f" (YAML reads {error.instance} as text; write it with a dot, e.g. 1.0e-4)"
+    return ""
+
+
 def validate_config(raw: Mapping[str, Any] | None, source: str = "config") -> dict:
     """Validate ``raw`` against the schema and return a copy with every default filled in.
 
@@ -89,7 +100,7 @@ def validate_config(raw: Mapping[str, Any] | None, source: str = "config") -> di
     validator = _Validator(load_schema())
     errors = sorted(validator.iter_errors(instance), key=lambda e: list(map(str, e.absolute_path)))
     if errors:
-        lines = [f"{source}: {_key_path(e)}: {e.message}" for e in errors]
+        lines = [f"{source}: {_key_path(e)}: {e.message}{_hint(e)}" for e in errors]
         raise ConfigError("invalid configuration\n  " + "\n  ".join(lines))
     return instance
 

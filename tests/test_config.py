@@ -197,3 +197,11 @@ def test_stages_read_only_the_sections_their_rerun_trigger_covers():
                 read.add(node.slice.value)
         assert read, f"{stage}: reads no config at all?"
         assert read <= part, f"stage {stage} reads {sorted(read - part)} outside its rerun trigger {sorted(part)}"
+
+
+def test_a_number_yaml_reads_as_text_gets_a_hint(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("finetune:\n  train: {lr: 1e-4}\n")  # YAML 1.1: no dot, so a string
+    with pytest.raises(ConfigError, match=r"finetune.train.lr: '1e-4' is not of type 'number' \(YAML reads 1e-4 as "
+                                          r"text; write it with a dot, e.g. 1.0e-4\)"):
+        load_config(path)
