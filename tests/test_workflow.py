@@ -152,9 +152,9 @@ def test_tiny_end_to_end_run_and_nothing_to_redo(tmp_path):
     plan = snakemake("-n", "--cores", "2", "-d", str(tmp_path), "--configfile", str(changed)).stdout
     counts = job_counts(plan)
     inits = len(run["inits"])
-    assert counts["finetune"] == counts["evaluate"] == inits and counts["tables"] == 1
+    assert counts["finetune"] == counts["merge"] == counts["evaluate"] == inits and counts["tables"] == 1
     assert not {"tile", "propose", "embed", "cluster", "pretrain", "subset"} & set(counts)
-    assert plan.count("fraction=0.5") == inits and "fraction=1.0" not in plan  # finetune jobs' wildcards
+    assert plan.count("fraction=0.5") == 2 * inits and "fraction=1.0" not in plan  # finetune and merge wildcards
     # a section only the tables read: only the tables (and the resolved config) are redone
     raw3 = json.loads(json.dumps(raw))
     raw3.setdefault("tables", {})["num_tiles"] = 2

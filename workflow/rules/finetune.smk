@@ -50,7 +50,7 @@ rule merge:
         sections=sections("merge", dataset="dataset"),
         tiles=lambda w, input: [os.path.dirname(f) for f in input.tiles],
     log:
-        p(LAYOUT.logs_dir() / f"{FINETUNE_DIR.relative_to(RESULTS)}.merge.log"),
+        p(LAYOUT.logs_dir() / "merge" / f"{FINETUNE_DIR.relative_to(RESULTS)}.log"),
     conda:
         "../../envs/mutdet.yaml"
     shell:
