@@ -165,6 +165,7 @@ def finetuned_datasets():
     return list(dict.fromkeys(r.dataset for r in CONFIG.finetune.runs))
 
 
+@functools.cache
 def tables_inputs():
     """What `mutdet tables` reads, as the JSON it takes: each run's metrics and tile detections, and the
     test tiles of every fine-tuned dataset; the same files are the rule's inputs."""
