@@ -200,7 +200,7 @@ SNAKEMAKE=(timeout "${SNAKEMAKE_TIMEOUT:-1200}" "$PY" -m snakemake --executor sl
 
 log "pipeline: snakemake --executor slurm --profile workflow/profiles/slurm (CI variant) --configfile .test/config.yaml"
 "${SNAKEMAKE[@]}" --configfile .test/config.yaml >"$T/run1.log" 2>&1 || { tail -n 80 "$T/run1.log"; die "pipeline failed"; }
-FT=results/finetune/init~none/frac~1.0/epochs~1/tiny/test
+FT=results/finetune/init~none/frac~1.0/epochs~1/seed~42/tiny/test
 for f in results/tiny/tiles/train/shard-0/tiles.parquet results/tiny/tiles/test/shard-1/tiles.parquet \
          results/tiny/fractions/train/frac~0.5.txt "$FT/checkpoint.pt" "$FT/detections.parquet" "$FT/metrics.json"; do
     [ -s "$f" ] || { tail -n 40 "$T/run1.log"; die "missing output $f"; }
@@ -221,8 +221,8 @@ cfg["finetune"]["runs"] = [{"dataset": "tiny", "inits": ["none"], "fractions": [
 cfg["finetune"]["train"].update(max_iterations=None, checkpoint_every_iterations=1, log_every=1)
 Path("preempt.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
 EOF
-PFT=results/finetune/init~none/frac~1.0/epochs~60/tiny/test
-PLOG=results/logs/finetune/init~none/frac~1.0/epochs~60/tiny/test.log
+PFT=results/finetune/init~none/frac~1.0/epochs~60/seed~42/tiny/test
+PLOG=results/logs/finetune/init~none/frac~1.0/epochs~60/seed~42/tiny/test.log
 log "preemption: long fine-tuning job (60 epochs, checkpoint every step)"
 "${SNAKEMAKE[@]}" --configfile preempt.yaml >"$T/run2.log" 2>&1 &
 SNAKE_PID=$!

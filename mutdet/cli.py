@@ -39,12 +39,23 @@ def _json_argument(text: str) -> dict:
     return value
 
 
+def _seed(text: str) -> int:
+    """A training seed: a non-negative integer."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a seed is a non-negative integer, got {value}")
+    return value
+
+
 def _tables(cfg, a):
     from mutdet.layout import FinetuneJob
 
     tables = _stage("tables")
     runs = [tables.RunFiles(job=FinetuneJob(**{k: r[k] for k in ("dataset", "train_split", "split", "init",
-                                                                  "fraction", "epochs")}),
+                                                                  "fraction", "epochs", "seed")}),
                             metrics=Path(r["metrics"]), detections=Path(r["detections"]))
             for r in a.inputs["runs"]]
     test_tiles = {name: [Path(d) for d in dirs] for name, dirs in a.inputs["test_tiles"].items()}
@@ -147,10 +158,12 @@ COMMANDS = (
              _arg("--test-tiles", nargs="*", type=Path, default=[], help="tiles folders to detect on after training"),
              _arg("--image-ids", type=Path, help="list file of training image ids (a data-fraction subset)"),
              _arg("--init", default="none", help="none, or a pre-training checkpoint"),
+             _arg("--seed", type=_seed, help="training seed (a finetune.runs[].seeds value; default: the config's "
+                                             "top-level seed); the --image-ids subset does not change with it"),
              _arg("--out", required=True, type=Path, help="output folder")),
             lambda cfg, a: _stage("finetune").run(cfg, dataset=a.dataset, epochs=a.epochs, tiles_dirs=a.tiles,
                                                   test_tiles_dirs=a.test_tiles, image_ids_file=a.image_ids,
-                                                  init=a.init, out_dir=a.out),
+                                                  init=a.init, out_dir=a.out, seed=a.seed),
             threads=TORCH_THREADS, torch=True),
     Command("evaluate", "rotated VOC AP of full-image detections (protocol dota_devkit or mmrotate)",
             (DATASET, _arg("--split", required=True, help="labelled split whose ground truth is used"),
@@ -171,7 +184,7 @@ COMMANDS = (
                                                 out=a.out)),
     Command("tables", "the paper's tables (md/csv/tex), AP50-vs-fraction plot, detection grid",
             (_arg("--inputs", required=True, type=_json_argument,
-                  help='JSON {"runs": [{dataset, train_split, split, init, fraction, epochs, metrics, detections}],'
+                  help='JSON {"runs": [{dataset, train_split, split, init, fraction, epochs, seed, metrics, detections}],'
                        ' "test_tiles": {dataset: [tiles folders]}} (the workflow writes it)'),
              _arg("--out", required=True, type=Path, help="output folder")),
             _tables),

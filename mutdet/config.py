@@ -134,6 +134,7 @@ class SyntheticConfig:
     num_test: int
     image_size: int
     seed: int
+    num_unlabelled: int = 0
 
 
 # The evaluation protocol of a label format when the config names none (the paper's choice per dataset:
@@ -255,6 +256,7 @@ class FinetuneRun:
     inits: tuple[str, ...]
     fractions: tuple[float, ...]
     epochs: tuple[int, ...]
+    seeds: tuple[int, ...]  # fine-tuning seeds; ``runs[].seeds: null`` resolves to ``(seed,)``
 
 
 @dataclass(frozen=True)
@@ -356,7 +358,9 @@ def job_sections(cfg: Config, stage: str, *, dataset: str | None = None, variant
     This table is the contract between a stage and the workflow's rerun triggers: a stage reads only
     keys listed here for it (it receives the whole config, so a key outside its part would be read
     correctly but not rerun it when changed). Sections are chosen so that extending the sweep (a
-    fraction, an init, a schedule, a variant) leaves every existing job's part unchanged. A variant
+    fraction, an init, a schedule, a fine-tuning seed, a variant) leaves every existing job's part unchanged: the
+    ``finetune`` part leaves out ``finetune.runs`` because a job's init, fraction, schedule and seed are in its
+    path (its wildcards), not in the config part. A variant
     enters by its resolved flags, so spelling out a preset's flags changes nothing.
     """
     from dataclasses import asdict
@@ -463,7 +467,8 @@ def _proposals(p: dict, datasets: Mapping[str, DatasetConfig]) -> ProposalsConfi
     )
 
 
-def _finetune(f: dict, datasets: Mapping[str, DatasetConfig]) -> FinetuneConfig:
+def _finetune(f: dict, datasets: Mapping[str, DatasetConfig], seed: int) -> FinetuneConfig:
+    """The ``finetune`` section; ``seed`` (the top-level one) is the seed of runs that list no ``seeds``."""
     runs = []
     for k, r in enumerate(f["runs"]):
         if r["dataset"] not in datasets:
@@ -478,7 +483,8 @@ def _finetune(f: dict, datasets: Mapping[str, DatasetConfig]) -> FinetuneConfig:
                               f"sweeps whose union is run) must use the same splits")
         runs.append(FinetuneRun(dataset=r["dataset"], train_split=r["train_split"], test_split=r["test_split"],
                                 inits=tuple(r["inits"]), fractions=tuple(float(v) for v in r["fractions"]),
-                                epochs=tuple(r["epochs"])))
+                                epochs=tuple(r["epochs"]),
+                                seeds=(seed,) if r["seeds"] is None else tuple(r["seeds"])))
     scalars = {k: f[k] for k in ("input_size", "flip_probability", "device", "wandb_mode", "merge_iou",
                                  "num_select", "score_threshold", "eval_batch_size")}
     return FinetuneConfig(runs=tuple(runs), **scalars, model=MappingProxyType(dict(f["model"])),
@@ -542,7 +548,7 @@ def from_dict(raw: Mapping[str, Any] | None, source: str = "config") -> Config:
     """Validate a config mapping and build the frozen :class:`Config` (every cross-section check too)."""
     d = validate_config(raw, source)
     datasets = MappingProxyType({name: _dataset(name, ds) for name, ds in d["datasets"].items()})
-    finetune = _finetune(d["finetune"], datasets)
+    finetune = _finetune(d["finetune"], datasets, d["seed"])
     proposals = _proposals(d["proposals"], datasets)
     cfg = Config(
         results=Path(d["results"]),

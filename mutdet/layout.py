@@ -17,7 +17,7 @@ outputs beside the old ones instead of mixing them.
 ``targets/<ptag>/<etag>/``                                                      cluster stage (the model)
 ``pretrain/<ptag>/<etag>/<variant>/``                                           pretrain stage
 ``pretrain/<ptag>/<etag>/loss_curves.png``                                      loss-curves figure
-``finetune/init~<i>/frac~<p>/epochs~<e>/<dataset>/<test split>/``               finetune + evaluate
+``finetune/init~<i>/frac~<p>/epochs~<e>/seed~<n>/<dataset>/<test split>/``      finetune + evaluate
 ``tables/``                                                                     tables stage
 ``logs/``                                                                       one log per job
 ``configs/config-<digest>.json``                                                the resolved config jobs read
@@ -39,13 +39,17 @@ EMBEDDING_KEYS = ("backbone", "weights", "context", "input_size", "crop_size", "
 @dataclass(frozen=True)
 class FinetuneJob:
     """One job of the fine-tuning sweep: train on ``train_split`` of ``dataset`` from ``init`` with a
-    ``fraction`` of its images for ``epochs``, then detect on and evaluate ``split``."""
+    ``fraction`` of its images for ``epochs`` with the training seed ``seed``, then detect on and evaluate
+    ``split``. The seeds of one (dataset, init, fraction, epochs) cell share the fraction's image list (drawn
+    with the config's top-level ``seed``); the job's ``seed`` drives initialisation, tile order and
+    augmentation only."""
     dataset: str
     train_split: str
     split: str
     init: str
     fraction: float
     epochs: int
+    seed: int
 
 
 class Layout:
@@ -115,16 +119,21 @@ class Layout:
         return self.pretrain_root() / "loss_curves.png"
 
     # -- fine-tuning -----------------------------------------------------------------------------------
-    def finetune_dir(self, init: str, fraction: float | str, epochs: int | str, dataset: str, split: str) -> Path:
-        return self.results / "finetune" / f"init~{init}" / f"frac~{fraction}" / f"epochs~{epochs}" / dataset / split
+    def finetune_dir(self, init: str, fraction: float | str, epochs: int | str, seed: int | str, dataset: str,
+                     split: str) -> Path:
+        """Folder of one fine-tuning job, e.g. ``finetune/init~mutdet/frac~0.25/epochs~36/seed~42/dior/test``."""
+        return (self.results / "finetune" / f"init~{init}" / f"frac~{fraction}" / f"epochs~{epochs}" / f"seed~{seed}"
+                / dataset / split)
 
     def job_dir(self, job: FinetuneJob) -> Path:
-        return self.finetune_dir(job.init, job.fraction, job.epochs, job.dataset, job.split)
+        return self.finetune_dir(job.init, job.fraction, job.epochs, job.seed, job.dataset, job.split)
 
     def finetune_jobs(self) -> list[FinetuneJob]:
-        """Every job of the sweep: the union of the ``finetune.runs`` entries, each job once, in order."""
-        jobs = [FinetuneJob(r.dataset, r.train_split, r.test_split, init, fraction, epochs)
-                for r in self.cfg.finetune.runs for init in r.inits for fraction in r.fractions for epochs in r.epochs]
+        """Every job of the sweep: the union of the ``finetune.runs`` entries (init x fraction x epochs x seed),
+        each job once, in order."""
+        jobs = [FinetuneJob(r.dataset, r.train_split, r.test_split, init, fraction, epochs, seed)
+                for r in self.cfg.finetune.runs for init in r.inits for fraction in r.fractions for epochs in r.epochs
+                for seed in r.seeds]
         return list(dict.fromkeys(jobs))
 
     # -- reports and bookkeeping -----------------------------------------------------------------------

@@ -252,41 +252,53 @@ def render_image(seed: int, size: int = 1500) -> SyntheticImage:
 
 
 def write_dota_dataset(root: str | Path, num_train: int = 8, num_test: int = 4, size: int = 1500,
-                       seed: int = 0) -> dict:
+                       seed: int = 0, num_unlabelled: int = 0) -> dict:
     """Write a synthetic dataset in DOTA layout under ``root``.
 
     Files: ``images/<id>.png``, ``labelTxt/<id>.txt`` (header lines ``imagesource:`` and ``gsd:``,
     then ``x1 y1 ... x4 y4 class difficult`` per object), ``train.txt`` and ``test.txt`` (one id per
     line). Ids are ``synthetic_0000``, ``synthetic_0001``, ...; image ``i`` is rendered with seed
-    ``seed * 100003 + i``; the first ``num_train`` ids form the train split. Each file is written
+    ``seed * 100003 + i``; the first ``num_train`` ids form the train split, the next ``num_test`` the
+    test split. ``num_unlabelled`` further images (the ids that follow) go to ``unlabelled/images/``
+    and ``unlabelled.txt`` **without labels**, laid out like DOTA's test split (images only): a
+    pre-training pool larger than the labelled data, as in the paper's regime. Each file is written
     atomically.
 
     Returns:
-        ``{"images": int, "objects": int, "per_class": {class: int}, "train": [ids], "test": [ids]}``.
+        ``{"images": int, "objects": int, "per_class": {class: int}, "train": [ids], "test": [ids],
+        "unlabelled": [ids]}`` (``objects`` and ``per_class`` count the labelled images only).
     """
-    if num_train < 0 or num_test < 0:
-        raise ValueError("num_train and num_test must be non-negative")
+    if num_train < 0 or num_test < 0 or num_unlabelled < 0:
+        raise ValueError("num_train, num_test and num_unlabelled must be non-negative")
     root = Path(root)
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "labelTxt").mkdir(parents=True, exist_ok=True)
-    ids = [f"synthetic_{i:04d}" for i in range(num_train + num_test)]
+    ids = [f"synthetic_{i:04d}" for i in range(num_train + num_test + num_unlabelled)]
+    labelled = num_train + num_test
+    if num_unlabelled:
+        (root / "unlabelled" / "images").mkdir(parents=True, exist_ok=True)
     per_class = dict.fromkeys(SYNTHETIC_CLASSES, 0)
     for i, image_id in enumerate(ids):
         sample = render_image(seed * 100003 + i, size)
         ok, png = cv2.imencode(".png", sample.image, [cv2.IMWRITE_PNG_COMPRESSION, 1])
         if not ok:
             raise RuntimeError(f"PNG encoding failed for {image_id}")
+        if i >= labelled:  # unlabelled: the image only
+            write_bytes(root / "unlabelled" / "images" / f"{image_id}.png", png.tobytes())
+            continue
         write_bytes(root / "images" / f"{image_id}.png", png.tobytes())
         lines = ["imagesource:mutdet-synthetic", f"gsd:{GSD}"]
         for poly, cls, diff in zip(sample.polygons, sample.classes, sample.difficult):
             lines.append(format_dota_line(poly, cls, int(diff)))
             per_class[cls] += 1
         write_text(root / "labelTxt" / f"{image_id}.txt", "\n".join(lines) + "\n")
-    train, test = ids[:num_train], ids[num_train:]
+    train, test, unlabelled = ids[:num_train], ids[num_train:labelled], ids[labelled:]
     write_text(root / "train.txt", "".join(f"{i}\n" for i in train))
     write_text(root / "test.txt", "".join(f"{i}\n" for i in test))
+    if num_unlabelled:
+        write_text(root / "unlabelled.txt", "".join(f"{i}\n" for i in unlabelled))
     return {"images": len(ids), "objects": sum(per_class.values()), "per_class": per_class,
-            "train": train, "test": test}
+            "train": train, "test": test, "unlabelled": unlabelled}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -75,3 +75,25 @@ def test_a_second_process_on_the_same_output_fails_clearly(tmp_path, caplog):
         holder.wait()
     with exclusive_output(out):  # released with its holder
         assert os.path.exists(tmp_path / ".tiles.lock")
+
+
+def test_finetune_takes_the_jobs_seed(tmp_path, monkeypatch, capsys):
+    """`mutdet finetune --seed N` (the workflow's {seed} wildcard) reaches the stage; without it the stage
+    falls back to the config's seed; a seed that is not a non-negative integer is refused naming it."""
+    import pytest
+
+    from mutdet import cli
+
+    seen = []
+    monkeypatch.setattr(cli, "_stage", lambda name: type("Stage", (), {"run": staticmethod(
+        lambda cfg, **kw: seen.append(kw["seed"]))}))
+    cfg = json.dumps({"datasets": {"d": {"root": str(tmp_path), "format": "dota", "classes": ["a"],
+                                         "splits": {"train": {}}}}})
+    args = ["finetune", "--config", cfg, "--dataset", "d", "--epochs", "1", "--tiles", str(tmp_path),
+            "--out", str(tmp_path / "o")]
+    assert main([*args, "--seed", "7"]) == 0 and main(args) == 0 and seen == [7, None]
+    for bad in ("-1", "x"):
+        with pytest.raises(SystemExit) as exc:
+            main([*args, "--seed", bad])
+        assert exc.value.code == 2
+        assert "--seed" in capsys.readouterr().err

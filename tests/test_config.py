@@ -205,3 +205,51 @@ def test_a_number_yaml_reads_as_text_gets_a_hint(tmp_path):
     with pytest.raises(ConfigError, match=r"finetune.train.lr: '1e-4' is not of type 'number' \(YAML reads 1e-4 as "
                                           r"text; write it with a dot, e.g. 1.0e-4\)"):
         load_config(path)
+
+
+def _sweep(tmp_path, **run) -> dict:
+    """A config with one dataset and one fine-tuning run entry (``run`` overrides)."""
+    return {"seed": 42, "results": str(tmp_path / "results"),
+            "datasets": {"d": {"root": str(tmp_path), "format": "dota", "classes": ["a"],
+                               "splits": {"train": {}, "test": {}}}},
+            "finetune": {"runs": [{"dataset": "d", "fractions": [0.5, 1.0], "epochs": [3], **run}]}}
+
+
+def test_finetune_seeds_default_to_the_top_level_seed_and_are_checked(tmp_path):
+    assert from_dict(_sweep(tmp_path)).finetune.runs[0].seeds == (42,)
+    assert from_dict({**_sweep(tmp_path), "seed": 7}).finetune.runs[0].seeds == (7,)
+    assert from_dict(_sweep(tmp_path, seeds=[3, 1, 2])).finetune.runs[0].seeds == (3, 1, 2)
+    for seeds, message in (([1, "two"], r"finetune\.runs\.0\.seeds\.1: 'two' is not of type 'integer'"),
+                           ([1, 1.5], r"finetune\.runs\.0\.seeds\.1: 1\.5 is not of type 'integer'"),
+                           ([-1], r"finetune\.runs\.0\.seeds\.0: -1 is less than the minimum of 0"),
+                           ([1, 1], r"finetune\.runs\.0\.seeds: \[1, 1\] has non-unique elements"),
+                           ([], r"finetune\.runs\.0\.seeds: \[\] should be non-empty"),
+                           (4, r"finetune\.runs\.0\.seeds: 4 is not of type 'array', 'null'"),
+                           ([True], r"finetune\.runs\.0\.seeds\.0: True is not of type 'integer'")):
+        with pytest.raises(ConfigError, match=message):
+            from_dict(_sweep(tmp_path, seeds=seeds))
+
+
+def test_every_seed_is_its_own_job_and_folder(tmp_path):
+    from mutdet.layout import FinetuneJob, Layout
+
+    raw = _sweep(tmp_path, inits=["none"], seeds=[42, 7])
+    raw["finetune"]["runs"].append({"dataset": "d", "fractions": [1.0], "epochs": [3], "seeds": [7, 9]})
+    layout = Layout(from_dict(raw))
+    jobs = layout.finetune_jobs()
+    # the union of the entries: (1.0, 3, 7) is in both and runs once
+    assert [(j.fraction, j.seed) for j in jobs] == [(0.5, 42), (0.5, 7), (1.0, 42), (1.0, 7), (1.0, 9)]
+    assert jobs[0] == FinetuneJob("d", "train", "test", "none", 0.5, 3, 42)
+    assert layout.job_dir(jobs[1]) == tmp_path / "results/finetune/init~none/frac~0.5/epochs~3/seed~7/d/test"
+    assert len({layout.job_dir(j) for j in jobs}) == len(jobs)
+    assert str(layout.finetune_dir("{init}", "{fraction}", "{epochs}", "{seed}", "{dataset}", "{split}")).endswith(
+        "finetune/init~{init}/frac~{fraction}/epochs~{epochs}/seed~{seed}/{dataset}/{split}")
+    # every seed of a cell trains on the one fraction list, drawn with the top-level seed (not in its name)
+    assert layout.fractions_file("d", "train", 0.5) == tmp_path / "results/d/fractions/train/frac~0.5.txt"
+
+
+def test_adding_a_seed_leaves_the_existing_jobs_rerun_triggers_alone(tmp_path):
+    one, two = from_dict(_sweep(tmp_path)), from_dict(_sweep(tmp_path, seeds=[42, 5]))
+    for stage in ("finetune", "merge", "evaluate", "subset"):
+        assert one.sections_digest(stage, dataset="d") == two.sections_digest(stage, dataset="d"), stage
+    assert one.sections_digest("tables") != two.sections_digest("tables")  # the tables gain the seed

@@ -70,6 +70,7 @@ def test_finetune_end_to_end_and_resume(tmp_path):
     assert [r["step"] for r in records] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in records)
     params = json.loads((out / "config.json").read_text())
     assert params["image_ids"] == ["a", "b"] and params["classes"] == CLASSES
+    assert params["seed"] == cfg.seed == params["train"]["seed"]  # no seed given: the config's top-level one
     ckpt = load_checkpoint(out / "checkpoint.pt")
     assert ckpt["config"]["model"]["embed_dim"] == 32 and ckpt["meta"]["finished"]
     assert result["detections"] == out / "detections_tiles.parquet" and not (out / "detections.parquet").exists()
@@ -112,6 +113,16 @@ def test_finetune_end_to_end_and_resume(tmp_path):
     assert len(list((out / "checkpoints" / "stale").glob("last-*.pt"))) == 1
     assert not torch.equal(load_checkpoint(out / "checkpoint.pt")["model"]["class_heads.0.weight"],
                            ckpt["model"]["class_heads.0.weight"])
+    # another seed of the same cell (finetune.runs[].seeds): the same images, other initial weights
+    other = tmp_path / "ft-seed5"
+    seeded = finetune.run(cfg, **{**kwargs, "out_dir": other, "seed": 5, "test_tiles_dirs": []})
+    assert seeded["train"]["step"] == 3
+    params5 = json.loads((other / "config.json").read_text())
+    assert params5["seed"] == params5["train"]["seed"] == 5 and params5["image_ids"] == params["image_ids"]
+    assert not torch.equal(load_checkpoint(other / "checkpoint.pt")["model"]["class_heads.0.weight"],
+                           ckpt["model"]["class_heads.0.weight"])
+    with pytest.raises(ValueError, match="seed -1 is negative"):
+        finetune.run(cfg, **{**kwargs, "out_dir": tmp_path / "ft-bad", "seed": -1})
 
 
 def test_init_from_pretrained_checkpoint_reports_dropped_keys(tmp_path):

@@ -12,8 +12,9 @@ import pytest
 from mutdet.boxes import le90_to_polygon
 from mutdet.report.draw import class_colour, draw_boxes
 from mutdet.report.figures import pick_tiles
-from mutdet.report.tables import (MISSING, NO_PAPER, DatasetRuns, RunResult, Table, latex_escape, main_table,
-                                  read_metrics, write_table)
+from mutdet.report.tables import (MISSING, NO_PAPER, WITHIN_SPREAD, DatasetRuns, RunResult, Spread, Table,
+                                  ablation_table, format_spread, latex_escape, low_data_table, main_table,
+                                  read_metrics, runs_table, spread, write_table)
 from mutdet.stages import detect
 
 CLASSES = ["plane", "ship"]
@@ -51,8 +52,101 @@ def test_main_table_from_plain_runs():
     table = main_table(ds, {"none": "none", "mutdet": "MutDet"})
     assert table.header == ["method", "plane", "ship", "AP50", "AP75"]  # no paper: no paper columns
     assert table.rows == [["none", MISSING, MISSING, MISSING, MISSING],  # none ran at 50 % only
-                          ["MutDet", "50.0", MISSING, "25.0", "12.5"]]
+                          ["MutDet", "50.0 (n=1)", MISSING, "25.0 (n=1)", "12.5 (n=1)"]]  # one seed: the mean alone
     assert table.caption.startswith("d val:") and "12 epochs" in table.caption
+
+
+# ------------------------------------------------------------------------------------------------ seeds
+
+
+def metrics_of(ap50: float | None, ap75: float | None = None) -> dict:
+    return {"classes": {"plane": {"AP50": ap50}, "ship": {"AP50": None}}, "mean": {"AP50": ap50, "AP75": ap75}}
+
+
+def seeded(init: str, values: list[float | None], fraction: float = 1.0, epochs: int = 12) -> list[RunResult]:
+    """One run per seed (seeds 0, 1, ...), AP50 = ``values`` (fractions; None: no metrics yet)."""
+    return [RunResult(init, fraction, epochs, None if v is None else metrics_of(v), None, seed)
+            for seed, v in enumerate(values)]
+
+
+def test_spread_is_the_mean_and_sample_std_over_seeds():
+    runs = seeded("mutdet", [0.17, 0.10, 0.12])
+    s = spread(runs[::-1], "AP50")  # the order given does not matter: seed order
+    # by hand: percent values 17, 10, 12 -> mean 13; deviations 4, -3, -1 -> sum of squares 26, / (3 - 1) = 13
+    assert s.values == pytest.approx((17.0, 10.0, 12.0)) and s.seeds == (0, 1, 2) and s.runs == 3 and s.n == 3
+    assert s.mean == pytest.approx(13.0) and s.std == pytest.approx(13 ** 0.5)
+    assert format_spread(s) == "13.0 ± 3.6 (n=3)"
+    assert format_spread(s, marked=True) == f"13.0 ± 3.6 (n=3) {WITHIN_SPREAD}"
+    one = spread(seeded("none", [0.25]), "AP50")
+    assert one.std is None and format_spread(one) == "25.0 (n=1)"
+    # seeds without metrics (or with the AP undefined) are counted as runs of the cell, not as values
+    partial = spread(seeded("detreg", [0.2, None, 0.3]), "AP50")
+    assert (partial.n, partial.runs) == (2, 3) and format_spread(partial) == "25.0 ± 7.1 (n=2 of 3)"
+    assert format_spread(spread(seeded("x", [None, None]), "AP50")) == MISSING
+    assert spread([], "AP50") is None and format_spread(None) == MISSING
+    assert spread(seeded("x", [0.5, 0.7]), "AP50", "ship").n == 0  # per-class AP undefined in every seed
+
+
+def test_within_the_spread_rule():
+    wide = Spread((10.0, 12.0, 17.0), (0, 1, 2), 3)  # mean 13, std 3.61
+    narrow = Spread((15.0, 17.0), (0, 1), 2)  # mean 16, std 1.41
+    far = Spread((20.0, 21.0), (0, 1), 2)  # mean 20.5, std 0.71
+    single, other_single = Spread((14.0,), (0,), 1), Spread((14.5,), (1,), 1)
+    assert narrow.within(wide) and wide.within(narrow)  # |16 - 13| = 3 <= max(3.61, 1.41)
+    assert not far.within(narrow)  # |20.5 - 16| = 4.5 > max(0.71, 1.41)
+    assert single.within(wide)  # one seed against three: the three seeds' spread decides
+    assert not single.within(other_single)  # two single runs have no spread: never marked
+    assert not narrow.within(None) and not narrow.within(Spread((), (), 2))
+
+
+def test_tables_aggregate_seeds_and_mark_cells_within_the_spread_of_the_one_compared():
+    runs = (seeded("none", [0.10, 0.12, 0.17]) + seeded("detreg", [0.15, 0.17]) + seeded("mutdet", [0.20, 0.21])
+            + seeded("none", [0.05, 0.07], fraction=0.5) + seeded("detreg", [0.06], fraction=0.5)
+            + seeded("mutdet", [0.30, 0.32], fraction=0.5))
+    ds = DatasetRuns("d", runs, paper=None, classes=CLASSES)
+    methods = {"none": "none", "detreg": "DETReg", "mutdet": "MutDet"}
+    main = main_table(ds, methods)
+    assert [row[3] for row in main.rows] == ["13.0 ± 3.6 (n=3)",  # first row: nothing above
+                                             f"16.0 ± 1.4 (n=2) {WITHIN_SPREAD}",  # |16 - 13| <= 3.6
+                                             "20.5 ± 0.7 (n=2)"]  # |20.5 - 16| > 1.4
+    assert [row[2] for row in main.rows] == [MISSING] * 3  # ship: undefined in every seed
+    notes = " ".join(main.notes)
+    assert "sample standard deviation (ddof=1)" in notes and "seeds in the sweep: 0, 1, 2" in notes
+    assert "≤ the larger standard deviation of the two cells" in notes and "the method in the row above" in notes
+    assert WITHIN_SPREAD in main.caption and "mean ± std over seeds" in main.caption
+    # low-data: methods are columns, each cell compared with the previous method's at the same fraction
+    low = {row[0]: row[1:] for row in low_data_table(ds, methods).rows}
+    assert low["50 %"] == ["6.0 ± 1.4 (n=2)", f"6.0 (n=1) {WITHIN_SPREAD}", "31.0 ± 1.4 (n=2)"]
+    assert low["100 %"] == ["13.0 ± 3.6 (n=3)", f"16.0 ± 1.4 (n=2) {WITHIN_SPREAD}", "20.5 ± 0.7 (n=2)"]
+    # ablation: each rung compared with the rung above, same schedule
+    ladder = [("none", {"a": 1}), ("detreg", {"a": 2}), ("mutdet", {"a": 3})]
+    ablation = ablation_table(ds, ladder, {})
+    assert [row[2] for row in ablation.rows] == [r[3] for r in main.rows]
+    assert "the rung in the row above" in " ".join(ablation.notes)
+    tex = ablation.latex()
+    assert "16.0 $\\pm$ 1.4 (n=2) $\\approx$" in tex and "±" not in tex and WITHIN_SPREAD not in tex
+    # the per-seed values behind the cells, one row per run
+    per_run = runs_table(ds)
+    assert per_run.header == ["init", "fraction", "epochs", "seed", "AP50", "AP75", "AP50 plane", "AP50 ship"]
+    assert ["none", "1", "12", "2", "17", "", "17", ""] in per_run.rows and len(per_run.rows) == len(runs)
+
+
+def test_ap50_vs_fraction_draws_error_bars_and_n(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    from mutdet.report.figures import plot_ap50_vs_fraction
+
+    calls = []
+    original = Axes.errorbar
+    monkeypatch.setattr(Axes, "errorbar", lambda ax, x, y, **kw: calls.append((x, y, kw)) or original(ax, x, y, **kw))
+    runs = seeded("none", [0.10, 0.12, 0.17]) + seeded("none", [0.05], fraction=0.5) + seeded("mutdet", [None])
+    ds = DatasetRuns("d", runs, paper="DIOR-R", classes=CLASSES)
+    path = plot_ap50_vs_fraction(ds, {"none": "none", "mutdet": "MutDet"}, tmp_path / "plot.png")
+    image = cv2.imread(str(path))
+    assert image is not None and image.shape[0] > 100
+    ((xs, ys, kw),) = calls  # one line of ours: mutdet has no value
+    assert xs == [50.0, 100.0] and ys == pytest.approx([5.0, 13.0])
+    assert kw["yerr"] == pytest.approx([0.0, 13 ** 0.5]) and kw["label"] == "none (ours, d, n=1-3)"
 
 
 def test_read_metrics_checks_the_file_against_its_run(tmp_path):

@@ -164,6 +164,27 @@ def test_write_dota_dataset(tmp_path: Path):
                            + ["train.txt", "test.txt"])  # no temporary files left behind
 
 
+def test_unlabelled_images_are_written_without_labels_and_read_as_unlabelled(tmp_path: Path):
+    from mutdet.io.datasets import load_image
+    root = tmp_path / "synthetic"
+    summary = write_dota_dataset(root, num_train=1, num_test=1, size=200, seed=3, num_unlabelled=2)
+    assert summary["unlabelled"] == ["synthetic_0002", "synthetic_0003"]
+    assert summary["images"] == 4 and (root / "unlabelled.txt").read_text() == "synthetic_0002\nsynthetic_0003\n"
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    assert [f for f in files if "unlabelled" in f] == [
+        "unlabelled.txt", "unlabelled/images/synthetic_0002.png", "unlabelled/images/synthetic_0003.png"]
+    assert not (root / "labelTxt" / "synthetic_0002.txt").exists()
+    for i, image_id in enumerate(summary["unlabelled"], start=2):  # the seeds continue after the labelled ids
+        expected = render_image(3 * 100003 + i, 200)
+        np.testing.assert_array_equal(cv2.imread(str(root / "unlabelled" / "images" / f"{image_id}.png")), expected.image)
+    loaded = load_image("dota", root / "unlabelled" / "images", root / "unlabelled" / "labelTxt", "synthetic_0002",
+                        [".png"], {c: i for i, c in enumerate(SYNTHETIC_CLASSES)})
+    assert loaded.annotations is None and loaded.pixels.shape == (200, 200, 3)
+    # the labelled splits are those written without the pool
+    plain = write_dota_dataset(tmp_path / "plain", num_train=1, num_test=1, size=200, seed=3)
+    assert plain["per_class"] == summary["per_class"] and plain["unlabelled"] == []
+
+
 def test_write_dota_dataset_is_reproducible(tmp_path: Path):
     write_dota_dataset(tmp_path / "a", num_train=1, num_test=1, size=200, seed=5)
     write_dota_dataset(tmp_path / "b", num_train=1, num_test=1, size=200, seed=5)

@@ -46,11 +46,11 @@ def make_config(tmp_path: Path, datasets: dict[str, list[str]] | None = None, va
 
 
 def run_files(root: Path, init: str, fraction: float, epochs: int, dataset: str = "synthetic",
-              split: str = "test") -> RunFiles:
+              split: str = "test", seed: int = 42) -> RunFiles:
     """A run's files in a folder that says nothing about the run (the stage must not read settings from paths)."""
     folder = root / f"run{len(list(root.glob('run*'))) if root.is_dir() else 0}"
     folder.mkdir(parents=True)
-    return RunFiles(job=FinetuneJob(dataset, "train", split, init, fraction, epochs),
+    return RunFiles(job=FinetuneJob(dataset, "train", split, init, fraction, epochs, seed),
                     metrics=folder / "metrics.json", detections=folder / "dets.parquet")
 
 
@@ -116,16 +116,18 @@ def test_main_table_ours_in_percent_beside_the_paper(sweep, tmp_path):
                                    "AP75 paper (DIOR-R)"]
     rows = read_csv(csv_path)
     none = row_of(rows, "method", "none")
-    assert none["AP50"] == "12.3" and none["AP75"] == "5.0" and none["AP50 paper (DIOR-R)"] == "65.7"
-    assert none["plane"] == "20.0" and none["ship"] == MISSING  # per-class AP null -> n/a, not 0
+    # one seed per cell: the mean alone, saying n=1
+    assert none["AP50"] == "12.3 (n=1)" and none["AP75"] == "5.0 (n=1)" and none["AP50 paper (DIOR-R)"] == "65.7"
+    assert none["plane"] == "20.0 (n=1)" and none["ship"] == MISSING  # per-class AP null -> n/a, not 0
     detreg = row_of(rows, "method", "DETReg")
-    assert detreg["AP50"] == "25.0" and detreg["AP75"] == "12.5" and detreg["AP75 paper (DIOR-R)"] == "49.1"
+    assert detreg["AP50"] == "25.0 (n=1)" and detreg["AP75"] == "12.5 (n=1)" and detreg["AP75 paper (DIOR-R)"] == "49.1"
     # longest schedule at 100 %: 8 epochs (mutdet's 4-epoch run is not the main row)
-    assert row_of(rows, "method", "MutDet")["AP50"] == "30.0"
+    assert row_of(rows, "method", "MutDet")["AP50"] == "30.0 (n=1)"
     upd = row_of(rows, "method", "UP-DETR (paper only)")
     assert upd["AP50 paper (DIOR-R)"] == "67.1" and upd["AP75 paper (DIOR-R)"] == "48.4" and upd["AP50"] == ""
     md = out["tables"]["main_synthetic"]["md"].read_text()
-    assert "| DETReg | 25.0 | 25.0 | 25.0 | 67.9 | 12.5 | 49.1 |" in md and "synthetic test:" in md and "8 epochs" in md
+    assert "| DETReg | 25.0 (n=1) | 25.0 (n=1) | 25.0 (n=1) | 67.9 | 12.5 (n=1) | 49.1 |" in md
+    assert "synthetic test:" in md and "8 epochs" in md
     assert out["index"] == tmp_path / "out" / "index.md" and out["index"].is_file()
 
 
@@ -144,9 +146,9 @@ def test_low_data_table_shows_missing_runs_and_paper_fractions(sweep, tmp_path):
     rows = read_csv(out["tables"]["low_data_synthetic"]["csv"])
     assert [r["data fraction"] for r in rows] == ["10 %", "25 %", "50 %", "100 %"]
     ten = row_of(rows, "data fraction", "10 %")
-    assert ten["MutDet"] == "15.0" and ten["MutDet paper (DIOR-R)"] == "56.9"
+    assert ten["MutDet"] == "15.0 (n=1)" and ten["MutDet paper (DIOR-R)"] == "56.9"
     assert ten["DETReg"] == MISSING and ten["DETReg paper (DIOR-R)"] == "50.8"  # listed, no metrics yet
-    assert ten["none"] == MISSING and row_of(rows, "data fraction", "100 %")["none"] == "12.3"
+    assert ten["none"] == MISSING and row_of(rows, "data fraction", "100 %")["none"] == "12.3 (n=1)"
     assert out["missing_metrics"] == [str(sweep[-1].metrics)]
     assert str(sweep[-1].metrics) in out["index"].read_text()
 
@@ -167,7 +169,7 @@ def test_ablation_table_maps_our_schedules_onto_the_papers(sweep, tmp_path):
         "+ proposal_selection similarity (mutdet)"]
     assert [r["paper row"] for r in rows] == [*labels[:4], "-", "-", "-", labels[4]]
     full = row_of(rows, "paper row", "+ encoder loss and siamese head (full MutDet)")
-    assert full["4 ep (paper 12 ep)"] == "22.0" and full["8 ep (paper 24 ep)"] == "30.0"
+    assert full["4 ep (paper 12 ep)"] == "22.0 (n=1)" and full["8 ep (paper 24 ep)"] == "30.0 (n=1)"
     assert full["paper (DIOR-R) 24 ep"] == "69.8"
     contrastive = row_of(rows, "paper row", "+ contrastive")  # not run: visible marker
     assert contrastive["8 ep (paper 24 ep)"] == MISSING and contrastive["paper (DIOR-R) 24 ep"] == "65.8"
@@ -200,7 +202,7 @@ def test_table_without_any_run_is_written_with_a_note(tmp_path):
         assert "No fine-tuning metrics for dior" in out["tables"][name]["md"].read_text()
     assert out["figures"]["ap50_vs_fraction_dior"].is_file()
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
-        ["index.md", "ap50_vs_fraction_dior.png"] + [f"{t}_dior.{e}" for t in ("main", "low_data", "ablation")
+        ["index.md", "ap50_vs_fraction_dior.png", "runs_dior.csv"] + [f"{t}_dior.{e}" for t in ("main", "low_data", "ablation")
                                                      for e in ("csv", "md", "tex")])
 
 
@@ -239,7 +241,11 @@ def test_bad_metrics_and_runs_raise_naming_the_file(tmp_path):
     check([other_split], re.escape(str(other_split.metrics)) + ": split 'val' in the file, 'test'")
     ok = write_metrics(run_files(root, "none", 1.0, 4), 0.5)
     twice = write_metrics(run_files(root, "none", 1.0, 4), 0.6)
-    check([ok, twice], re.escape(f"{twice.metrics}: same run (init, fraction, epochs, dataset) as {ok.metrics}"))
+    check([ok, twice], re.escape(f"{twice.metrics}: same run (init, fraction, epochs, seed, dataset) as {ok.metrics}"))
+    other_seed = write_metrics(run_files(root, "none", 1.0, 4, seed=7), 0.6)  # the same cell, another seed: fine
+    both = run(cfg, runs=[ok, other_seed], test_tiles={}, out_dir=tmp_path / "seeds")
+    assert row_of(read_csv(both["tables"]["low_data_synthetic"]["csv"]), "data fraction", "100 %")["none"] == (
+        "55.0 ± 7.1 (n=2)")
     on_val = run_files(root, "mutdet", 1.0, 4, split="val")
     check([ok, on_val], re.escape(str(on_val.metrics)) + ".*evaluated on split 'val' and 'test'")
     # a metrics.json that does not say which dataset and split it is of is taken as the run's
@@ -248,7 +254,7 @@ def test_bad_metrics_and_runs_raise_naming_the_file(tmp_path):
     del data["dataset"], data["split"]
     ok.metrics.write_text(json.dumps(data))
     out = run(cfg, runs=[unlabelled], test_tiles={}, out_dir=tmp_path / "out")
-    assert row_of(read_csv(out["tables"]["low_data_synthetic"]["csv"]), "data fraction", "100 %")["none"] == "50.0"
+    assert row_of(read_csv(out["tables"]["low_data_synthetic"]["csv"]), "data fraction", "100 %")["none"] == "50.0 (n=1)"
 
 
 def make_tiles(folder: Path, counts: dict[str, int], size: int = 48) -> dict[str, np.ndarray]:
@@ -321,3 +327,36 @@ def test_captions_name_the_evaluation_protocol(sweep, tmp_path):
                                                 "evaluation": {"protocol": "mmrotate"}}}})
     out = run(cfg, runs=sweep, test_tiles={}, out_dir=tmp_path / "mmrotate")
     assert "Scored with the mmrotate protocol." in out["tables"]["main_synthetic"]["md"].read_text()
+
+
+def test_seeds_of_a_cell_are_aggregated_and_listed_per_seed(tmp_path):
+    """Three seeds per cell: each cell is mean ± sample std (n), the per-seed values are in runs_<d>.csv,
+    a cell within the seed spread of the row above is marked, and the grid uses the lowest seed's detections."""
+    root = tmp_path / "runs"
+    ap50 = {"none": [0.10, 0.12, 0.17], "detreg": [0.15, 0.17, 0.16], "mutdet": [0.30, 0.31, 0.29]}
+    runs = [write_metrics(run_files(root, init, 1.0, 8, seed=seed), v, 0.1)
+            for init, values in ap50.items() for seed, v in zip((3, 1, 2), values)]
+    runs.append(run_files(root, "mutdet", 1.0, 8, seed=4))  # a fourth seed of mutdet not done yet
+    boxes = make_tiles(tmp_path / "tiles", {"t0": 2})
+    write_detections(runs[4].detections, boxes)  # detreg seed 1 (its lowest) has detections, seed 3 too
+    write_detections(runs[3].detections, boxes)
+    out = run(make_config(tmp_path, compare={"synthetic": "DIOR-R"}, ablation=["none", "detreg", "mutdet"],
+                          num_tiles=1),
+              runs=runs, test_tiles={"synthetic": [tmp_path / "tiles"]}, out_dir=tmp_path / "out")
+    main = read_csv(out["tables"]["main_synthetic"]["csv"])
+    # by hand: none 10, 12, 17 -> mean 13.0, std sqrt(26 / 2) = 3.6; detreg 15, 17, 16 -> 16.0, 1.0;
+    # mutdet 30, 31, 29 (one seed of four without metrics) -> 30.0, 1.0
+    assert row_of(main, "method", "none")["AP50"] == "13.0 ± 3.6 (n=3)"
+    assert row_of(main, "method", "DETReg")["AP50"] == "16.0 ± 1.0 (n=3) ≈"  # |16 - 13| <= 3.6
+    assert row_of(main, "method", "MutDet")["AP50"] == "30.0 ± 1.0 (n=3 of 4)"  # |30 - 16| > 1.0
+    assert row_of(main, "method", "DETReg")["AP75"] == "10.0 ± 0.0 (n=3) ≈"  # the same AP75 in every seed
+    md = out["tables"]["main_synthetic"]["md"].read_text()
+    assert "seeds in the sweep: 1, 2, 3, 4" in md and "|difference of means| ≤ the larger standard deviation" in md
+    per_seed = read_csv(out["runs"]["synthetic"])
+    assert out["runs"]["synthetic"] == tmp_path / "out" / "runs_synthetic.csv"
+    assert [(r["init"], r["seed"], r["AP50"]) for r in per_seed if r["init"] == "none"] == [
+        ("none", "1", "12"), ("none", "2", "17"), ("none", "3", "10")]
+    assert row_of([r for r in per_seed if r["init"] == "mutdet"], "seed", "4")["AP50"] == ""  # no metrics yet
+    assert "runs_synthetic.csv" in out["index"].read_text()
+    assert out["figures"]["ap50_vs_fraction_synthetic"].stat().st_size > 0
+    assert "mutdet" in out["skipped"]["detections_synthetic"] and "detreg" not in out["skipped"]["detections_synthetic"]

@@ -41,12 +41,40 @@ def test_dry_run_shows_one_job_per_shard(configfile, tmp_path):
     proposal_shards = sum(raw["datasets"][ref.split("/")[0]]["shards"] for ref in raw["proposals"]["datasets"])
     assert int(counts["propose"]) == int(counts["embed"]) == proposal_shards and int(counts["cluster"]) == 1
     runs = raw["finetune"]["runs"]
-    jobs = {(r["dataset"], i, f, e) for r in runs for i in r.get("inits", ["none"]) for f in r.get("fractions", [1.0])
-            for e in r.get("epochs", [36])}  # entries of one dataset share their common jobs
+    jobs = {(r["dataset"], i, f, e, seed) for r in runs for i in r.get("inits", ["none"])
+            for f in r.get("fractions", [1.0]) for e in r.get("epochs", [36])
+            for seed in r.get("seeds") or [raw.get("seed", 42)]}  # entries of one dataset share their common jobs
     assert int(counts["finetune"]) == int(counts["evaluate"]) == len(jobs)
-    variants = {i for (_, i, _, _) in jobs if i != "none"} | {
+    variants = {i for (_, i, _, _, _) in jobs if i != "none"} | {
         v for v in raw.get("pretrain", {}).get("loss_curves", {"with": "mutdet"}).values() if v}
     assert int(counts["pretrain"]) == len(variants) and int(counts["tables"]) == 1
+
+
+def test_dry_run_has_one_finetune_job_per_seed(tmp_path):
+    """Two seeds: two fine-tuning (and merge, evaluate) jobs per (init, fraction, epochs) cell, each with its
+    own folder, every seed reading the one fraction list file; pre-training and data jobs do not multiply."""
+    raw = yaml.safe_load(TEST_CONFIG.read_text())
+    run = raw["finetune"]["runs"][0]
+    cells = len(run["inits"]) * len(run["fractions"]) * len(run["epochs"])
+    plans = {}
+    for seeds in (None, [42, 7]):
+        if seeds is not None:
+            run["seeds"] = seeds
+        config = tmp_path / f"seeds-{len(seeds or [])}.yaml"
+        config.write_text(yaml.safe_dump(raw))
+        plans[len(seeds or [1])] = snakemake("-n", "-p", "-d", str(tmp_path), "--configfile", str(config)).stdout
+    one, two = job_counts(plans[1]), job_counts(plans[2])
+    assert one["finetune"] == one["merge"] == one["evaluate"] == cells
+    assert two["finetune"] == two["merge"] == two["evaluate"] == 2 * cells
+    assert {k: v for k, v in two.items() if k not in ("finetune", "merge", "evaluate")} == {
+        k: v for k, v in one.items() if k not in ("finetune", "merge", "evaluate")}
+    commands = [line for line in plans[2].splitlines() if " -m mutdet finetune " in line]
+    assert len(commands) == 2 * cells
+    for seed in (42, 7):
+        mine = [c for c in commands if f"--seed {seed} " in c]
+        assert len(mine) == cells and all(f"/seed~{seed}/tiny/test" in c for c in mine)
+    fractions = {c.split("--image-ids ")[1].split()[0] for c in commands}
+    assert len(fractions) == len(run["fractions"])  # the seeds of a cell share the subset of the top-level seed
 
 
 def test_bad_config_key_fails_dry_run_naming_the_key(tmp_path):
@@ -117,20 +145,24 @@ def test_tiny_end_to_end_run_and_nothing_to_redo(tmp_path):
         ids = [l for l in lines if not l.startswith("#")]
         assert len(ids) == round(fraction * syn["num_train"]) and "# seed: 42" in lines
     run = raw["finetune"]["runs"][0]
-    finetuned = results / "finetune" / "init~none" / "frac~1.0" / f"epochs~{run['epochs'][0]}" / "tiny" / "test"
+    seed = f"seed~{raw['seed']}"  # no finetune.runs[].seeds: the top-level seed
+    finetuned = results / "finetune" / "init~none" / "frac~1.0" / f"epochs~{run['epochs'][0]}" / seed / "tiny" / "test"
     metrics = json.loads((finetuned / "metrics.json").read_text())
     assert set(metrics["mean"]) >= {"AP50", "AP75"} and metrics["num_images"] == syn["num_test"]
     assert (finetuned / "checkpoint.pt").is_file() and (finetuned / "metrics.jsonl").is_file()
     pretrained = results / "pretrain"
     assert {p.parent.name for p in pretrained.rglob("checkpoint.pt")} == {"detreg", "mutdet"}
     assert next(pretrained.rglob("loss_curves.png")).stat().st_size > 0
-    init = json.loads((results / "finetune" / "init~mutdet" / "frac~1.0" / f"epochs~{run['epochs'][0]}" / "tiny" / "test"
-                       / "init.json").read_text())
+    init = json.loads((results / "finetune" / "init~mutdet" / "frac~1.0" / f"epochs~{run['epochs'][0]}" / seed / "tiny"
+                       / "test" / "init.json").read_text())
     assert init["variant"] == "mutdet" and any(k.startswith("mutual_enhancement.") for k in init["dropped"])
     tables = results / "tables"
     assert (tables / "index.md").is_file() and (tables / "detections_tiny.png").stat().st_size > 0
     header = (tables / "low_data_tiny.csv").read_text().splitlines()[0]
     assert header.startswith("data fraction") and "DETReg" in header and "MutDet" in header
+    assert "(n=1)" in (tables / "low_data_tiny.csv").read_text()  # one seed per cell, said so
+    per_seed = (tables / "runs_tiny.csv").read_text().splitlines()
+    assert per_seed[0].startswith("init,fraction,epochs,seed,AP50") and len(per_seed) == 1 + len(run["inits"])
     snakemake("-d", str(tmp_path), "--configfile", str(TEST_CONFIG), "--report", str(results / "report.html"))
     assert (results / "report.html").stat().st_size > 100_000
     from mutdet.config import from_dict
@@ -155,6 +187,15 @@ def test_tiny_end_to_end_run_and_nothing_to_redo(tmp_path):
     assert counts["finetune"] == counts["merge"] == counts["evaluate"] == inits and counts["tables"] == 1
     assert not {"tile", "propose", "embed", "cluster", "pretrain", "subset"} & set(counts)
     assert plan.count("fraction=0.5") == 2 * inits and "fraction=1.0" not in plan  # finetune and merge wildcards
+    # one more seed: only that seed's fine-tuning jobs (and the tables); the existing seed's stay up to date
+    raw_seeds = json.loads(json.dumps(raw))
+    raw_seeds["finetune"]["runs"][0]["seeds"] = [raw["seed"], 7]
+    changed.write_text(yaml.safe_dump(raw_seeds))
+    plan = snakemake("-n", "--cores", "2", "-d", str(tmp_path), "--configfile", str(changed)).stdout
+    counts = job_counts(plan)
+    assert counts["finetune"] == counts["merge"] == counts["evaluate"] == inits and counts["tables"] == 1, counts
+    assert not {"tile", "propose", "embed", "cluster", "pretrain", "subset"} & set(counts)
+    assert plan.count("seed=7") == 2 * inits and f"seed={raw['seed']}" not in plan  # finetune and merge wildcards
     # a section only the tables read: only the tables (and the resolved config) are redone
     raw3 = json.loads(json.dumps(raw))
     raw3.setdefault("tables", {})["num_tiles"] = 2

@@ -15,7 +15,7 @@ its wildcards), else the ``name`` argument. The project is the ``project`` argum
 
 Uploading offline runs later (from a machine with network; ``wandb login`` once)::
 
-    wandb sync --append results/finetune/init~none/frac~1.0/epochs~36/dota/test/wandb/offline-run-*
+    wandb sync --append results/finetune/init~none/frac~1.0/epochs~36/seed~42/dota/test/wandb/offline-run-*
     # every run below results/ that is not synced yet:
     find results -type d -name 'offline-run-*' | sort | xargs -r wandb sync --append
 

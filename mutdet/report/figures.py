@@ -11,7 +11,7 @@ from mutdet import paper
 from mutdet.io.artefacts import read_artefact, read_metadata
 from mutdet.io.atomic import atomic_path, write_bytes
 from mutdet.report.draw import class_colour, draw_boxes
-from mutdet.report.tables import MISSING, DatasetRuns
+from mutdet.report.tables import MISSING, DatasetRuns, spread
 
 __all__ = ["detection_grid", "pick_tiles", "plot_ap50_vs_fraction", "read_tiles"]
 
@@ -21,7 +21,9 @@ _LE90 = ("cx", "cy", "w", "h", "theta")
 
 def plot_ap50_vs_fraction(ds: DatasetRuns, methods: Mapping[str, str], path: Path) -> Path:
     """Our AP50 against the data fraction at the main schedule, one line per method (``methods``: our
-    init -> label); the paper's points dashed, same colour. Writes the PNG ``path``."""
+    init -> label): the mean over the seeds of each point with error bars of +- the sample standard
+    deviation (ddof=1; none for a point of one seed), the number of seeds per point (n) in the legend;
+    the paper's points dashed, same colour. Writes the PNG ``path``."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -31,11 +33,14 @@ def plot_ap50_vs_fraction(ds: DatasetRuns, methods: Mapping[str, str], path: Pat
     epochs = ds.schedule
     for k, (init, label) in enumerate(methods.items()):
         colour = _COLOURS[k % len(_COLOURS)]
-        points = sorted((r.fraction, r.ap("AP50")) for r in ds.runs
-                        if r.init == init and r.epochs == epochs and r.ap("AP50") is not None)
+        fractions = sorted({r.fraction for r in ds.runs if r.init == init and r.epochs == epochs})
+        points = [(f, s) for f in fractions if (s := spread(ds.cell(init, f, epochs), "AP50")) is not None and s.n]
         if points:
-            xs, ys = zip(*points)
-            ax.plot([100 * x for x in xs], ys, "-o", color=colour, label=f"{label} (ours, {ds.name})")
+            counts = sorted({s.n for _, s in points})
+            n = f"n={counts[0]}" if len(counts) == 1 else f"n={counts[0]}-{counts[-1]}"
+            ax.errorbar([100 * f for f, _ in points], [s.mean for _, s in points],
+                        yerr=[s.std or 0.0 for _, s in points], fmt="-o", color=colour, capsize=3,
+                        label=f"{label} (ours, {ds.name}, {n})")
         else:
             ax.plot([], [], "-o", color=colour, label=f"{label} (ours: {MISSING})")
         theirs = sorted((f, row[label]) for f, row in paper.LOW_DATA.get(ds.paper or "", {}).items() if label in row)
@@ -43,7 +48,7 @@ def plot_ap50_vs_fraction(ds: DatasetRuns, methods: Mapping[str, str], path: Pat
             xs, ys = zip(*theirs)
             ax.plot([100 * x for x in xs], ys, "--s", color=colour, alpha=0.7, label=f"{label} paper ({ds.paper})")
     ax.set_xlabel("fraction of training data (%)")
-    ax.set_ylabel("AP50 (%)")
+    ax.set_ylabel("AP50 (%), mean ± std over seeds")
     ax.set_xlim(0, 105)
     ax.grid(True, alpha=0.3)
     ax.set_title(f"{ds.name}: AP50 vs data fraction ({epochs if epochs is not None else '?'} epochs)")
@@ -118,15 +123,20 @@ def detection_grid(ds: DatasetRuns, methods: Mapping[str, str], tiles_dirs: Sequ
     truth and each method of ``methods`` (our init -> label) at fraction 1.0 and the longest schedule
     (columns). Writes the PNG ``path``.
 
-    A method's detections are its run's :attr:`RunResult.detections` (frame ``tile``, le90 tile pixels),
-    kept from ``score_threshold`` up. Returns init -> reason for each method left out.
+    A method's detections are those of the lowest seed of its cell whose :attr:`RunResult.detections`
+    file exists (frame ``tile``, le90 tile pixels), kept from ``score_threshold`` up; the column is
+    labelled with that seed when the cell has several. Returns init -> reason for each method left out.
     """
     image_paths, objects = read_tiles(tiles_dirs)
     tile_ids = pick_tiles({t: o for t, o in objects.items() if t in image_paths}, num_tiles)
     columns: list[tuple[str, dict[str, dict]]] = [("ground truth", {t: objects[t] for t in tile_ids})]
     skipped = {}
     for init, label in methods.items():
-        r = ds.find(init, 1.0, ds.schedule)
+        cell = ds.cell(init, 1.0, ds.schedule)
+        with_file = [c for c in cell if c.detections is not None and Path(c.detections).is_file()]
+        r = (with_file or cell or [None])[0]
+        if len(cell) > 1 and r.seed is not None:
+            label = f"{label} (seed {r.seed})"
         if r is None:
             skipped[init] = f"no run at fraction 1.0, {ds.schedule} epochs"
         elif r.detections is None or not Path(r.detections).is_file():

@@ -59,8 +59,10 @@ def run(cfg: Config, *, dataset: str) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     if ds.source == "synthetic":
         s = ds.synthetic
-        summary = write_dota_dataset(root, num_train=s.num_train, num_test=s.num_test, size=s.image_size, seed=s.seed)
-        params = {"num_train": s.num_train, "num_test": s.num_test, "image_size": s.image_size, "seed": s.seed}
+        summary = write_dota_dataset(root, num_train=s.num_train, num_test=s.num_test, size=s.image_size,
+                                     seed=s.seed, num_unlabelled=s.num_unlabelled)
+        params = {"num_train": s.num_train, "num_test": s.num_test, "num_unlabelled": s.num_unlabelled,
+                  "image_size": s.image_size, "seed": s.seed}
     elif ds.source == "deepforest":
         summary, params = copy_deepforest(root), {}
     else:

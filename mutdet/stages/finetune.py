@@ -61,7 +61,7 @@ def _check_classes(dataset: TileDataset, classes: list[str]) -> list[str]:
 
 
 def run(cfg: Config, *, dataset: str, epochs: int, tiles_dirs: Sequence[Path], test_tiles_dirs: Sequence[Path],
-        image_ids_file: Path | None, init: str | Path, out_dir: Path) -> dict:
+        image_ids_file: Path | None, init: str | Path, out_dir: Path, seed: int | None = None) -> dict:
     """Fine-tune on ``tiles_dirs`` with the ``finetune`` section's settings, then detect on the test tiles.
 
     Args:
@@ -72,10 +72,16 @@ def run(cfg: Config, *, dataset: str, epochs: int, tiles_dirs: Sequence[Path], t
         image_ids_file: train only on tiles of the images listed there (a data fraction); None: all.
         init: ``none`` (backbone weights from ``finetune.model`` only) or a pre-training checkpoint path.
         out_dir: output folder (see the module docstring).
+        seed: the training seed (one value of ``finetune.runs[].seeds``: the job's ``{seed}`` wildcard); None:
+            the config's top-level ``seed``. It seeds the weights not loaded from ``init``, the tile order and
+            the augmentation; the training images are ``image_ids_file``'s whatever the seed.
     Returns:
         ``{"train": trainer result, "detections": path or None}``.
     """
-    ft, ds, seed = cfg.finetune, cfg.dataset(dataset), cfg.seed
+    ft, ds = cfg.finetune, cfg.dataset(dataset)
+    seed = cfg.seed if seed is None else int(seed)
+    if seed < 0:
+        raise ValueError(f"finetune: seed {seed} is negative (finetune.runs[].seeds are non-negative integers)")
     model_kwargs, loss_kwargs, input_size = dict(ft.model), dict(ft.loss), ft.input_size
     image_ids = (None if image_ids_file is None
                  else list_image_ids(Path(), Path(image_ids_file), ds.image_extensions))

@@ -1,10 +1,15 @@
 """Stage ``tables``: the paper's tables and figures regenerated from fine-tuning metrics, ours beside the paper's.
 
-Inputs: one :class:`RunFiles` per job of the fine-tuning sweep (its settings, its ``metrics.json`` from
+Inputs: one :class:`RunFiles` per job of the fine-tuning sweep, i.e. per seed of each (init, fraction,
+epochs) cell (its settings, its ``metrics.json`` from
 :mod:`mutdet.stages.evaluate` and its tile-frame ``detections_tiles.parquet``); a ``metrics.json`` that
 does not exist yet is a run without results: its cells show ``n/a``. The test tiles folders of each
 fine-tuned dataset feed the detection grid. Settings come from the config's ``tables`` section; the
 rendering is :mod:`mutdet.report`.
+
+Every cell of ours aggregates the seeds of its cell, ``mean ± std (n=k)`` (sample std, ddof=1;
+``mean (n=1)`` for one seed), and is marked ``≈`` when its difference to the cell it is compared with lies
+within the seed spread (the rule: :mod:`mutdet.report.tables`, and each table's notes).
 
 Outputs in ``out_dir``, per dataset ``<d>`` of the runs (and of ``tables.compare``):
 
@@ -17,7 +22,10 @@ Outputs in ``out_dir``, per dataset ``<d>`` of the runs (and of ``tables.compare
   the flags it changes from the row above), columns = our fine-tuning schedules at data fraction 1.0,
   ours beside the paper's AP50 for the rows that pre-trained exactly as a row of the paper's ablation
   (our epochs mapped to the paper's by ``paper_epochs``);
-* ``ap50_vs_fraction_<d>.png``: our AP50 against the data fraction per method, the paper's points dashed;
+* ``runs_<d>.csv``: one row per job (seed): init, fraction, epochs, seed, AP50, AP75 and per-class AP50
+  in percent, unrounded, empty where the job has no metrics yet: the per-seed values behind the cells;
+* ``ap50_vs_fraction_<d>.png``: our AP50 (mean, ±std error bars, n in the legend) against the data
+  fraction per method, the paper's points dashed;
 * ``detections_<d>.png`` (datasets in ``test_tiles``): rotated boxes on the test tiles with the most
   ground-truth objects, one column for the ground truth and one per method;
 * ``index.md``: every table and figure with a one-line caption, and the notes.
@@ -33,8 +41,8 @@ from mutdet.config import Config
 from mutdet.io.atomic import write_text
 from mutdet.layout import FinetuneJob
 from mutdet.report.figures import detection_grid, plot_ap50_vs_fraction
-from mutdet.report.tables import (MISSING, NO_PAPER, DatasetRuns, RunResult, ablation_table, low_data_table,
-                                  main_table, read_metrics, write_table)
+from mutdet.report.tables import (MISSING, NO_PAPER, WITHIN_SPREAD, DatasetRuns, RunResult, ablation_table,
+                                  low_data_table, main_table, read_metrics, runs_table, write_table)
 from mutdet.stages.common import log
 
 __all__ = ["RunFiles", "run"]
@@ -44,7 +52,7 @@ __all__ = ["RunFiles", "run"]
 class RunFiles:
     """One job of the fine-tuning sweep and its files."""
 
-    job: FinetuneJob  # dataset, train_split, split, init, fraction (float), epochs (int)
+    job: FinetuneJob  # dataset, train_split, split, init, fraction (float), epochs (int), seed (int)
     metrics: Path  # its metrics.json (may not exist yet: cells show n/a)
     detections: Path  # its detections_tiles.parquet (tile frame), for the grid
 
@@ -91,16 +99,16 @@ def _load(runs: Sequence[RunFiles]) -> dict[str, tuple[str, list[RunResult]]]:
     seen, datasets = {}, {}
     for f in runs:
         j = f.job
-        key = (j.dataset, j.init, j.fraction, j.epochs)
+        key = (j.dataset, j.init, j.fraction, j.epochs, j.seed)
         if key in seen:
-            raise ValueError(f"{f.metrics}: same run (init, fraction, epochs, dataset) as {seen[key]}")
+            raise ValueError(f"{f.metrics}: same run (init, fraction, epochs, seed, dataset) as {seen[key]}")
         seen[key] = f.metrics
         split, results = datasets.setdefault(j.dataset, (j.split, []))
         if split != j.split:
             raise ValueError(f"{f.metrics}: dataset {j.dataset} evaluated on split {j.split!r} and {split!r}; "
                              "give the metrics of one split per dataset")
         metrics = read_metrics(f.metrics, dataset=j.dataset, split=j.split) if Path(f.metrics).is_file() else None
-        results.append(RunResult(j.init, float(j.fraction), int(j.epochs), metrics, Path(f.detections)))
+        results.append(RunResult(j.init, float(j.fraction), int(j.epochs), metrics, Path(f.detections), int(j.seed)))
     return datasets
 
 
@@ -109,12 +117,13 @@ def run(cfg: Config, *, runs: Sequence[RunFiles], test_tiles: Mapping[str, Seque
 
     Args:
         cfg: the config (its ``tables`` section; each dataset's classes order the per-class columns).
-        runs: every job of the sweep with its files; see :class:`RunFiles`.
+        runs: every job of the sweep (one per seed of a cell) with its files; see :class:`RunFiles`.
         test_tiles: fine-tuned dataset -> tiles folders of its test split (the detection grid).
         out_dir: output folder.
     Returns:
-        ``{"tables": {name: {"md", "csv", "tex": Path}}, "figures": {name: Path}, "index": Path,
-        "missing_metrics": [str, ...], "skipped": {figure name: {init: reason}}}``.
+        ``{"tables": {name: {"md", "csv", "tex": Path}}, "runs": {dataset: runs_<d>.csv Path},
+        "figures": {name: Path}, "index": Path, "missing_metrics": [str, ...],
+        "skipped": {figure name: {init: reason}}}``.
     Raises:
         ValueError naming the file or key for an unreadable metrics file, two files of one run or an
         unknown paper dataset.
@@ -124,10 +133,13 @@ def run(cfg: Config, *, runs: Sequence[RunFiles], test_tiles: Mapping[str, Seque
     by_dataset = _load(runs)
     missing = [str(f.metrics) for f in runs if not Path(f.metrics).is_file()]
     log.info("tables: %d fine-tuning runs, %d without metrics yet", len(runs), len(missing))
-    result: dict = {"tables": {}, "figures": {}, "missing_metrics": missing, "skipped": {}}
+    result: dict = {"tables": {}, "runs": {}, "figures": {}, "missing_metrics": missing, "skipped": {}}
     index = ["# Tables and figures", "",
              f"Ours beside the paper's ({paper.DETECTOR}); `{MISSING}`: no result of ours, `{NO_PAPER}`: "
-             "no number in the paper, empty: a paper-only row. AP in percent.", ""]
+             "no number in the paper, empty: a paper-only row. AP in percent. Each cell of ours is the mean ± "
+             "sample standard deviation over its fine-tuning seeds with their number n (`mean (n=1)` for one "
+             f"seed); `{WITHIN_SPREAD}` marks a cell whose difference to the cell it is compared with is within "
+             "the seed spread (each table's notes give the rule).", ""]
     for name in dict.fromkeys([*by_dataset, *s.compare]):
         split, mine = by_dataset.get(name, (None, []))
         ds = DatasetRuns(name, mine, s.compare.get(name, name if name in paper.DATASETS else None),
@@ -139,9 +151,15 @@ def run(cfg: Config, *, runs: Sequence[RunFiles], test_tiles: Mapping[str, Seque
             index.append(f"- [{table.name}.md]({table.name}.md) ([csv]({table.name}.csv), "
                          f"[tex]({table.name}.tex)): {table.caption}")
             log.info("tables: wrote %s", out_dir / f"{table.name}.md")
+        per_run = runs_table(ds)
+        result["runs"][name] = out_dir / f"{per_run.name}.csv"
+        write_text(result["runs"][name], per_run.csv())
+        index.append(f"- [{per_run.name}.csv]({per_run.name}.csv): every fine-tuning run, one row per seed "
+                     "(AP in percent, unrounded; empty: no metrics yet): the values the cells aggregate")
         fig = f"ap50_vs_fraction_{name}"
         result["figures"][fig] = plot_ap50_vs_fraction(ds, s.methods, out_dir / f"{fig}.png")
-        index.append(f"- [{fig}.png]({fig}.png): AP50 against the data fraction per method"
+        index.append(f"- [{fig}.png]({fig}.png): AP50 (mean ± std over seeds, n in the legend) against the data "
+                     "fraction per method"
                      + (f", the paper's {ds.paper} points dashed." if ds.paper in paper.LOW_DATA else "."))
         if name in test_tiles:
             fig = f"detections_{name}"

@@ -43,6 +43,7 @@ wildcard_constraints:
     run=r"[A-Za-z0-9][A-Za-z0-9_~.=/-]*",
     init=NAME,
     epochs=r"\d+",
+    seed=r"\d+",
     variant=NAME,
 
 
@@ -167,10 +168,11 @@ def finetuned_datasets():
 
 @functools.cache
 def tables_inputs():
-    """What `mutdet tables` reads, as the JSON it takes: each run's metrics and tile detections, and the
+    """What `mutdet tables` reads, as the JSON it takes: each run's (one per seed) metrics and tile detections, and the
     test tiles of every fine-tuned dataset; the same files are the rule's inputs."""
     runs = [{"dataset": j.dataset, "train_split": j.train_split, "split": j.split, "init": j.init,
-             "fraction": j.fraction, "epochs": j.epochs, "metrics": p(LAYOUT.job_dir(j) / "metrics.json"),
+             "fraction": j.fraction, "epochs": j.epochs, "seed": j.seed,
+             "metrics": p(LAYOUT.job_dir(j) / "metrics.json"),
              "detections": p(LAYOUT.job_dir(j) / "detections_tiles.parquet")} for j in LAYOUT.finetune_jobs()]
     test_tiles = {d: [p(t) for t in LAYOUT.split_tiles_dirs(d, finetune_run(d).test_split)] for d in finetuned_datasets()}
     return {"runs": runs, "test_tiles": test_tiles}
@@ -190,6 +192,7 @@ def table_outputs():
             )
             names[f"{table}_{d}_md"] = p(tables / f"{table}_{d}.md")
             names[f"{table}_{d}_tex"] = p(tables / f"{table}_{d}.tex")
+        names[f"runs_{d}"] = p(tables / f"runs_{d}.csv")  # one row per job (seed): the values the cells aggregate
         names[f"ap50_vs_fraction_{d}"] = report(
             p(tables / f"ap50_vs_fraction_{d}.png"),
             caption="../report/ap50_vs_fraction.rst",

@@ -1,9 +1,10 @@
-# Fine-tuning per dataset x initialisation x data fraction x schedule, then detection on the test tiles;
+# Fine-tuning per dataset x initialisation x data fraction x schedule x seed, then detection on the test
+# tiles (every seed of a cell trains on the same fraction list file, drawn with the top-level seed);
 # the merge rule (a CPU job) maps the tile detections to full images, and the evaluate rule
 # (evaluate.smk) scores `detections.parquet` into `metrics.json` beside it. Only the final checkpoint and
 # tile detections are declared outputs of fine-tuning: the resume state (checkpoints/last.pt,
 # metrics.jsonl) must survive a failed or killed job.
-FINETUNE_DIR = LAYOUT.finetune_dir("{init}", "{fraction}", "{epochs}", "{dataset}", "{split}")
+FINETUNE_DIR = LAYOUT.finetune_dir("{init}", "{fraction}", "{epochs}", "{seed}", "{dataset}", "{split}")
 
 
 rule finetune:
@@ -35,7 +36,7 @@ rule finetune:
         "{params.launch} --gpus {resources.gpu} --torchrun --"
         " {params.mutdet} finetune --config {params.config:q} --dataset {wildcards.dataset} --tiles {params.tiles:q}"
         " --test-tiles {params.test_tiles:q} --image-ids {input.subset:q} --init {params.init:q}"
-        " --epochs {wildcards.epochs} --out {params.out:q} --threads {threads} > {log:q} 2>&1"
+        " --epochs {wildcards.epochs} --seed {wildcards.seed} --out {params.out:q} --threads {threads} > {log:q} 2>&1"
 
 
 rule merge:
