@@ -257,3 +257,84 @@ def test_task1_files_round_trip_to_the_same_ap(tmp_path):
     mm = [evaluate.run(config, out_dir=tmp_path / f"m{i}", protocol="mmrotate", **kw, **src)
           for i, src in enumerate([{"detections": parquet}, {"task1_dir": tmp_path / "task1"}])]
     assert mm[0]["classes"] == mm[1]["classes"]
+
+
+# --- speed paths: the same ground truth, messages and outputs as the line-by-line reading -----------------------
+
+def test_polygon_checks_at_once_match_the_per_object_checks(tmp_path):
+    """polygon_problems (all polygons at once, minAreaRect / GEOS only where the numpy screens cannot decide)
+    refuses exactly what _Collector.add refuses, with the same message."""
+    from mutdet.io.annotations import _Collector, polygon_problems
+
+    rng = np.random.default_rng(0)
+    polys = [list(map(float, np.rint(rng.uniform(0, 60, 8)))) for _ in range(300)]  # many self-intersecting
+    polys += [rect(0, 0, 10, 0.05), rect(0, 0, 10, 0.2), [0.0, 0, 5, 5, 10, 10, 0, 10], [0.0, 0, 4, 0, 1, 1, 0, 4],
+              [0.0, 0, 4, 4, 4, 0, 0, 4], [1e6, 1e6, 1e6 + 30, 1e6, 1e6 + 30, 1e6 + 0.05, 1e6, 1e6 + 0.05],
+              [0.0, 0, 0, 0, 0, 0, 0, 0], [0.0, 0, float("nan"), 0, 1, 1, 0, 1]]
+    polys += [list(map(float, le90_to_polygon([rng.uniform(0, 500), rng.uniform(0, 500), rng.uniform(0.5, 50),
+                                              rng.uniform(0.05, 3), rng.uniform(-2, 2)]))) for _ in range(300)]
+    reasons = polygon_problems(polys)
+    one = _Collector(tmp_path / "x.txt", "skip")
+    expected = []
+    for k, p in enumerate(polys):
+        before = len(one.skipped)
+        one.add(k, p, 0, 0)
+        expected.append(one.skipped[-1].reason if len(one.skipped) > before else None)
+    assert reasons == expected
+    assert sum(r is None for r in reasons) > 100 and sum(r is not None for r in reasons) > 100
+    assert any(r and r.startswith("degenerate") for r in reasons) and any(r and r.startswith("self") for r in reasons)
+
+
+def test_label_errors_come_in_file_order(tmp_path):
+    """Lines are parsed first and polygons checked at once, yet the first error raised and the skipped list
+    follow the file's line order, as a line-by-line reading gives them."""
+    from mutdet.io.annotations import ClassMap
+    from mutdet.io.dota import read_dota
+
+    path = tmp_path / "P9.txt"
+    path.write_text("\n".join(["gsd:0.5", " ".join(map(str, rect(0, 0, 10, 10))) + " plane 0",
+                               "0 0 10 10 10 0 0 10 plane 0",  # self-intersecting (line 3)
+                               "0 0 1 x 2 2 3 3 plane",  # non-numeric (line 4)
+                               "0 0 10 0 10 0.01 0 0.01 ship 1",  # degenerate (line 5)
+                               " ".join(map(str, rect(5, 5, 20, 20))) + " ship 2"]) + "\n")
+    with pytest.raises(AnnotationError, match=r"P9.txt:3: self-intersecting"):
+        read_dota(path, ClassMap(CLASSES))
+    ann = read_dota(path, ClassMap(CLASSES), "skip")
+    assert [(s.line, s.reason.split()[0]) for s in ann.skipped] == [(3, "self-intersecting"), (4, "non-numeric"),
+                                                                     (5, "degenerate")]
+    assert ann.lines.tolist() == [2, 6] and ann.labels.tolist() == [0, 1] and ann.difficult.tolist() == [0, 2]
+
+
+def test_dota_devkit_evaluation_imports_neither_torch_nor_matplotlib(cfg, tmp_path):
+    """`mutdet evaluate` with the dota_devkit protocol does not import torch (nor torchvision's model zoo or
+    torch's compiler stack) or matplotlib: start-up is part of the command's time."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "task1"
+    write_task1(folder, [r[0] for r in DETECTIONS], [r[1] for r in DETECTIONS], [r[2] for r in DETECTIONS],
+                le90_to_polygon(np.array([r[3] for r in DETECTIONS])), CLASSES)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"datasets": {"tiny": {"root": str(cfg.dataset("tiny").root), "format": "dota",
+                                                         "classes": CLASSES, "class_aliases": {"Airplane": "plane"},
+                                                         "splits": {"val": {}}}}}))
+    code = ("import sys; from mutdet.cli import main; "
+            f"rc = main(['evaluate', '--config', {str(config)!r}, '--dataset', 'tiny', '--split', 'val', "
+            f"'--task1-dir', {str(folder)!r}, '--out', {str(tmp_path / 'eval')!r}, '--protocol', 'dota_devkit']); "
+            "print(rc, *(m in sys.modules for m in ('torch', 'torchvision', 'matplotlib')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[-4:] == ["0", "False", "False", "False"]
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["mean"]["AP50"] == pytest.approx((2 / 3 + 1) / 2)
+
+
+def test_pr_curve_png(cfg, tmp_path):
+    """The precision-recall plot: a PNG with one coloured curve per class with ground truth."""
+    from mutdet.evaluation.plots import TAB20
+
+    out = tmp_path / "eval"
+    evaluate.run(cfg, dataset="tiny", split="val", out_dir=out, detections=_write_detections(tmp_path / "d.parquet"))
+    img = cv2.imread(str(out / "pr_curve.png"))
+    assert img is not None and img.shape[2] == 3
+    for k in range(len(CLASSES)):
+        r, g, b = (int(TAB20[k][i:i + 2], 16) for i in (0, 2, 4))
+        assert np.all(img == (b, g, r), axis=2).sum() > 20, CLASSES[k]

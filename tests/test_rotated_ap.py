@@ -541,3 +541,132 @@ def test_mmrotate_label_box_is_min_area_rects_own_centre_size_and_angle():
     result = evaluate_detections({"img": gt_image([label], [0])}, {"a": dets(("img", 0.9, detection))}, ["a"],
                                  protocol=MMROTATE)
     assert ap(result, "AP50") == pytest.approx(1.0) and ap(result, "AP75") == 0.0
+
+
+# --- fast paths: each must decide exactly as the reference computation ------------------------------------------
+
+def _convex_quads(rng, n, scale=50.0, offset=0.0):
+    """Random strictly convex quadrilaterals (N, 8): jittered rotated rectangles, either orientation."""
+    from mutdet.evaluation.polygons import strictly_convex
+
+    out = []
+    while len(out) < n:
+        c = rng.uniform(0, scale, 2) + offset
+        w, h, t = rng.uniform(1, scale / 2), rng.uniform(1, scale / 2), rng.uniform(-3, 3)
+        q = np.array(le90_to_polygon([c[0], c[1], w, h, t])).reshape(4, 2) + rng.normal(0, 0.1 * min(w, h), (4, 2))
+        q = np.round(q, int(rng.integers(0, 3)))
+        if rng.random() < 0.5:
+            q = q[::-1]
+        if strictly_convex(q[None])[0]:
+            out.append(q.ravel())
+    return np.array(out)
+
+
+@pytest.mark.parametrize("offset", [0.0, 3000.0])
+def test_numpy_clip_iou_agrees_with_geos_within_its_margin(offset):
+    """convex_pair_iou (Sutherland-Hodgman in numpy) against GEOS on random convex pairs and on touching,
+    identical, nested and edge-sharing ones: the difference is within the margin it reports, and the
+    margin is small."""
+    from mutdet.evaluation.polygons import convex_pair_iou, quad_shapes
+
+    rng = np.random.default_rng(3)
+    a, b = _convex_quads(rng, 400, offset=offset), _convex_quads(rng, 400, offset=offset)
+    sq = np.array(rect(0, 0, 10, 10), float) + offset
+    special = [(sq, sq), (sq, np.array(rect(10, 0, 20, 10), float) + offset),  # identical; sharing an edge
+               (sq, np.array(rect(2, 2, 5, 5), float) + offset),  # nested
+               (sq, np.array(rect(0, 0, 10, 5), float) + offset),  # sharing three sides' parts
+               (sq, np.array([5, -5, 15, 5, 5, 15, -5, 5], float) + offset),  # diamond through its corners
+               (sq, np.array(rect(11, 11, 20, 20), float) + offset)]  # disjoint
+    a = np.vstack([a, [p for p, _ in special]])
+    b = np.vstack([b, [q for _, q in special]])
+    k = np.arange(len(a))
+    iou, margin = convex_pair_iou(quad_shapes(a), quad_shapes(b), k, k)
+    geos = np.array([devkit_iou(a[i:i + 1], b[i:i + 1])[0, 0] for i in k])
+    assert np.all(np.abs(iou - geos) <= margin)
+    assert margin.max() < 1e-6
+    assert (iou > 0).sum() > 50  # many random pairs do overlap
+    np.testing.assert_allclose(iou[-6:], [1.0, 0.0, 9 / 100, 0.5, 100 / 200, 0.0], atol=1e-12)
+
+
+def test_strictly_convex():
+    from mutdet.evaluation.polygons import strictly_convex
+
+    quads = np.array([rect(0, 0, 4, 2), rect(0, 0, 4, 2)[6:] + rect(0, 0, 4, 2)[:6],  # a rectangle, shifted start
+                      [0, 0, 0, 2, 4, 2, 4, 0],  # clockwise
+                      [0, 0, 4, 0, 1, 1, 0, 4],  # concave
+                      [0, 0, 4, 4, 4, 0, 0, 4],  # bow tie
+                      [0, 0, 2, 0, 4, 0, 2, 3],  # a straight angle
+                      [0, 0, 4, 0, 4, 0, 0, 4]], float).reshape(-1, 4, 2)  # a repeated corner
+    assert strictly_convex(quads).tolist() == [True, True, True, False, False, False, False]
+
+
+def test_ious_near_a_threshold_are_decided_by_geos():
+    """A detection whose IoU is at a threshold (here exactly 0.5 and 0.75 in exact arithmetic) is sent to
+    GEOS, whose value decides, as it did before the numpy path existed."""
+    g = gt_image([rect(0, 0, 10, 10), rect(20, 0, 30, 10), rect(40, 0, 60, 10)], [0, 0, 0])
+    d = {"a": polys(("img", 0.9, rect(0, 0, 10, 5)),  # IoU 0.5 exactly
+                    ("img", 0.8, rect(20, 0, 30, 7.5)),  # IoU 0.75 exactly
+                    ("img", 0.7, rect(40, 0, 58, 10)))}  # IoU 0.9: decided in numpy
+    res = evaluate_detections({"img": g}, d, ["a"], protocol=DEVKIT)
+    assert res["candidate_pairs"]["computed"] == 3 and res["candidate_pairs"]["computed_by_geos"] == 2
+    geos = [devkit_iou(np.array([p]), np.array([q]))[0, 0]
+            for p, q in ((rect(0, 0, 10, 10), rect(0, 0, 10, 5)), (rect(20, 0, 30, 10), rect(20, 0, 30, 7.5)))]
+    hits50 = 1 + (geos[0] > 0.5) + (geos[1] > 0.5)
+    hits75 = 1 + (geos[0] > 0.75) + (geos[1] > 0.75)
+    tp50 = np.cumsum([geos[0] > 0.5, geos[1] > 0.5, True])
+    assert hits50 == tp50[-1]
+    expected50 = voc_ap(tp50 / 3, tp50 / np.arange(1, 4))
+    tp75 = np.cumsum([geos[0] > 0.75, geos[1] > 0.75, True])
+    assert hits75 == tp75[-1]
+    expected75 = voc_ap(tp75 / 3, tp75 / np.arange(1, 4))
+    assert ap(res) == expected50 and ap(res, "AP75") == expected75
+
+
+def test_near_tie_between_two_objects_is_decided_by_geos():
+    """When two objects' IoUs with a detection are within the numpy bound of each other, GEOS picks the
+    best (the first in label order among equal values): here a difficult object first, so the match is
+    ignored, not a TP."""
+    g = gt_image([rect(0, 0, 10, 10), rect(0, 0, 10, 10)], [0, 0], [1, 0])
+    res = evaluate_detections({"img": g}, {"a": polys(("img", 0.9, rect(0, 0, 10, 9)))}, ["a"], protocol=DEVKIT)
+    assert res["candidate_pairs"]["computed_by_geos"] == 2
+    assert ap(res) == 0.0 and res["classes"]["a"]["num_gt"] == 1
+
+
+def test_mmrotate_kernel_trimming_keeps_every_overlap(monkeypatch):
+    """The mmrotate path runs the rotated-IoU kernel only on boxes whose widened hulls meet; every pair with
+    a non-zero IoU in the full block is among them, so best IoU and match are those of the full block."""
+    from mutdet.boxes import rotated_iou
+
+    monkeypatch.setattr(rotated_ap, "MAX_PAIRS", 10 ** 9)  # one block: its shift is the whole set's centre
+
+    rng = np.random.default_rng(5)
+    centres = rng.uniform(0, 300, (120, 2))
+    gt_boxes = np.column_stack([centres, rng.uniform(8, 40, 120), rng.uniform(4, 12, 120), rng.uniform(-1.5, 1.5, 120)])
+    det_boxes = gt_boxes[rng.integers(0, 120, 200)] + np.column_stack(
+        [rng.normal(0, 3, (200, 2)), rng.normal(0, 1, (200, 2)), rng.normal(0, 0.1, 200)])
+    det_boxes[:, 2:4] = np.abs(det_boxes[:, 2:4]) + 1
+    det_boxes = det_boxes.astype(np.float32).astype(np.float64)
+    gt_boxes = gt_boxes.astype(np.float32).astype(np.float64)
+    key = np.zeros(200, np.int64)
+    best, arg = rotated_ap._best_mmrotate(gt_boxes, np.zeros(120, np.int64), det_boxes, key)
+    shift = np.array([*(rotated_ap._le90_bounds(det_boxes)[0].min(0) + rotated_ap._le90_bounds(det_boxes)[1].max(0)) / 2,
+                      0, 0, 0])
+    full = rotated_iou(det_boxes - shift, gt_boxes - shift)
+    assert (full > 0).sum() > 150
+    has = full.max(axis=1) > 0
+    np.testing.assert_array_equal(arg[has], full.argmax(axis=1)[has])
+    np.testing.assert_array_equal(best[has], full.max(axis=1)[has])
+    assert np.all(best[~has] == 0)
+
+
+def test_rotated_iou_operator_is_loaded_without_importing_torchvision():
+    """The mmrotate protocol loads torchvision's compiled operator, not the torchvision package (whose
+    import brings its model zoo and torch's compiler stack)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from mutdet.evaluation import rotated_ap; op = rotated_ap._box_iou_rotated(); "
+            "import torch; print(float(op(torch.tensor([[0., 0, 2, 2, 0]]), torch.tensor([[1., 0, 2, 2, 0]]))[0, 0]), "
+            "'torchvision' in sys.modules, 'torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert float(out[0]) == pytest.approx(1 / 3, abs=1e-6) and out[1:] == ["False", "False"]

@@ -10,10 +10,12 @@
 * IoU: the devkit's ``polyiou`` formula (:mod:`mutdet.evaluation.polygons`): for simple quadrilaterals,
   convex or concave, the exact polygon IoU; for self-intersecting or degenerate ones, the devkit's signed
   winding-number formula (see below). Computed with shapely 2 (GEOS, float64), vectorised over candidate
-  pairs. Candidates: the image's objects of the detection's class whose axis-aligned bounds meet the
-  detection's (one ``shapely.STRtree`` over all objects). The devkit's own pre-filter (axis-aligned
-  overlap with its ``+ 1`` pixel convention) keeps a superset of ours; a pair that either leaves out has
-  intersection 0, hence IoU 0, below every threshold, so no match changes. Pairs whose IoU cannot exceed the smallest
+  pairs (convex pairs far from every threshold are decided in numpy first: "Speed" below).
+  Candidates: the image's objects of the detection's class whose axis-aligned bounds meet the
+  detection's (a numpy sweep over all objects, :func:`~mutdet.evaluation.polygons.candidate_pairs`).
+  The devkit's own pre-filter (axis-aligned overlap with its ``+ 1`` pixel convention) keeps a superset
+  of ours; a pair that either leaves out has intersection 0, hence IoU 0, below every threshold, so no
+  match changes. Pairs whose IoU cannot exceed the smallest
   threshold (upper bound ``m / (A_d + A_g - m)`` with ``m`` the smallest of both areas and their
   bounds' overlap area, minus a 1e-9 margin) are not computed either, for simple polygons only; this
   cannot change a match (a detection with no IoU above the threshold is a false positive whichever
@@ -76,19 +78,36 @@ Both protocols
 * ``iou_thresholds`` are each in ``(0, 1)``; each gives ``AP<round(100 t)>``, and all of 0.50:0.05:0.95
   together add ``AP50:95``.
 
-Speed: the best IoU and its argmax are computed once per detection for all thresholds (candidate
-pairs by spatial pruning), and the greedy pass is vectorised: an object is claimed by the first ranked
-hit on it that is not ignored.
+Speed (no rule above depends on it; each shortcut is exact for the decisions it takes):
+
+* The best IoU and its argmax are computed once per detection for all thresholds (candidate pairs by
+  spatial pruning), and the greedy pass is vectorised: an object is claimed by the first ranked hit on
+  it that is not ignored.
+* ``dota_devkit``: pairs of strictly convex quadrilaterals (every turn of the ring the same sign, with
+  a margin) get their IoU from a numpy Sutherland-Hodgman clip, with a bound far above its rounding
+  error and GEOS's (:func:`~mutdet.evaluation.polygons.convex_pair_iou`). A detection is decided from
+  these values only when its best IoU is further than that bound from every threshold and ahead of
+  every other object's by more than both bounds (or when all its IoUs are below every threshold); any
+  other detection, and every detection with a pair that is not convex, is computed by GEOS
+  (``candidate_pairs["computed_by_geos"]`` counts those pairs). So every match and every comparison is
+  the one GEOS's IoU gives. Convexity also stands in for GEOS's ``is_simple`` / ``is_valid`` checks.
+* ``mmrotate``: each block's kernel input (boxes moved by the block's hull centre, then float32) is
+  what fixes the IoU values; within a block the kernel is run only on the detections and objects whose
+  hulls, widened by 1 % plus one pixel, meet (further apart the kernel returns exactly 0). A detection
+  with no object nearby keeps ``best`` 0, a false positive at every threshold as before.
 """
 from __future__ import annotations
 
+import importlib.util
+import sys
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 
-from mutdet.boxes import le90_to_polygon, polygon_to_le90, rotated_iou
-from mutdet.evaluation.polygons import candidate_pairs, mmrotate_label_boxes, pair_iou, quad_pieces
+from mutdet.boxes import le90_to_cxcywhr, le90_to_polygon, polygon_to_le90
+from mutdet.evaluation.polygons import (candidate_pairs, convex_pair_iou, mmrotate_label_boxes, pair_iou, quad_pieces,
+                                        quad_shapes)
 
 __all__ = ["PROTOCOLS", "VOC07_RECALL_POINTS", "evaluate_detections", "voc_ap", "mmdet_average_precision",
            "ap_key"]
@@ -107,6 +126,9 @@ MAX_PAIRS = 2048
 # Margin under which a pair's IoU upper bound lets the dota_devkit protocol skip it (the bound is computed
 # in float64 and the IoU by GEOS; both are far more precise than this).
 _BOUND_MARGIN = 1e-9
+
+# Pairs clipped in numpy at once by the dota_devkit protocol (bounds the temporary arrays to a few MB each).
+_CLIP_CHUNK = 4096
 
 
 def ap_key(threshold: float) -> str:
@@ -228,7 +250,8 @@ class _Detections:
 
 def _detections(detections, classes: Sequence[str]) -> _Detections:
     """Flatten either input form (see :func:`evaluate_detections`)."""
-    if isinstance(detections, pa.Table):
+    pa = sys.modules.get("pyarrow")  # not imported: the input cannot be a pyarrow Table
+    if pa is not None and isinstance(detections, pa.Table):
         for name in ("id", "class_id", "score", "cx", "cy", "w", "h", "theta"):
             if name not in detections.column_names:
                 raise ValueError(f"detections table: missing column {name!r}")
@@ -280,12 +303,28 @@ def _detections(detections, classes: Sequence[str]) -> _Detections:
 
 # --------------------------------------------------------------------------------------------- matching
 
-def _best_devkit(gt_polys, gt_key, det_polys, det_key, min_threshold):
+def _first_per_group(group: np.ndarray, value: np.ndarray, tie: np.ndarray) -> np.ndarray:
+    """Index of the largest ``value`` per ``group`` (the smallest ``tie`` among equal values), groups ascending."""
+    order = np.lexsort((tie, -value, group))
+    return order[np.r_[True, group[order][1:] != group[order][:-1]]]
+
+
+def _best_devkit(gt_polys, gt_key, det_polys, det_key, thresholds):
     """dota_devkit: best polygon IoU and its first argmax (index into the ground truth) per detection.
 
-    Returns ``best`` (0 where there is no candidate), ``arg`` (-1 there) and the polygon statistics.
+    IoU of a pair of strictly convex quads is first computed in numpy (:func:`convex_pair_iou`, with a
+    bound on how far it can be from GEOS's value). A detection whose candidate pairs are all such pairs
+    is decided from these values when no threshold lies within the bound of its best IoU and its best
+    object leads every other by more than both bounds (or all its IoUs are below every threshold): GEOS
+    would give the same match and the same comparisons. Every other detection's pairs go to GEOS
+    (:func:`pair_iou`), so each decision is GEOS's.
+
+    Returns ``best`` (0 where there is no candidate), ``arg`` (-1 there), the polygon statistics and the
+    pair counts.
     """
-    g, d = quad_pieces(gt_polys), quad_pieces(det_polys)
+    min_threshold = min(thresholds)
+    g, d = quad_shapes(gt_polys), quad_shapes(det_polys)
+    g_simple, d_simple = g.simple(), d.simple()
     idet, igt = candidate_pairs(d.lo, d.hi, det_key, g.lo, g.hi, gt_key)
     # Upper bound of the IoU of simple pairs: the intersection is at most the smaller area and the overlap
     # of the bounds; the IoU grows with the intersection.
@@ -293,20 +332,54 @@ def _best_devkit(gt_polys, gt_key, det_polys, det_key, min_threshold):
     m = np.minimum(np.minimum(d.area[idet], g.area[igt]), overlap)
     with np.errstate(divide="ignore", invalid="ignore"):
         bound = m / (d.area[idet] + g.area[igt] - m)
-    skip = d.simple[idet] & g.simple[igt] & (bound < min_threshold - _BOUND_MARGIN)
+    skip = d_simple[idet] & g_simple[igt] & (bound < min_threshold - _BOUND_MARGIN)
     idet, igt = idet[~skip], igt[~skip]
-    iou = pair_iou(d, g, idet, igt)
-    best = np.zeros(len(det_polys))
-    arg = np.full(len(det_polys), -1, dtype=np.int64)
-    if len(iou):
-        order = np.lexsort((igt, -iou, idet))  # per detection: largest IoU first, then label order
-        first = order[np.r_[True, idet[order][1:] != idet[order][:-1]]]
-        best[idet[first]] = iou[first]
-        arg[idet[first]] = igt[first]
-    stats = {"gt_non_simple": int(np.sum(~g.simple & ~g.zero_area)), "gt_zero_area": int(np.sum(g.zero_area)),
-             "detections_non_simple": int(np.sum(~d.simple & ~d.zero_area)),
+    n_det = len(det_polys)
+    best = np.zeros(n_det)
+    arg = np.full(n_det, -1, dtype=np.int64)
+
+    # numpy IoU for detections whose pairs are all convex-convex.
+    not_convex = np.bincount(idet[~(d.convex[idet] & g.convex[igt])], minlength=n_det) > 0
+    fast = ~not_convex[idet]
+    fi, fg = idet[fast], igt[fast]
+    iou = np.empty(len(fi))
+    margin = np.empty(len(fi))
+    for s in range(0, len(fi), _CLIP_CHUNK):
+        iou[s:s + _CLIP_CHUNK], margin[s:s + _CLIP_CHUNK] = convex_pair_iou(d, g, fi[s:s + _CLIP_CHUNK],
+                                                                            fg[s:s + _CLIP_CHUNK])
+    geos_det = not_convex.copy()
+    if len(fi):
+        top = _first_per_group(fi, iou, fg)  # best pair of each detection with pairs, detections ascending
+        dets_f = fi[top]
+        hi = iou + margin
+        starts = np.flatnonzero(np.r_[True, fi[1:] != fi[:-1]])  # fi is sorted (candidate_pairs order)
+        max_hi = np.maximum.reduceat(hi, starts)
+        hi_others = hi.copy()
+        hi_others[top] = -np.inf
+        others = np.maximum.reduceat(hi_others, starts)
+        lo_b, hi_b = iou[top] - margin[top], iou[top] + margin[top]
+        clear = np.ones(len(top), dtype=bool)
+        for t in thresholds:
+            clear &= (lo_b > t) | (hi_b < t)
+        decided = (max_hi < min_threshold) | (clear & (others < lo_b))
+        best[dets_f[decided]] = iou[top[decided]]
+        arg[dets_f[decided]] = fg[top[decided]]
+        geos_det[dets_f[~decided]] = True
+
+    # GEOS for the rest, on pieces of only the polygons involved.
+    slow = geos_det[idet]
+    si, sg = idet[slow], igt[slow]
+    if len(si):
+        ud, di = np.unique(si, return_inverse=True)
+        ug, gi = np.unique(sg, return_inverse=True)
+        giou = pair_iou(quad_pieces(det_polys[ud]), quad_pieces(gt_polys[ug]), di, gi)
+        first = _first_per_group(si, giou, sg)
+        best[si[first]] = giou[first]
+        arg[si[first]] = sg[first]
+    stats = {"gt_non_simple": int(np.sum(~g_simple & ~g.zero_area)), "gt_zero_area": int(np.sum(g.zero_area)),
+             "detections_non_simple": int(np.sum(~d_simple & ~d.zero_area)),
              "detections_zero_area": int(np.sum(d.zero_area))}
-    pairs = {"computed": int(len(iou)), "skipped_by_bound": int(skip.sum())}
+    pairs = {"computed": int(len(idet)), "skipped_by_bound": int(skip.sum()), "computed_by_geos": int(len(si))}
     return best, arg, stats, pairs
 
 
@@ -318,22 +391,58 @@ def _le90_bounds(boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return boxes[:, :2] - ext, boxes[:, :2] + ext
 
 
-def _best_rotated(det, gt):
+def _box_iou_rotated():
+    """torchvision's ``box_iou_rotated`` operator (float32 rotated IoU, what ``mutdet.boxes.rotated_iou`` calls).
+
+    Loaded from torchvision's compiled extension alone when torchvision is not imported yet, so that
+    evaluation does not import torchvision's model zoo (and torch's compiler stack with it); through
+    ``import torchvision`` where that library file is not found.
+    """
+    import torch
+
+    if "torchvision" not in sys.modules and not _TV_OPS:
+        spec = importlib.util.find_spec("torchvision")  # finds the package without importing it
+        folder = Path(spec.origin).parent if spec is not None and spec.origin else None
+        libs = sorted(folder.glob("_C*.so")) if folder is not None else []
+        for lib in libs:
+            try:
+                torch.ops.load_library(str(lib))
+            except OSError:  # not loadable alone: ``import torchvision`` below
+                continue
+            if hasattr(torch.ops.torchvision, "box_iou_rotated"):
+                _TV_OPS.append(True)
+                break
+    if not _TV_OPS:
+        import torchvision  # noqa: F401  (registers the operator)
+
+        _TV_OPS.append(True)
+    return torch.ops.torchvision.box_iou_rotated
+
+
+_TV_OPS: list = []
+
+
+def _best_rotated(det, gt, det_lo, det_hi, gt_lo, gt_hi, best, arg, det_rows, op):
     """mmrotate: best rotated IoU (float32 values) and its first argmax for every detection of one (image, class).
 
     Blocks of detections start as the whole set; a block is compared with the objects whose hull
     meets the block's hull (others have IoU 0 with all of it), and is halved at the median of its
-    centres along its longer side while that comparison would exceed ``MAX_PAIRS`` pairs.
+    centres along its longer side while that comparison would exceed ``MAX_PAIRS`` pairs. A final
+    block's boxes are moved by the centre of its hull before they are rounded to float32 (IoU is
+    translation invariant; this keeps float32 precise on large images, as mmcv centres each pair on its
+    midpoint): that rounding fixes each pair's IoU. Within a final block, torchvision's kernel is run
+    only on the detections and objects whose own hulls, widened by :func:`_widened`, meet another's
+    (a pair further apart has IoU exactly 0 in the kernel).
 
-    Returns:
-        ``best`` ``(D,)`` float64 and ``arg`` ``(D,)`` int64 index into ``gt``, -1 (with ``best`` 0)
-        where no object's hull meets the detection's block.
+    Args:
+        det, gt: ``(D, 5)`` / ``(G, 5)`` le90 boxes of the group; ``*_lo``, ``*_hi``: their hulls.
+        best, arg: ``(D,)`` outputs, filled where a detection meets an object; ``det_rows``: the
+            detections' rows in them. ``arg`` gets the index into ``gt``.
     """
-    det_lo, det_hi = _le90_bounds(det)
-    gt_lo, gt_hi = _le90_bounds(gt)
-    best = np.zeros(len(det))
-    arg = np.full(len(det), -1, dtype=np.int64)
     stack = [(np.arange(len(det)), np.arange(len(gt)))]
+    det_cx, gt_cx = le90_to_cxcywhr(det), le90_to_cxcywhr(gt)
+    wd_lo, wd_hi = _widened(det_lo, det_hi)
+    wg_lo, wg_hi = _widened(gt_lo, gt_hi)
     while stack:
         idx, cand = stack.pop()
         lo, hi = det_lo[idx].min(axis=0), det_hi[idx].max(axis=0)
@@ -347,27 +456,58 @@ def _best_rotated(det, gt):
             part = np.argpartition(centres[:, axis], half)
             stack += [(idx[part[:half]], cand), (idx[part[half:]], cand)]
             continue
-        # IoU is translation invariant; centring keeps float32 precise on large images (mmcv centres each
-        # pair on its midpoint for the same reason).
+        wl, wh = wg_lo[cand], wg_hi[cand]
+        meet = ((wl[None, :, 0] < wd_hi[idx, None, 0]) & (wh[None, :, 0] > wd_lo[idx, None, 0])
+                & (wl[None, :, 1] < wd_hi[idx, None, 1]) & (wh[None, :, 1] > wd_lo[idx, None, 1]))
+        rows = meet.any(axis=1)
+        if not rows.any():
+            continue
+        idx, cand = idx[rows], cand[meet.any(axis=0)]
         shift = np.array([*(lo + hi) / 2, 0.0, 0.0, 0.0])
-        iou = rotated_iou(det[idx] - shift, gt[cand] - shift)  # (b, c)
+        # le90_to_cxcywhr(boxes - shift) == le90_to_cxcywhr(boxes) - shift: the shift leaves the angle alone.
+        iou = op(torch_from_numpy((det_cx[idx] - shift).astype(np.float32)),
+                 torch_from_numpy((gt_cx[cand] - shift).astype(np.float32))).numpy()  # (b, c) float32
         j = iou.argmax(axis=1)  # first maximum: label-file order among equal IoUs
-        best[idx] = iou[np.arange(len(idx)), j]
-        arg[idx] = cand[j]
-    return best, arg
+        best[det_rows[idx]] = iou[np.arange(len(idx)), j]
+        arg[det_rows[idx]] = cand[j]
+
+
+def _widened(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Hulls grown by 1 % of their larger side plus one pixel: boxes whose grown hulls do not meet are
+    far apart compared with float32 rounding and with the kernel's own tolerances, so their IoU is 0."""
+    pad = (0.01 * (hi - lo).max(axis=1) + 1.0)[:, None]
+    return lo - pad, hi + pad
+
+
+def torch_from_numpy(a: np.ndarray):
+    import torch
+
+    return torch.from_numpy(a)
 
 
 def _best_mmrotate(gt_box, gt_key, det_box, det_key):
+    """Best IoU and its argmax (into ``gt_box``) per detection, group by group (:func:`_best_rotated`).
+
+    Detections without any object nearby keep ``best`` 0 and ``arg`` -1: a false positive at every
+    threshold, whichever object had its (zero) best IoU.
+    """
     best = np.zeros(len(det_box))
     arg = np.full(len(det_box), -1, dtype=np.int64)
+    if len(det_box) == 0 or len(gt_box) == 0:
+        return best, arg
+    op = _box_iou_rotated()
+    det_lo, det_hi = _le90_bounds(det_box)
+    gt_lo, gt_hi = _le90_bounds(gt_box)
     by_key = np.argsort(det_key, kind="stable")
     keys_present, starts = np.unique(det_key[by_key], return_index=True)
     g0s, g1s = np.searchsorted(gt_key, keys_present, "left"), np.searchsorted(gt_key, keys_present, "right")
+    group_arg = np.full(len(det_box), -1, dtype=np.int64)
     for rows, g0, g1 in zip(np.split(by_key, starts[1:]), g0s, g1s):
         if g1 > g0:  # else every detection of the group is a false positive
-            b, a = _best_rotated(det_box[rows], gt_box[g0:g1])
-            best[rows] = b
-            arg[rows] = np.where(a >= 0, a + g0, -1)
+            _best_rotated(det_box[rows], gt_box[g0:g1], det_lo[rows], det_hi[rows], gt_lo[g0:g1], gt_hi[g0:g1],
+                          best, group_arg, rows, op)
+            got = group_arg[rows] >= 0
+            arg[rows[got]] = group_arg[rows[got]] + g0
     return best, arg
 
 
@@ -408,8 +548,8 @@ def evaluate_detections(gt: Mapping, detections, classes: Sequence[str], *,
         (dropped, side < 2). ``"polygons"`` counts label and detection polygons that are not simple
         (``*_non_simple``) or have area 0 (``*_zero_area``), and for ``mmrotate`` the labels dropped as
         too small (``gt_dropped_too_small``); ``"candidate_pairs"`` (``dota_devkit``: ``computed``,
-        ``skipped_by_bound``) how many polygon pairs were intersected and how many the IoU bound
-        skipped. ``settings`` holds ``protocol``, ``iou_thresholds``, ``use_07_metric``, ``ap``,
+        ``skipped_by_bound``, ``computed_by_geos``) how many polygon pairs had their IoU computed, how
+        many the IoU bound skipped, and how many of the computed ones went to GEOS. ``settings`` holds ``protocol``, ``iou_thresholds``, ``use_07_metric``, ``ap``,
         ``iou``, ``iou_rule``, ``difficult``, ``ties`` and, for ``mmrotate``, ``difficulty_threshold``.
 
         A class without positives has AP ``None`` (undefined), no PR curve, and is left out of the mean;
@@ -437,7 +577,7 @@ def evaluate_detections(gt: Mapping, detections, classes: Sequence[str], *,
 
     dets = _detections(detections, classes)
     index = {image_id: i for i, image_id in enumerate(image_ids)}
-    det_img = np.fromiter((index.get(i, -1) for i in dets.image_ids), dtype=np.int64, count=len(dets.image_ids))
+    det_img = np.array([index.get(i, -1) for i in dets.image_ids], dtype=np.int64).reshape(-1)
     unknown = det_img < 0
     if unknown.any():
         raise ValueError(f"detections on images without ground truth: {sorted(set(dets.image_ids[unknown]))[:5]}")
@@ -448,7 +588,7 @@ def evaluate_detections(gt: Mapping, detections, classes: Sequence[str], *,
         gt_ignored = gt_diff != 0  # difficult 1 and 2 (any non-zero value): neither positive nor FP
         gt_dropped = np.zeros(len(gt_cls), dtype=bool)
         gt_key = gt_cls * n_img + gt_img
-        best, arg, polygon_stats, pairs = _best_devkit(gt_poly, gt_key, dets.polygons(), det_key, min(thresholds))
+        best, arg, polygon_stats, pairs = _best_devkit(gt_poly, gt_key, dets.polygons(), det_key, thresholds)
     else:
         gt_box, kept = mmrotate_label_boxes(gt_poly)
         too_small = ~kept
@@ -534,9 +674,9 @@ def evaluate_detections(gt: Mapping, detections, classes: Sequence[str], *,
 
 def _polygon_counts(gt_poly: np.ndarray, dets: _Detections) -> dict:
     """Non-simple and zero-area label and detection polygons (detection polygons: given ones only)."""
-    g = quad_pieces(gt_poly)
-    given = dets._polygons[~np.isnan(dets._polygons[:, 0])]
-    d = quad_pieces(given)
-    return {"gt_non_simple": int(np.sum(~g.simple & ~g.zero_area)), "gt_zero_area": int(np.sum(g.zero_area)),
-            "detections_non_simple": int(np.sum(~d.simple & ~d.zero_area)),
+    g = quad_shapes(gt_poly)
+    d = quad_shapes(dets._polygons[~np.isnan(dets._polygons[:, 0])])
+    g_simple, d_simple = g.simple(), d.simple()
+    return {"gt_non_simple": int(np.sum(~g_simple & ~g.zero_area)), "gt_zero_area": int(np.sum(g.zero_area)),
+            "detections_non_simple": int(np.sum(~d_simple & ~d.zero_area)),
             "detections_zero_area": int(np.sum(d.zero_area))}

@@ -127,6 +127,16 @@ class _Collector:
         self.difficult.append(difficult)
         self.lines.append(-1 if line is None else line)
 
+    def add_checked(self, line: int | None, polygon: list[float], label: int, difficult: int,
+                    reason: str | None) -> None:
+        """:meth:`add` with its polygon checks already made (``reason``: :func:`polygon_problems`'s entry)."""
+        if reason is not None:
+            return self.bad(line, reason)
+        self.polygons.append(polygon)
+        self.labels.append(label)
+        self.difficult.append(difficult)
+        self.lines.append(-1 if line is None else line)
+
     def result(self, image_id: str) -> ImageAnnotations:
         return ImageAnnotations(
             image_id=image_id,
@@ -137,6 +147,83 @@ class _Collector:
             file=str(self.file),
             lines=np.asarray(self.lines, dtype=np.int64),
         )
+
+
+# A quadrilateral is taken as strictly convex without asking GEOS when every turn of its ring has the same
+# sign and a sine of at least this (relative to the two edges' lengths); float64 rounding of the cross
+# products is ~1e-16 relative, so such a ring is simple and valid for any exact predicate.
+CONVEX_SINE = 1e-9
+
+
+_NEXT = [1, 2, 3, 0]  # corner i -> corner i + 1 around a quadrilateral
+_TRIANGLES = ([0, 0, 0, 1], [1, 1, 2, 2], [2, 3, 3, 3])  # the four triangles of three corners
+_PAIRS = ([0, 0, 0, 1, 1, 2], [1, 2, 3, 2, 3, 3])  # the six pairs of corners
+
+
+def strictly_convex(pts: np.ndarray) -> np.ndarray:
+    """``(N,)``: quads ``(N, 4, 2)`` whose four turns all have the same sign, each with
+    ``|e_i x e_(i+1)| > CONVEX_SINE * |e_i| |e_(i+1)|`` (distinct corners, none collinear: a simple ring)."""
+    e = pts[:, _NEXT] - pts  # e_i = p_(i+1) - p_i
+    en = e[:, _NEXT]
+    cross = e[..., 0] * en[..., 1] - e[..., 1] * en[..., 0]
+    length = np.hypot(e[..., 0], e[..., 1])
+    tol = CONVEX_SINE * length * length[:, _NEXT]
+    return np.all(cross > tol, axis=1) | np.all(cross < -tol, axis=1)
+
+
+def _largest_triangle(pts: np.ndarray) -> np.ndarray:
+    """``(N,)``: the largest area of a triangle of three corners of each quad ``(N, 4, 2)``."""
+    i, j, k = _TRIANGLES
+    a, b = pts[:, j] - pts[:, i], pts[:, k] - pts[:, i]
+    return 0.5 * np.abs(a[..., 0] * b[..., 1] - a[..., 1] * b[..., 0]).max(axis=1)
+
+
+def _thick(pts: np.ndarray) -> np.ndarray:
+    """``(N,)``: quads ``(N, 4, 2)`` whose minimum-area rectangle is certainly not thinner than ``MIN_SIDE``.
+
+    The rectangle's shorter side is at least the smallest width of the points' convex hull, which is at
+    least the hull's area over its diameter; the hull's area is at least that of any triangle of three
+    corners. Certain when that bound exceeds ``2 * MIN_SIDE`` plus ``1e-5`` of the largest coordinate
+    (far above float32 rounding in ``minAreaRect``)."""
+    d = pts[:, _PAIRS[1]] - pts[:, _PAIRS[0]]
+    diam = np.hypot(d[..., 0], d[..., 1]).max(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return _largest_triangle(pts) > (2 * MIN_SIDE + 1e-5 * np.abs(pts).max(axis=(1, 2))) * diam
+
+
+def polygon_problems(polygons: list[list[float]]) -> list[str | None]:
+    """For each quadrilateral ``[x1, y1, ..., x4, y4]``, why :meth:`_Collector.add` would refuse it, or ``None``.
+
+    The same checks in the same order (non-finite coordinate; minimum-area rectangle thinner than
+    ``MIN_SIDE``; ring not simple), made for all polygons at once: ``minAreaRect`` only where
+    :func:`_thick` cannot decide, GEOS's ``is_simple`` only where :func:`strictly_convex` cannot.
+    """
+    n = len(polygons)
+    if n == 0:
+        return []
+    polys = np.asarray(polygons, dtype=np.float64).reshape(n, 8)
+    pts = polys.reshape(n, 4, 2)
+    finite = np.isfinite(polys).all(axis=1)
+    degenerate = np.zeros(n, dtype=bool)
+    with np.errstate(invalid="ignore", over="ignore"):
+        ask = np.flatnonzero(finite & ~_thick(pts))
+        if len(ask):
+            degenerate[ask] = polygon_to_le90(polys[ask])[:, 3] < MIN_SIDE
+        ok = finite & ~degenerate
+        ask = np.flatnonzero(ok & ~strictly_convex(pts))
+    crossing = np.zeros(n, dtype=bool)
+    if len(ask):
+        crossing[ask] = ~shapely.is_simple(shapely.linearrings(pts[ask]))
+    reasons: list[str | None] = [None] * n
+    for i in np.flatnonzero(~finite | degenerate | crossing):
+        polygon = polygons[i]
+        if not finite[i]:
+            reasons[i] = f"non-finite coordinate in {polygon}"
+        elif degenerate[i]:
+            reasons[i] = f"degenerate polygon (collinear or coincident points): {polygon}"
+        else:
+            reasons[i] = f"self-intersecting quadrilateral (corners not in order around the object): {polygon}"
+    return reasons
 
 
 def drop_outside(ann: ImageAnnotations, width: int, height: int, on_bad_object: str) -> ImageAnnotations:
@@ -151,8 +238,14 @@ def drop_outside(ann: ImageAnnotations, width: int, height: int, on_bad_object: 
     if len(ann) == 0:
         return ann
     pts = ann.polygons.reshape(-1, 4, 2)
-    hulls = shapely.convex_hull(shapely.polygons(np.concatenate([pts, pts[:, :1]], axis=1)))
-    inside = shapely.area(shapely.intersection(hulls, shapely.box(0, 0, width, height))) > 0
+    # Entirely within the image with a hull of clearly positive area: inside, without asking GEOS.
+    within = np.all((pts > 0) & (pts < (width, height)), axis=(1, 2))
+    extent = (pts.max(axis=1) - pts.min(axis=1)).max(axis=1)
+    inside = within & (_largest_triangle(pts) > 1e-9 * (1.0 + extent * extent))
+    ask = np.flatnonzero(~inside)
+    if len(ask):
+        hulls = shapely.convex_hull(shapely.polygons(np.concatenate([pts[ask], pts[ask, :1]], axis=1)))
+        inside[ask] = shapely.area(shapely.intersection(hulls, shapely.box(0, 0, width, height))) > 0
     if inside.all():
         return ann
     out = _Collector(Path(ann.file or ann.image_id), on_bad_object)

@@ -15,6 +15,7 @@ enough to turn a detection whose IoU is near a threshold from TP to FP.
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -110,30 +111,44 @@ def read_task1(folder: str | Path, classes: Sequence[str]) -> dict[str, np.ndarr
         name = path.name[len(PREFIX):-len(SUFFIX)]
         if name not in known:
             raise Task1FormatError(path, None, f"class {name!r} is not one of {list(classes)}")
-    image_ids, class_names, scores, polygons = [], [], [], []
+    image_ids, class_names, values = [], [], []
     for c in classes:
         path = task1_path(folder, c)
         if not path.is_file():
             raise Task1FormatError(path, None, f"missing result file for class {c!r}")
-        for lineno, raw in enumerate(path.read_text().splitlines(), start=1):
-            tokens = raw.split()
-            if not tokens:
-                continue
-            if len(tokens) != 10:
-                raise Task1FormatError(path, lineno, f"expected 10 tokens (image score x1 y1 ... x4 y4), "
-                                                     f"got {len(tokens)}: {raw.strip()!r}")
-            values = [parse_float(t) for t in tokens[1:]]
-            if None in values:
-                bad = tokens[1 + values.index(None)]
-                raise Task1FormatError(path, lineno, f"non-numeric or non-finite value {bad!r}")
-            image_ids.append(tokens[0])
-            class_names.append(c)
-            scores.append(values[0])
-            polygons.append(values[1:])
+        rows = [tokens for tokens in map(str.split, path.read_text().splitlines()) if tokens]
+        try:  # fast path: every line well formed (float() on each number, then one finiteness check)
+            if any(len(tokens) != 10 for tokens in rows):
+                raise ValueError
+            numbers = np.fromiter(map(float, itertools.chain.from_iterable(tokens[1:] for tokens in rows)),
+                                  dtype=np.float64, count=9 * len(rows)).reshape(-1, 9)
+            if not np.isfinite(numbers).all():
+                raise ValueError
+        except ValueError:
+            _raise_first_bad_line(path)
+        image_ids += [tokens[0] for tokens in rows]
+        class_names += [c] * len(rows)
+        values.append(numbers)
+    numbers = np.concatenate(values) if values else np.zeros((0, 9))
     return {
         "image_ids": np.asarray(image_ids, dtype=object),
         "class_names": np.asarray(class_names, dtype=object),
-        "scores": np.asarray(scores, dtype=np.float64),
-        "polygons": np.asarray(polygons, dtype=np.float64).reshape(-1, 8),
+        "scores": numbers[:, 0].copy(),
+        "polygons": numbers[:, 1:].copy(),
     }
 
+
+def _raise_first_bad_line(path: Path) -> None:
+    """Raise :class:`Task1FormatError` for the first malformed line of ``path`` (token count, then values)."""
+    for lineno, raw in enumerate(path.read_text().splitlines(), start=1):
+        tokens = raw.split()
+        if not tokens:
+            continue
+        if len(tokens) != 10:
+            raise Task1FormatError(path, lineno, f"expected 10 tokens (image score x1 y1 ... x4 y4), "
+                                                 f"got {len(tokens)}: {raw.strip()!r}")
+        values = [parse_float(t) for t in tokens[1:]]
+        if None in values:
+            bad = tokens[1 + values.index(None)]
+            raise Task1FormatError(path, lineno, f"non-numeric or non-finite value {bad!r}")
+    raise AssertionError(f"{path}: a line failed to parse but none is malformed")  # pragma: no cover

@@ -25,10 +25,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 
 import mutdet
 from mutdet.config import Config, DatasetConfig
@@ -36,11 +35,16 @@ from mutdet.evaluation import ap_key, evaluate_detections
 from mutdet.evaluation.rotated_ap import PROTOCOLS
 from mutdet.evaluation.plots import plot_pr_curves
 from mutdet.io.annotations import AnnotationError, ClassMap
-from mutdet.io.artefacts import ArtefactError, read_artefact, read_metadata
 from mutdet.io.atomic import write_json
 from mutdet.io.datasets import list_image_ids, load_image
 from mutdet.io.task1 import read_task1
 from mutdet.stages.common import code_version, log
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+# pyarrow (and the artefact readers) are imported where Parquet detections are read: evaluating Task1
+# files does not need them, and the import is a noticeable part of a whole evaluation's time.
 
 __all__ = ["format_table", "load_ground_truth", "run"]
 
@@ -78,6 +82,8 @@ _NON_NEGATIVE_COLUMNS = ("w", "h")
 
 def _check_detection_values(table: pa.Table, path: Path) -> None:
     """Raise naming the file, row, column and value at the first NaN, infinity or negative side."""
+    from mutdet.io.artefacts import ArtefactError
+
     for name in _FINITE_COLUMNS:
         values = table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
         bad = ~np.isfinite(values)
@@ -92,12 +98,18 @@ def _check_detection_values(table: pa.Table, path: Path) -> None:
 def _task1_by_class(folder: Path, classes: Sequence[str]) -> dict:
     """Task1 files -> the per-class input of :func:`evaluate_detections` (polygons, image pixels)."""
     cols = read_task1(folder, classes)
-    by_class = {}
-    for c in classes:
-        mine = cols["class_names"] == c
-        by_class[c] = {"image_ids": cols["image_ids"][mine], "scores": cols["scores"][mine],
-                       "polygons": cols["polygons"][mine]}
-    return by_class
+    # read_task1 returns the classes in the order of ``classes``, each class's lines together: cut the
+    # columns where the class name changes.
+    names = cols["class_names"]
+    counts = np.zeros(len(classes), dtype=np.int64)
+    if len(names):
+        change = np.flatnonzero(names[1:] != names[:-1]) + 1
+        index = {c: k for k, c in enumerate(classes)}
+        for a, b in zip(np.r_[0, change], np.r_[change, len(names)]):
+            counts[index[names[a]]] = b - a
+    bounds = np.r_[0, np.cumsum(counts)]
+    return {c: {key: cols[key][bounds[k]:bounds[k + 1]] for key in ("image_ids", "scores", "polygons")}
+            for k, c in enumerate(classes)}
 
 
 def _skipped_polygon_counts(skipped: list[dict]) -> dict:
@@ -159,6 +171,11 @@ def run(cfg: Config, *, dataset: str, split: str, out_dir: Path, detections: Pat
     skipped = [s.to_dict() for ann in gt.values() for s in ann.skipped]
     skipped_ids = {s["image_id"] for s in skipped_images}
     if detections is not None:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        from mutdet.io.artefacts import ArtefactError, read_artefact, read_metadata
+
         dets = read_artefact(detections, "detections")
         frame = read_metadata(detections).get("frame")
         if frame is not None and frame != "image":
@@ -180,7 +197,7 @@ def run(cfg: Config, *, dataset: str, split: str, out_dir: Path, detections: Pat
             raise ValueError(f"{task1_dir}: Task1 lines on {len(unknown)} image ids that are not in split "
                              f"{split!r} of {ds.name}: {unknown[:5]}")
         num_on_skipped = 0
-        for name, d in dets.items():
+        for name, d in dets.items() if skipped_ids else ():
             keep = ~np.isin(d["image_ids"], list(skipped_ids))
             num_on_skipped += int((~keep).sum())
             dets[name] = {key: value[keep] for key, value in d.items()}
