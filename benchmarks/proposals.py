@@ -17,11 +17,15 @@ Throughput, on the first ``--num-tiles`` tiles of ``--tiles``:
   batch, measured) is under ``--vit-b-budget`` seconds.
 
 Recall, on every tile of each ``--recall`` folder (``tiles.parquet`` + ``objects.parquet``): the
-fraction of ground-truth objects matched by some proposal at rotated IoU >= ``--iou`` (0.5), per
-method, overall and for non-difficult objects; ``--grid`` adds parameter sweeps, e.g.
+fraction of ground-truth objects matched by some proposal at rotated IoU >= ``--iou`` (0.5), overall,
+for non-difficult objects and per class, and the hit share (the fraction of proposals with IoU >=
+``--iou`` to some object), all at the ``max_per_tile`` of ``--config`` (default ``config.yaml``): first
+its configured method and settings, then selective search and graph with the schema defaults;
+``--grid`` adds parameter sweeps on top of the configured settings, e.g.
 ``--grid "graph:k=100,300 sigma=0.5,0.8"``.
 
-Usage: ``python benchmarks/proposals.py [--num-tiles 8] [--sam-tiles 4] [--recall DIR ...] [--grid SPEC]``.
+Usage: ``python benchmarks/proposals.py [--config FILE] [--num-tiles 8] [--sam-tiles 4] [--recall DIR ...]
+[--grid SPEC]``.
 """
 from __future__ import annotations
 
@@ -226,28 +230,53 @@ def bench_vit_b(image: np.ndarray, generator: dict, max_per_tile: int, budget_s:
 
 
 def recall(tiles_dir: Path, proposer: Callable, iou_threshold: float) -> dict:
-    """Recall of ``proposer`` on every tile of ``tiles_dir`` at rotated IoU >= ``iou_threshold``."""
+    """Recall of ``proposer`` on every tile of ``tiles_dir`` at rotated IoU >= ``iou_threshold``: overall,
+    non-difficult and per class, plus the share of proposals that hit some object at that IoU."""
     objects = read_artefact(tiles_dir / "objects.parquet", "objects",
-                            columns=["tile_id", "cx", "cy", "w", "h", "theta", "difficult"]).to_pydict()
+                            columns=["tile_id", "cx", "cy", "w", "h", "theta", "difficult", "class_name"]).to_pydict()
     gt_by_tile: dict[str, list[int]] = {}
     for i, tile_id in enumerate(objects["tile_id"]):
         gt_by_tile.setdefault(tile_id, []).append(i)
     boxes = np.stack([objects[k] for k in ("cx", "cy", "w", "h", "theta")], axis=-1).reshape(-1, 5)
     difficult = np.asarray(objects["difficult"])
+    classes = np.asarray(objects["class_name"], dtype=object)
     hit = np.zeros(len(boxes), bool)
-    counts = []
-    start = time.perf_counter()
+    counts, hits = [], 0
     tiles = load_tiles(tiles_dir)
+    start = time.perf_counter()
     for tile_id, image in tiles:
         proposals = proposer(image)
         counts.append(len(proposals))
         idx = gt_by_tile.get(tile_id, [])
         if idx and len(proposals):
-            hit[idx] = rotated_iou(boxes[idx], proposals.boxes).max(axis=1) >= iou_threshold
+            iou = rotated_iou(boxes[idx], proposals.boxes)  # (G, N)
+            hit[idx] = iou.max(axis=1) >= iou_threshold
+            hits += int((iou.max(axis=0) >= iou_threshold).sum())
+    seconds = time.perf_counter() - start
     easy = difficult == 0
     return {"recall": hit.mean() if len(hit) else float("nan"),
             "recall_easy": hit[easy].mean() if easy.any() else float("nan"), "objects": len(hit),
-            "proposals_per_tile": float(np.mean(counts)), "tiles_per_s": len(tiles) / (time.perf_counter() - start)}
+            "per_class": {c: (float(hit[classes == c].mean()), int((classes == c).sum())) for c in sorted(set(classes))},
+            "hit_share": hits / max(sum(counts), 1), "proposals_per_tile": float(np.mean(counts)) if counts else 0.0,
+            "tiles_per_s": len(tiles) / seconds if seconds else float("nan"),
+            "proposals_per_s": sum(counts) / seconds if seconds else float("nan")}
+
+
+def print_recall(label: str, r: dict) -> None:
+    print(f"    {label:<48} recall {r['recall']:.3f} / {r['recall_easy']:.3f}  of {r['objects']} objects  "
+          f"hit share {r['hit_share']:.3f}  {r['proposals_per_tile']:6.1f} per tile  {r['tiles_per_s']:5.1f} tiles/s  "
+          f"{r['proposals_per_s']:6.0f} proposals/s", flush=True)
+    print("      per class: " + ", ".join(f"{c} {v:.3f} (n={n})" for c, (v, n) in r["per_class"].items()), flush=True)
+
+
+def load_config_section(path: str) -> dict:
+    """The ``proposals`` section of a YAML config, without ``datasets`` (the benchmark reads folders)."""
+    import yaml
+
+    with open(path) as f:
+        section = dict((yaml.safe_load(f) or {}).get("proposals", {}))
+    section.pop("datasets", None)
+    return section
 
 
 def parse_grid(spec: str) -> tuple[str, list[dict]]:
@@ -261,21 +290,28 @@ def parse_grid(spec: str) -> tuple[str, list[dict]]:
     return method, [dict(zip(keys, combo)) for combo in itertools.product(*values)]
 
 
-def recall_study(folders: list[Path], grids: list[str], iou_threshold: float) -> None:
-    """Print the recall of selective search and graph (config defaults, then each ``--grid`` setting) per folder."""
-    settings = [("selective_search", {}), ("graph", {})]
+def recall_study(folders: list[Path], grids: list[str], iou_threshold: float, configured: dict) -> None:
+    """Print the recall of the configured method (``configured``: the ``proposals`` section of the
+    config, its ``max_per_tile`` included), selective search and graph with the schema defaults, then
+    each ``--grid`` setting (on top of the configured section), per folder."""
+    max_per_tile = from_dict({"proposals": configured}).proposals.max_per_tile
+    settings = [("configured", configured), ("selective_search", {"method": "selective_search", "max_per_tile": max_per_tile}),
+                ("graph (defaults)", {"method": "graph", "max_per_tile": max_per_tile})]
     for spec in grids:
         method, combos = parse_grid(spec)
-        settings += [(method, combo) for combo in combos]
-    print(f"\nRecall at rotated IoU >= {iou_threshold} (all objects / difficult 0 only), proposals per tile, tiles/s:")
+        base = dict(configured.get(method, {})) if configured.get("method") == method else {}
+        settings += [(f"{method} {' '.join(f'{k}={v}' for k, v in combo.items())}",
+                      {"method": method, "max_per_tile": max_per_tile, method: {**base, **combo}}) for combo in combos]
+    print(f"\nRecall at rotated IoU >= {iou_threshold} (all objects / difficult 0 only), share of proposals with "
+          f"IoU >= {iou_threshold} to some object (hit share), at max_per_tile {max_per_tile}:")
     for folder in folders:
         print(f"  {folder.relative_to(REPO) if folder.is_relative_to(REPO) else folder}:")
-        for method, overrides in settings:
-            cfg = from_dict({"proposals": {"method": method, method: overrides}}).proposals
-            r = recall(folder, build_proposer(cfg), iou_threshold)
-            label = f"{method} {' '.join(f'{k}={v}' for k, v in overrides.items()) or '(defaults)'}"
-            print(f"    {label:<48} recall {r['recall']:.3f} / {r['recall_easy']:.3f}  of {r['objects']} objects  "
-                  f"{r['proposals_per_tile']:6.1f} per tile  {r['tiles_per_s']:5.1f} tiles/s", flush=True)
+        for label, section in settings:
+            cfg = from_dict({"proposals": section}).proposals
+            if label == "configured":
+                label = f"configured: {cfg.method} " + " ".join(f"{k}={v}" for k, v in cfg.method_params().items()
+                                                                if k not in ("method", "max_per_tile"))
+            print_recall(label, recall(folder, build_proposer(cfg), iou_threshold))
 
 
 def main() -> None:
@@ -289,15 +325,22 @@ def main() -> None:
     parser.add_argument("--recall", type=Path, nargs="*", default=DEMO_TILES, help="tile folders with objects.parquet")
     parser.add_argument("--grid", action="append", default=[], help='sweep, e.g. "graph:k=100,300 sigma=0.5,0.8"')
     parser.add_argument("--iou", type=float, default=0.5)
+    parser.add_argument("--config", default=str(REPO / "config.yaml"),
+                        help="config whose proposals section (method, its settings, max_per_tile) is measured first")
     args = parser.parse_args()
+    configured = dict(load_config_section(args.config))
     defaults = from_dict({}).proposals
     images = [image for _, image in load_tiles(args.tiles, args.num_tiles)]
     print(f"{len(images)} tiles of {images[0].shape[1]} x {images[0].shape[0]} from {args.tiles}, "
           f"{torch.get_num_threads()} torch threads:")
-    for method in ("selective_search", "graph"):
-        cfg = from_dict({"proposals": {"method": method}}).proposals
+    for method, section in (("selective_search", {"method": "selective_search"}), ("graph", {"method": "graph"}),
+                            ("configured " + configured.get("method", "sam"), configured)):
+        if section.get("method", "sam") == "sam":
+            continue  # SAM is timed below with a tiny model
+        cfg = from_dict({"proposals": section}).proposals
         r = throughput(build_proposer(cfg), images)
-        print(f"  {method:<17} {r['tiles_per_s']:7.2f} tiles/s  {r['proposals_per_tile']:6.1f} proposals/tile")
+        print(f"  {method:<17} {r['tiles_per_s']:7.2f} tiles/s  {r['proposals_per_tile']:6.1f} proposals/tile  "
+              f"{r['tiles_per_s'] * r['proposals_per_tile']:7.0f} proposals/s")
     generator = {"points_per_side": args.points_per_side, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0,
                  "box_nms_thresh": 1.0}
     sam_images = images[: args.sam_tiles]
@@ -305,7 +348,7 @@ def main() -> None:
     bench_conversion(proposer, sam_images)
     bench_vit_b(images[0], generator, defaults.max_per_tile, args.vit_b_budget)
     if args.recall:
-        recall_study(args.recall, args.grid, args.iou)
+        recall_study(args.recall, args.grid, args.iou, configured)
 
 
 if __name__ == "__main__":

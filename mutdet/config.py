@@ -135,6 +135,7 @@ class SyntheticConfig:
     image_size: int
     seed: int
     num_unlabelled: int = 0
+    zoom: float = 1.0
 
 
 # The evaluation protocol of a label format when the config names none (the paper's choice per dataset:
@@ -188,11 +189,15 @@ class SelectiveSearchConfig:
 @dataclass(frozen=True)
 class GraphConfig:
     sigma: float
-    k: float
+    k: float | list[float]
     min_size: int
     resize: int
     min_area: float
     max_area_fraction: float
+    grouping: bool = False
+    max_aspect: float | None = None
+    nms_iou: float = 1.0
+    score: str = "fill"
 
 
 @dataclass(frozen=True)

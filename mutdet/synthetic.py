@@ -216,12 +216,27 @@ class _Scene:
         return None
 
 
-def render_image(seed: int, size: int = 1500) -> SyntheticImage:
+def render_image(seed: int, size: int = 1500, zoom: float = 1.0) -> SyntheticImage:
     """Render one synthetic aerial image of ``size x size`` pixels; identical for identical inputs.
+
+    ``zoom > 1`` renders a world of ``round(size / zoom)`` pixels and resizes it to ``size`` (bilinear):
+    every object is ``zoom`` times larger in pixels (an image at ``GSD / zoom`` metres per pixel with
+    the detail of ``GSD``), and an image holds ``zoom**2`` times fewer objects. Difficult flags are
+    those of the world render.
 
     Returns:
         A :class:`SyntheticImage` with a ``(size, size, 3)`` uint8 BGR image and ``N`` objects.
     """
+    if not zoom >= 1.0:
+        raise ValueError(f"zoom must be >= 1, got {zoom}")
+    if zoom != 1.0:
+        world = round(size / zoom)
+        sample = render_image(seed, world)
+        image = cv2.resize(sample.image, (size, size), interpolation=cv2.INTER_LINEAR)
+        # OpenCV draws and resizes in pixel-centre coordinates: x -> (x + 0.5) * scale - 0.5
+        polygons = (sample.polygons + 0.5) * (size / world) - 0.5
+        return SyntheticImage(image=image, polygons=polygons, classes=sample.classes,
+                              difficult=sample.difficult)
     if size < _MIN_SIZE:
         raise ValueError(f"size must be at least {_MIN_SIZE}, got {size}")
     rng = np.random.default_rng(seed)
@@ -252,7 +267,7 @@ def render_image(seed: int, size: int = 1500) -> SyntheticImage:
 
 
 def write_dota_dataset(root: str | Path, num_train: int = 8, num_test: int = 4, size: int = 1500,
-                       seed: int = 0, num_unlabelled: int = 0) -> dict:
+                       seed: int = 0, num_unlabelled: int = 0, zoom: float = 1.0) -> dict:
     """Write a synthetic dataset in DOTA layout under ``root``.
 
     Files: ``images/<id>.png``, ``labelTxt/<id>.txt`` (header lines ``imagesource:`` and ``gsd:``,
@@ -261,8 +276,8 @@ def write_dota_dataset(root: str | Path, num_train: int = 8, num_test: int = 4, 
     ``seed * 100003 + i``; the first ``num_train`` ids form the train split, the next ``num_test`` the
     test split. ``num_unlabelled`` further images (the ids that follow) go to ``unlabelled/images/``
     and ``unlabelled.txt`` **without labels**, laid out like DOTA's test split (images only): a
-    pre-training pool larger than the labelled data, as in the paper's regime. Each file is written
-    atomically.
+    pre-training pool larger than the labelled data, as in the paper's regime. ``zoom``: see
+    :func:`render_image` (the ``gsd:`` header says ``GSD / zoom``). Each file is written atomically.
 
     Returns:
         ``{"images": int, "objects": int, "per_class": {class: int}, "train": [ids], "test": [ids],
@@ -279,7 +294,7 @@ def write_dota_dataset(root: str | Path, num_train: int = 8, num_test: int = 4, 
         (root / "unlabelled" / "images").mkdir(parents=True, exist_ok=True)
     per_class = dict.fromkeys(SYNTHETIC_CLASSES, 0)
     for i, image_id in enumerate(ids):
-        sample = render_image(seed * 100003 + i, size)
+        sample = render_image(seed * 100003 + i, size, zoom)
         ok, png = cv2.imencode(".png", sample.image, [cv2.IMWRITE_PNG_COMPRESSION, 1])
         if not ok:
             raise RuntimeError(f"PNG encoding failed for {image_id}")
@@ -287,7 +302,7 @@ def write_dota_dataset(root: str | Path, num_train: int = 8, num_test: int = 4, 
             write_bytes(root / "unlabelled" / "images" / f"{image_id}.png", png.tobytes())
             continue
         write_bytes(root / "images" / f"{image_id}.png", png.tobytes())
-        lines = ["imagesource:mutdet-synthetic", f"gsd:{GSD}"]
+        lines = ["imagesource:mutdet-synthetic", f"gsd:{GSD / zoom:g}"]
         for poly, cls, diff in zip(sample.polygons, sample.classes, sample.difficult):
             lines.append(format_dota_line(poly, cls, int(diff)))
             per_class[cls] += 1

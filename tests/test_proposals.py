@@ -8,7 +8,7 @@ import pytest
 import torch
 from segment_anything.utils.amg import mask_to_rle_pytorch, rle_to_mask
 
-from mutdet.boxes import le90_to_polygon, rotated_iou
+from mutdet.boxes import le90_to_polygon, polygon_to_le90, rotated_iou
 from mutdet.config import from_dict
 from mutdet.proposals import ProposalSet, boxes_to_tile, build_proposer, check_image, mask_box
 from mutdet.proposals import sam as sam_module
@@ -253,3 +253,97 @@ def test_mismatched_checkpoint_is_a_clear_error(tiny_sam, tmp_path, monkeypatch)
     with pytest.raises(SamCheckpointError,
                        match=r"garbage\.pth: not a readable PyTorch state dict \(expected model_type tiny\)"):
         load_sam("tiny", garbage)
+
+
+# ------------------------------------------------------------------ graph: scales, grouping, filters, NMS
+
+
+def striped_cars(size=128, seed=0):
+    """BGR ``(size, size, 3)``: 6 car-like objects (light body cut by two dark window bands) on grass,
+    plus their le90 boxes ``(6, 5)``. Each car is three segments to a graph segmentation."""
+    rng = np.random.default_rng(seed)
+    image = np.clip(cv2.GaussianBlur(rng.normal((60, 120, 70), 6, (size, size, 3)), (0, 0), 1.0), 0, 255).astype(np.uint8)
+    cars = []
+    for i in range(6):
+        cx, cy = 22 + (i % 3) * 40, 35 + (i // 3) * 55
+        theta = math.radians(-60 + 25 * i)
+        box = np.array([cx, cy, 26.0, 12.0, theta])
+        cv2.fillPoly(image, [le90_to_polygon(box).reshape(4, 2).round().astype(np.int32)], (225, 225, 230))
+        for offset in (-5.0, 6.0):  # windscreen and rear window across the body
+            band = np.array([cx + offset * math.cos(theta), cy + offset * math.sin(theta), 10.0, 3.0, theta + math.pi / 2])
+            cv2.fillPoly(image, [le90_to_polygon(band).reshape(4, 2).round().astype(np.int32)], (40, 40, 45))
+        cars.append(box)
+    return image, np.array(cars)
+
+
+def graph_recall(proposer, image, boxes):
+    p = proposer(image)
+    return (rotated_iou(boxes, p.boxes).max(axis=1) >= 0.5).mean() if len(p) else 0.0
+
+
+def test_graph_grouping_recovers_objects_made_of_several_segments():
+    image, cars = striped_cars()
+    settings = {"sigma": 0.5, "k": 50, "min_size": 4, "resize": 128, "min_area": 12, "max_area_fraction": 0.25}
+    plain = GraphProposer(**settings)
+    grouped = GraphProposer(**settings, grouping=True)
+    assert graph_recall(plain, image, cars) < 0.5  # body and windows are separate segments
+    assert graph_recall(grouped, image, cars) == 1.0  # merged regions cover whole cars
+    p = grouped(image)
+    assert_valid(p, 128)
+    assert np.array_equal(p.boxes, grouped(image).boxes)  # deterministic
+
+
+def test_graph_demo_settings_beat_the_old_defaults_on_a_generated_scene():
+    from mutdet.synthetic import render_image
+
+    sample = render_image(seed=123, size=512)  # a training-like scene (not a test-split seed)
+    boxes = polygon_to_le90(sample.polygons)
+
+    def window(x0, y0):  # objects whose centre lies well inside the 256 px window at (x0, y0)
+        return ((boxes[:, 0] > x0 + 8) & (boxes[:, 0] < x0 + 248) & (boxes[:, 1] > y0 + 8) & (boxes[:, 1] < y0 + 248))
+
+    x0, y0 = max(((x, y) for x in (0, 128, 256) for y in (0, 128, 256)), key=lambda o: window(*o).sum())
+    tile = np.ascontiguousarray(sample.image[y0:y0 + 256, x0:x0 + 256])
+    gt = boxes[window(x0, y0)] - [x0, y0, 0, 0, 0]
+    assert len(gt) >= 5
+    old = GraphProposer(max_per_tile=100)
+    new = GraphProposer(k=[50, 100, 200], min_size=10, resize=512, min_area=12, max_area_fraction=0.1, grouping=True,
+                        max_aspect=8, nms_iou=0.7, score="fill_log_area", max_per_tile=100)
+    assert graph_recall(new, tile, gt) > graph_recall(old, tile, gt)
+
+
+def test_graph_scales_pool_regions_and_nms_removes_duplicates():
+    image = scene()
+    settings = {"min_size": 20, "resize": 256, "min_area": 16}
+    one = GraphProposer(k=300, **settings)
+    two = GraphProposer(k=[300, 300], **settings)
+    assert len(two(image)) == 2 * len(one(image))  # each scale segments once, pooled
+    deduplicated = GraphProposer(k=[300, 300], nms_iou=0.7, **settings)(image)
+    # every duplicate of the second scale goes (and overlapping segments of one scale, e.g. the ring
+    # of edge pixels around a rectangle, as with one scale)
+    assert np.allclose(deduplicated.boxes, GraphProposer(k=300, nms_iou=0.7, **settings)(image).boxes)
+    assert len(deduplicated) <= len(one(image))
+    iou = rotated_iou(deduplicated.boxes, deduplicated.boxes)
+    assert (iou[~np.eye(len(iou), dtype=bool)] <= 0.7).all()
+
+
+def test_graph_aspect_filter_and_log_area_score():
+    image = scene()
+    p = GraphProposer(resize=256, min_size=20, max_aspect=2.0)(image)
+    assert (p.boxes[:, 2] <= 2.0 * p.boxes[:, 3] + 1e-9).all()
+    q = GraphProposer(resize=256, min_size=20, score="fill_log_area")(image)
+    fill = GraphProposer(resize=256, min_size=20)(image)
+    assert np.allclose(np.sort(q.score), np.sort(fill.score * np.log(fill.area)), rtol=1e-5)
+    with pytest.raises(ValueError, match="score"):
+        GraphProposer(score="iou")
+
+
+def test_graph_settings_through_the_config():
+    cfg = from_dict({"proposals": {"method": "graph", "max_per_tile": 7, "graph": {
+        "k": [100, 300], "grouping": True, "max_aspect": 6, "nms_iou": 0.5, "score": "fill_log_area"}}}).proposals
+    proposer = build_proposer(cfg)
+    assert proposer.ks == (100.0, 300.0) and proposer.grouping and proposer.max_aspect == 6
+    assert proposer.nms_iou == 0.5 and proposer.score == "fill_log_area" and proposer.max_per_tile == 7
+    params = cfg.method_params()
+    assert params["k"] == [100, 300] and params["grouping"] is True
+    assert from_dict({"proposals": {"method": "graph"}}).proposals.method_params() != params

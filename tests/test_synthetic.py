@@ -185,6 +185,20 @@ def test_unlabelled_images_are_written_without_labels_and_read_as_unlabelled(tmp
     assert plain["per_class"] == summary["per_class"] and plain["unlabelled"] == []
 
 
+def test_zoom_renders_a_smaller_world_with_larger_objects(tmp_path: Path):
+    world = render_image(11, 256)
+    zoomed = render_image(11, 512, zoom=2.0)
+    assert zoomed.image.shape == (512, 512, 3) and zoomed.classes == world.classes
+    # pixel-centre coordinates: x -> (x + 0.5) * 2 - 0.5; sides twice as long
+    np.testing.assert_allclose(zoomed.polygons, (world.polygons + 0.5) * 2 - 0.5)
+    np.testing.assert_array_equal(zoomed.image, cv2.resize(world.image, (512, 512), interpolation=cv2.INTER_LINEAR))
+    with pytest.raises(ValueError, match="zoom must be >= 1"):
+        render_image(11, 256, zoom=0.5)
+    summary = write_dota_dataset(tmp_path, num_train=1, num_test=1, size=256, seed=2, zoom=2.0)
+    assert (tmp_path / "labelTxt" / "synthetic_0000.txt").read_text().splitlines()[1] == "gsd:0.25"
+    assert summary["objects"] == len(render_image(2 * 100003, 128).classes) + len(render_image(2 * 100003 + 1, 128).classes)
+
+
 def test_write_dota_dataset_is_reproducible(tmp_path: Path):
     write_dota_dataset(tmp_path / "a", num_train=1, num_test=1, size=200, seed=5)
     write_dota_dataset(tmp_path / "b", num_train=1, num_test=1, size=200, seed=5)

@@ -36,7 +36,7 @@ class ProposalSet:
     Attributes:
         boxes: ``(N, 5)`` float64 le90 boxes in tile pixels.
         score: ``(N,)`` float32 ranking score, non-increasing (SAM: predicted IoU; selective search:
-            rank score; graph: fill ratio).
+            rank score; graph: fill ratio, or fill ratio x log area).
         predicted_iou: ``(N,)`` float32 SAM's predicted mask IoU, NaN for the other methods.
         stability_score: ``(N,)`` float32 SAM's stability score, NaN for the other methods.
         area: ``(N,)`` float32 mask area in tile pixels (box area for box-only methods).
@@ -152,5 +152,6 @@ def build_proposer(cfg: ProposalsConfig) -> Proposer:
 
         g = cfg.graph
         return GraphProposer(sigma=g.sigma, k=g.k, min_size=g.min_size, resize=g.resize, min_area=g.min_area,
-                             max_area_fraction=g.max_area_fraction, max_per_tile=cfg.max_per_tile)
+                             max_area_fraction=g.max_area_fraction, max_per_tile=cfg.max_per_tile,
+                             grouping=g.grouping, max_aspect=g.max_aspect, nms_iou=g.nms_iou, score=g.score)
     raise ValueError(f"proposals.method: unknown method {cfg.method!r} (sam | selective_search | graph)")

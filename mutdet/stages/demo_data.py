@@ -60,9 +60,9 @@ def run(cfg: Config, *, dataset: str) -> dict:
     if ds.source == "synthetic":
         s = ds.synthetic
         summary = write_dota_dataset(root, num_train=s.num_train, num_test=s.num_test, size=s.image_size,
-                                     seed=s.seed, num_unlabelled=s.num_unlabelled)
+                                     seed=s.seed, num_unlabelled=s.num_unlabelled, zoom=s.zoom)
         params = {"num_train": s.num_train, "num_test": s.num_test, "num_unlabelled": s.num_unlabelled,
-                  "image_size": s.image_size, "seed": s.seed}
+                  "image_size": s.image_size, "zoom": s.zoom, "seed": s.seed}
     elif ds.source == "deepforest":
         summary, params = copy_deepforest(root), {}
     else:
