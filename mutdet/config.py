@@ -48,11 +48,16 @@ MOVED_KEYS = {("pretrain", "temperature"): "pretrain.loss.temperature",
               ("pretrain", "align_weight"): "pretrain.loss.align_weight"}
 
 
+# libyaml's loader where PyYAML was built with it (about 10x faster on the schema, read by every
+# command); the same safe constructors and resolvers either way.
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def load_schema() -> dict:
     if not SCHEMA_PATH.is_file():
         raise ConfigError(f"config schema not found at {SCHEMA_PATH} (mutdet must run from its source tree)")
     with open(SCHEMA_PATH) as fh:
-        return yaml.safe_load(fh)
+        return yaml.load(fh, Loader=_YAML_LOADER)
 
 
 def _default_filling_validator():
@@ -603,7 +608,7 @@ def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     try:
         with open(path) as fh:
-            raw = yaml.safe_load(fh)
+            raw = yaml.load(fh, Loader=_YAML_LOADER)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark is not None else ""

@@ -13,7 +13,10 @@ def test_default_config_loads_with_every_default_filled():
     cfg = load_config(REPO / "config.yaml")
     assert set(cfg.datasets) == {"synthetic", "trees"}
     syn = cfg.dataset("synthetic")
-    assert syn.tiling.size == 512 and syn.tiling.img_rate_threshold == 0.6  # explicit and default
+    assert syn.tiling.size == 256 and syn.tiling.img_rate_threshold == 0.6  # explicit and default
+    assert syn.synthetic.zoom == 2 and syn.synthetic.num_unlabelled == 16
+    pool = syn.split("unlabelled")  # unlabelled: its label folder is never written
+    assert pool.images == Path("results/data/synthetic/unlabelled/images") and pool.list.name == "unlabelled.txt"
     assert syn.split("train").images == Path("results/data/synthetic/images")
     assert syn.split("train").list == Path("results/data/synthetic/train.txt")
     trees = cfg.dataset("trees")
@@ -153,7 +156,8 @@ def test_sections_change_only_with_what_a_job_depends_on():
 
 
 @pytest.mark.parametrize("name", ["config.yaml", "config/paper/dior-r.yaml", "config/paper/dota.yaml",
-                                  "config/paper/ohd-sjtu.yaml", "config/experiments/low-data.yaml"])
+                                  "config/paper/ohd-sjtu.yaml", "config/experiments/low-data.yaml",
+                                  "config/experiments/ablation.yaml"])
 def test_ablation_ladders_change_one_flag_per_row(name):
     """Each row of an ablation table pre-trains with exactly one flag changed from the row above, from
     DETReg to MutDet, and the paper's rows are among them (matched by flags)."""

@@ -20,7 +20,9 @@ rule propose:
         out=lambda w, output: os.path.dirname(output.proposals),
     log:
         f"{LOGS}/propose/{{dataset}}/{LAYOUT.proposals_tag}/{{split}}/shard-{{shard}}.log",
-    threads: 2
+    # SAM runs torch on its threads; graph segmentation and selective search are single-threaded OpenCV
+    # (a second reserved core would sit idle while another job waits for it)
+    threads: 2 if CONFIG.proposals.method == "sam" else 1
     resources:
         gpu=1 if CONFIG.proposals.method == "sam" else 0,
     conda:
