@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.mutdet-installed
 CORES  ?= all
 
-.PHONY: install demo test lint dryrun bench
+.PHONY: install demo test lint dryrun bench bench-gpu
 
 # (Re)install whenever the pinned requirements or the package metadata change.
 $(STAMP): requirements.txt pyproject.toml
@@ -42,3 +42,10 @@ dryrun: $(STAMP)
 # Every benchmark, each against a baseline measured in the same run (several minutes on 2 cores).
 bench: $(STAMP)
 	for b in tiling evaluation proposals embeddings model train pretrain overfit; do $(PY) benchmarks/$$b.py || exit 1; done
+
+# The one GPU check (<= 8 minutes on one large GPU): CUDA/bf16 smoke tests of every GPU path, then
+# throughput and peak memory; summaries in $(BENCH_GPU_OUT)/bench-gpu.{json,md}. Without a GPU it says
+# what it skipped and exits 0.
+BENCH_GPU_OUT ?= results/bench-gpu
+bench-gpu: $(STAMP)
+	$(PY) benchmarks/gpu.py --out $(BENCH_GPU_OUT)

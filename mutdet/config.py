@@ -362,6 +362,11 @@ class Config:
         return params_digest(self.sections(stage, dataset=dataset, variant=variant))
 
 
+# `train` settings that change how fast a step runs, not what it computes (beyond float rounding): not
+# part of any rule's rerun trigger, as they are not part of the trainer's resume key.
+SPEED_ONLY_TRAIN_KEYS = ("compile", "attention_kernel")
+
+
 def job_sections(cfg: Config, stage: str, *, dataset: str | None = None, variant: str | None = None) -> dict:
     """What the outputs of one job of ``stage`` depend on in the resolved config.
 
@@ -381,7 +386,10 @@ def job_sections(cfg: Config, stage: str, *, dataset: str | None = None, variant
         return {"on_bad_object": raw["on_bad_object"], "datasets": {name: raw["datasets"][name]}}
 
     def without(section: str, *keys: str) -> dict:
-        return {k: v for k, v in raw[section].items() if k not in keys}
+        part = {k: v for k, v in raw[section].items() if k not in keys}
+        if isinstance(part.get("train"), Mapping):  # speed-only settings rerun nothing (as in the resume key)
+            part["train"] = {k: v for k, v in part["train"].items() if k not in SPEED_ONLY_TRAIN_KEYS}
+        return part
 
     parts = {
         "demo_data": lambda: {"datasets": {dataset: raw["datasets"][dataset]}},

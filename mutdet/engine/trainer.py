@@ -68,6 +68,13 @@ class TrainConfig:
     ``lr_reference_batch``: None uses ``lr`` as given; ``N`` scales it linearly by the global batch
     (``batch_size x accumulation_steps x`` DDP world size) over ``N`` (e.g. the paper's lr 1e-4 is for
     a global batch of 8: ``lr_reference_batch: 8`` keeps its per-image rate on any number of GPUs).
+    ``compile``: run the training forward through ``torch.compile`` (the model as wrapped for DDP; the
+    checkpointed ``model`` and its state-dict keys are unchanged, and evaluation runs uncompiled). The
+    first steps are slow (compilation, and a recompilation when shapes change); off by default.
+    ``attention_kernel``: ``torch`` (the pure-PyTorch deformable attention) or ``triton`` (the fused Triton
+    kernel, :mod:`mutdet.models.ms_deform_attn_triton`, for CUDA runs; CPU runs keep the torch version).
+    ``triton`` is not yet confirmed on a GPU, hence off by default. Both change speed, not the function
+    computed (only float rounding), so they are not part of the resume key (:data:`STATE_FREE_FIELDS`).
     """
 
     epochs: int = 36
@@ -91,6 +98,8 @@ class TrainConfig:
     amp: str = "auto"
     seed: int = 0
     progress: bool = True
+    compile: bool = False
+    attention_kernel: str = "torch"
 
     @classmethod
     def from_dict(cls, values: Mapping | None) -> "TrainConfig":
@@ -109,9 +118,10 @@ class TrainConfig:
 # TrainConfig fields that do not change the weights a run computes at a given step: the data order and
 # augmentation are seeded independently of workers; logging and checkpoint frequency only decide what
 # is written; the length (epochs, max_iterations) only decides where a run stops, so a state at step s
-# is the prefix of any run of s steps or more (the lr milestones are their own field, lr_decay_epochs).
+# is the prefix of any run of s steps or more (the lr milestones are their own field, lr_decay_epochs);
+# compiling the step or fusing the deformable attention changes the speed and the float rounding only.
 STATE_FREE_FIELDS = ("num_workers", "log_every", "checkpoint_every_iterations", "checkpoint_every_epochs",
-                     "progress", "epochs", "max_iterations")
+                     "progress", "epochs", "max_iterations", "compile", "attention_kernel")
 
 
 def resume_key_digest(values: Mapping) -> str:
@@ -244,7 +254,15 @@ class Trainer:
         if config.amp == "bf16" and device.type != "cuda":
             raise ValueError("amp: bf16 autocast is for CUDA runs only")
         self.autocast = device.type == "cuda" and config.amp != "none"
+        if config.attention_kernel != "torch":
+            from mutdet.models.deformable_attention import set_attention_kernel
+
+            count = set_attention_kernel(self.model, config.attention_kernel)  # raises on an unknown name
+            log.info("deformable attention: %s kernel in %d modules%s", config.attention_kernel, count,
+                     "" if device.type == "cuda" else " (CUDA only: this CPU run keeps the torch version)")
         self.wrapped = dist.wrap_model(self.model, device)
+        if config.compile:
+            self.wrapped = torch.compile(self.wrapped)  # self.model (saved, evaluated) stays uncompiled
         self.epoch, self.batch, self.step = 0, 0, 0
 
     # -- checkpoints ---------------------------------------------------------------------------------

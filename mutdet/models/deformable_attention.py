@@ -11,7 +11,11 @@ Frames and formats used here:
   radians (clockwise in image coordinates, see :mod:`mutdet.boxes`).
 
 :func:`ms_deform_attn` is the one place that samples; a compiled kernel with the same signature can
-replace it (it must pass the same parity tests).
+replace it (it must pass the same parity tests). One does: :func:`mutdet.models.ms_deform_attn_triton.
+ms_deform_attn_triton`, fused forward and backward in Triton, chosen per module by ``kernel="triton"``
+(:func:`set_attention_kernel`; the config's ``train.attention_kernel``). It is **off by default**: it is
+tested only with Triton's CPU interpreter so far, not yet on a GPU. It runs only on CUDA tensors of
+float32 / bfloat16 / float16; everywhere else (CPU, float64) the pure-PyTorch version here is used.
 """
 from __future__ import annotations
 
@@ -21,7 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ms_deform_attn", "deformable_sampling_locations", "MultiScaleDeformableAttention"]
+__all__ = ["ms_deform_attn", "deformable_sampling_locations", "MultiScaleDeformableAttention", "ATTENTION_KERNELS",
+           "set_attention_kernel"]
+
+ATTENTION_KERNELS = ("torch", "triton")
 
 
 def ms_deform_attn(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
@@ -100,12 +107,18 @@ class MultiScaleDeformableAttention(nn.Module):
         num_levels: ``L``.
         num_points: ``P`` sampling points per head and level.
         rotated: expect box references and per-query angles (the decoder's cross-attention).
+        kernel: ``"torch"`` (:func:`ms_deform_attn`, everywhere) or ``"triton"`` (the fused Triton kernel
+            on CUDA float32/bf16/fp16 inputs, the torch version otherwise; not yet confirmed on a GPU).
     """
 
-    def __init__(self, *, embed_dim: int, num_heads: int, num_levels: int, num_points: int, rotated: bool = False):
+    def __init__(self, *, embed_dim: int, num_heads: int, num_levels: int, num_points: int, rotated: bool = False,
+                 kernel: str = "torch"):
         super().__init__()
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        if kernel not in ATTENTION_KERNELS:
+            raise ValueError(f"kernel {kernel!r} is not one of {ATTENTION_KERNELS}")
+        self.kernel = kernel
         self.embed_dim, self.num_heads = embed_dim, num_heads
         self.num_levels, self.num_points = num_levels, num_points
         self.rotated = rotated
@@ -158,5 +171,34 @@ class MultiScaleDeformableAttention(nn.Module):
         weights = self.attention_weights(query).view(batch, queries, m, lv * p).softmax(-1)
         weights = weights.view(batch, queries, m, lv, p)
         locations = deformable_sampling_locations(reference, offsets, spatial_shapes, reference_angles)
-        out = ms_deform_attn(v, spatial_shapes, level_start_index, locations, weights)
+        out = _sample(self.kernel, v, spatial_shapes, level_start_index, locations, weights)
         return self.output_proj(out)
+
+
+def _sample(kernel: str, value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
+            sampling_locations: torch.Tensor, attention_weights: torch.Tensor) -> torch.Tensor:
+    """:func:`ms_deform_attn` or, for ``kernel="triton"`` on inputs it supports, the fused kernel."""
+    if kernel == "triton":
+        from mutdet.models import ms_deform_attn_triton as fused  # imports Triton: only when asked for
+
+        inputs = (value, sampling_locations, attention_weights)
+        if (value.is_cuda or fused.interpreted()) and all(t.dtype in fused.SUPPORTED_DTYPES for t in inputs):
+            return fused.ms_deform_attn_triton(value, spatial_shapes, level_start_index, sampling_locations,
+                                               attention_weights)
+    return ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+
+
+def set_attention_kernel(model: nn.Module, kernel: str) -> int:
+    """Set ``kernel`` (``"torch"`` or ``"triton"``) on every :class:`MultiScaleDeformableAttention` in
+    ``model``; returns how many modules were set. ``"triton"`` checks that Triton imports."""
+    if kernel not in ATTENTION_KERNELS:
+        raise ValueError(f"attention kernel {kernel!r} is not one of {ATTENTION_KERNELS}")
+    if kernel == "triton":
+        try:
+            import triton  # noqa: F401
+        except ImportError as exc:
+            raise ValueError(f"attention kernel 'triton' needs the triton package ({exc})") from None
+    modules = [m for m in model.modules() if isinstance(m, MultiScaleDeformableAttention)]
+    for m in modules:
+        m.kernel = kernel
+    return len(modules)
