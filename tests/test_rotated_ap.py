@@ -499,7 +499,8 @@ def _random_scene(seed, thresholds):
 @pytest.mark.parametrize("use_07", [True, False])
 @pytest.mark.parametrize("protocol, difficulty", [(DEVKIT, 100), (MMROTATE, 100), (MMROTATE, 1)])
 def test_matches_independent_reference(seed, use_07, protocol, difficulty, monkeypatch):
-    monkeypatch.setattr(rotated_ap, "MAX_PAIRS", 8 if seed == 1 else rotated_ap.MAX_PAIRS)  # many small blocks
+    # seed 1: every mmrotate detection with a candidate is decided by the rotated-IoU kernel, not in numpy.
+    monkeypatch.setattr(rotated_ap, "KERNEL_MARGIN_SCALE", np.inf if seed == 1 else rotated_ap.KERNEL_MARGIN_SCALE)
     thresholds = (0.5, 0.75)
     gt, per_class, classes = _random_scene(seed, thresholds)
     ours = evaluate_detections(gt, per_class, classes, iou_thresholds=thresholds, use_07_metric=use_07,
@@ -564,7 +565,7 @@ def _convex_quads(rng, n, scale=50.0, offset=0.0):
 
 @pytest.mark.parametrize("offset", [0.0, 3000.0])
 def test_numpy_clip_iou_agrees_with_geos_within_its_margin(offset):
-    """convex_pair_iou (Sutherland-Hodgman in numpy) against GEOS on random convex pairs and on touching,
+    """convex_pair_iou (Green's theorem over clipped edges, numpy) against GEOS on random convex pairs and on touching,
     identical, nested and edge-sharing ones: the difference is within the margin it reports, and the
     margin is small."""
     from mutdet.evaluation.polygons import convex_pair_iou, quad_shapes
@@ -583,9 +584,12 @@ def test_numpy_clip_iou_agrees_with_geos_within_its_margin(offset):
     iou, margin = convex_pair_iou(quad_shapes(a), quad_shapes(b), k, k)
     geos = np.array([devkit_iou(a[i:i + 1], b[i:i + 1])[0, 0] for i in k])
     assert np.all(np.abs(iou - geos) <= margin)
-    assert margin.max() < 1e-6
+    # Pairs with an edge on a line of the other's edges (identical, sharing an edge, sharing parts of three
+    # sides) get an infinite margin: GEOS decides them. The others' margins are small.
+    assert np.isinf(margin[-6:]).tolist() == [True, True, False, True, False, False]
+    assert np.isfinite(margin[:-6]).all() and margin[np.isfinite(margin)].max() < 1e-6
     assert (iou > 0).sum() > 50  # many random pairs do overlap
-    np.testing.assert_allclose(iou[-6:], [1.0, 0.0, 9 / 100, 0.5, 100 / 200, 0.0], atol=1e-12)
+    np.testing.assert_allclose(iou[-6:][[2, 4, 5]], [9 / 100, 100 / 200, 0.0], atol=1e-12)
 
 
 def test_strictly_convex():
@@ -600,13 +604,34 @@ def test_strictly_convex():
     assert strictly_convex(quads).tolist() == [True, True, True, False, False, False, False]
 
 
+def test_quad_shapes_rows_match_the_reference_formulas():
+    """quad_shapes and quad_simple_zero_area compute on coordinate rows; their areas, bounds, convexity and
+    simplicity equal the (N, 4, 2) formulas they stand for (_fan_areas, strictly_convex, GEOS)."""
+    from mutdet.evaluation.polygons import _fan_areas, _simple_rings, quad_shapes, quad_simple_zero_area, strictly_convex
+
+    rng = np.random.default_rng(6)
+    quads = np.vstack([np.round(rng.uniform(0, 6, (3000, 8))), rng.normal(0, 50, (1000, 8)) + 3000,
+                       [[0, 0, 4, 4, 4, 0, 0, 4], [0, 0, 2, 0, 4, 0, 2, 3], [0] * 8, rect(0, 0, 4, 2)]])
+    pts = quads.reshape(-1, 4, 2)
+    total = _fan_areas(pts).sum(axis=1)
+    q = quad_shapes(quads)
+    np.testing.assert_array_equal(q.area, np.abs(total))
+    np.testing.assert_array_equal(q.convex, strictly_convex(pts))
+    np.testing.assert_array_equal(q.lo, pts.min(axis=1))
+    np.testing.assert_array_equal(q.hi, pts.max(axis=1))
+    simple, zero = quad_simple_zero_area(quads)
+    np.testing.assert_array_equal(zero, total == 0)
+    np.testing.assert_array_equal(simple, _simple_rings(pts, total == 0, strictly_convex(pts)))
+    assert 0 < q.convex.sum() < len(quads) and zero.sum() > 0 and (~simple & ~zero).sum() > 0
+
+
 def test_ious_near_a_threshold_are_decided_by_geos():
     """A detection whose IoU is at a threshold (here exactly 0.5 and 0.75 in exact arithmetic) is sent to
     GEOS, whose value decides, as it did before the numpy path existed."""
     g = gt_image([rect(0, 0, 10, 10), rect(20, 0, 30, 10), rect(40, 0, 60, 10)], [0, 0, 0])
     d = {"a": polys(("img", 0.9, rect(0, 0, 10, 5)),  # IoU 0.5 exactly
                     ("img", 0.8, rect(20, 0, 30, 7.5)),  # IoU 0.75 exactly
-                    ("img", 0.7, rect(40, 0, 58, 10)))}  # IoU 0.9: decided in numpy
+                    ("img", 0.7, rect(40.5, 0.5, 59, 9.5)))}  # IoU 0.8325: decided in numpy
     res = evaluate_detections({"img": g}, d, ["a"], protocol=DEVKIT)
     assert res["candidate_pairs"]["computed"] == 3 and res["candidate_pairs"]["computed_by_geos"] == 2
     geos = [devkit_iou(np.array([p]), np.array([q]))[0, 0]
@@ -632,31 +657,85 @@ def test_near_tie_between_two_objects_is_decided_by_geos():
     assert ap(res) == 0.0 and res["classes"]["a"]["num_gt"] == 1
 
 
-def test_mmrotate_kernel_trimming_keeps_every_overlap(monkeypatch):
-    """The mmrotate path runs the rotated-IoU kernel only on boxes whose widened hulls meet; every pair with
-    a non-zero IoU in the full block is among them, so best IoU and match are those of the full block."""
+def _rect_pair_cases(rng, n, offset=0.0):
+    """Random overlapping rotated boxes (n pairs) and special pairs: identical, sharing an edge, nested,
+    rotated by 90 degrees onto itself, touching at a corner, 1 px apart, sharing a corner's two edges, turned."""
+    a = np.column_stack([rng.uniform(0, 60, (n, 2)) + offset, rng.uniform(2, 60, n), rng.uniform(2, 25, n),
+                         rng.uniform(-np.pi / 2, np.pi / 2, n)])
+    b = a + np.column_stack([rng.normal(0, 6, (n, 2)), rng.normal(0, 4, (n, 2)), rng.normal(0, 0.4, n)])
+    b[:, 2:4] = np.abs(b[:, 2:4]) + 0.5
+    o = offset
+    special = [(box(0, 0, 10, 10), box(0, 0, 10, 10)), (box(0, 0, 10, 10), box(10, 0, 20, 10)),
+               (box(0, 0, 10, 10), box(2, 2, 5, 5)), (box(0, 0, 10, 4), [5, 2, 4, 10, np.pi / 2]),
+               (box(0, 0, 10, 10), box(10, 10, 20, 20)), (box(0, 0, 10, 10), box(11, 1, 20, 9)),
+               (box(0, 0, 10, 10), box(0, 0, 5, 4)), (box(0, 0, 10, 10), [5, 5, 10, 10, 0.3])]
+    sa = np.array([p for p, _ in special], float) + [o, o, 0, 0, 0]
+    sb = np.array([q for _, q in special], float) + [o, o, 0, 0, 0]
+    return np.vstack([a, sa]), np.vstack([b, sb])
+
+
+@pytest.mark.parametrize("offset", [0.0, 3000.0])
+def test_numpy_rectangle_iou_is_exact_or_flagged(offset):
+    """rect_pair_iou (Green's theorem over clipped edges, numpy) against GEOS on the boxes' corners: within
+    1e-12 wherever it does not flag the pair; the pairs with an edge on the other's boundary line are
+    flagged (their value is left to the rotated-IoU kernel)."""
+    from mutdet.evaluation.polygons import rect_pair_iou
+
+    rng = np.random.default_rng(4)
+    a, b = _rect_pair_cases(rng, 2000, offset)
+    iou, flagged = rect_pair_iou(a, b)
+    pa, pb = (shapely.polygons(le90_to_polygon(x).reshape(-1, 4, 2)) for x in (a, b))
+    inter = shapely.area(shapely.intersection(pa, pb))
+    geos = inter / (shapely.area(pa) + shapely.area(pb) - inter)
+    assert np.all(np.abs(iou - geos)[~flagged] <= 1e-12)
+    assert (geos > 0.1).sum() > 1000
+    # identical, edge-sharing, rotated onto itself, touching at a corner (collinear edges), sharing two edges:
+    # flagged; nested, 1 px apart, turned: not
+    assert flagged[-8:].tolist() == [True, True, False, True, True, False, True, False]
+    np.testing.assert_allclose(iou[-8:][~flagged[-8:]], [9 / 100, 0.0, geos[-1]], atol=1e-12)
+
+
+@pytest.mark.parametrize("offset", [0.0, 3000.0])
+def test_mmrotate_numpy_decisions_are_the_kernels(offset, monkeypatch):
+    """The mmrotate path decides detections from numpy IoUs only where the rotated-IoU kernel (torchvision's,
+    float32) cannot decide otherwise: hits at each threshold and the matched object equal the kernel's on
+    jittered, duplicated and exactly-at-threshold boxes; with an infinite margin every detection goes to
+    the kernel and the decisions are the same."""
     from mutdet.boxes import rotated_iou
 
-    monkeypatch.setattr(rotated_ap, "MAX_PAIRS", 10 ** 9)  # one block: its shift is the whole set's centre
-
     rng = np.random.default_rng(5)
-    centres = rng.uniform(0, 300, (120, 2))
+    centres = rng.uniform(0, 300, (120, 2)) + offset
     gt_boxes = np.column_stack([centres, rng.uniform(8, 40, 120), rng.uniform(4, 12, 120), rng.uniform(-1.5, 1.5, 120)])
     det_boxes = gt_boxes[rng.integers(0, 120, 200)] + np.column_stack(
         [rng.normal(0, 3, (200, 2)), rng.normal(0, 1, (200, 2)), rng.normal(0, 0.1, 200)])
     det_boxes[:, 2:4] = np.abs(det_boxes[:, 2:4]) + 1
+    # Exact copies, and halves / three quarters of axis-aligned objects (IoU 0.5 and 0.75 in exact arithmetic).
+    gt_boxes[:4, 4] = 0.0
+    halves = gt_boxes[:4].copy()
+    halves[:2, 2] /= 2
+    halves[2:, 2] *= 0.75
+    halves[:, 0] -= (gt_boxes[:4, 2] - halves[:, 2]) / 2
+    det_boxes = np.vstack([det_boxes, gt_boxes[10:14], halves])
     det_boxes = det_boxes.astype(np.float32).astype(np.float64)
     gt_boxes = gt_boxes.astype(np.float32).astype(np.float64)
-    key = np.zeros(200, np.int64)
-    best, arg = rotated_ap._best_mmrotate(gt_boxes, np.zeros(120, np.int64), det_boxes, key)
-    shift = np.array([*(rotated_ap._le90_bounds(det_boxes)[0].min(0) + rotated_ap._le90_bounds(det_boxes)[1].max(0)) / 2,
-                      0, 0, 0])
-    full = rotated_iou(det_boxes - shift, gt_boxes - shift)
-    assert (full > 0).sum() > 150
-    has = full.max(axis=1) > 0
-    np.testing.assert_array_equal(arg[has], full.argmax(axis=1)[has])
-    np.testing.assert_array_equal(best[has], full.max(axis=1)[has])
-    assert np.all(best[~has] == 0)
+    n = len(det_boxes)
+    thresholds = (0.5, 0.75)
+    kernel = rotated_iou(det_boxes, gt_boxes)  # float32 values
+    kmax, karg = kernel.max(axis=1), kernel.argmax(axis=1)
+    assert (kmax > 0).sum() > 150
+    for scale in (1.0, np.inf):
+        monkeypatch.setattr(rotated_ap, "KERNEL_MARGIN_SCALE", scale)
+        best, arg, pairs = rotated_ap._best_mmrotate(gt_boxes, np.zeros(120, np.int64), det_boxes,
+                                                     np.zeros(n, np.int64), thresholds)
+        for t in thresholds:
+            np.testing.assert_array_equal(best >= t, kmax >= t)
+        hit = kmax >= min(thresholds)
+        np.testing.assert_array_equal(arg[hit], karg[hit])
+        assert np.all(best[kmax == 0] == 0)
+        if scale == 1.0:
+            assert 8 <= pairs["computed_by_kernel"] < pairs["computed"] / 4  # the copies and the halves at least
+        else:
+            assert pairs["computed_by_kernel"] == pairs["computed"] and pairs["skipped_by_bound"] == 0
 
 
 def test_rotated_iou_operator_is_loaded_without_importing_torchvision():
