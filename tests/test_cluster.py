@@ -234,3 +234,29 @@ def test_cluster_stage_reads_embeddings_a_batch_at_a_time_with_the_same_result(t
         np.testing.assert_allclose(norm_b, norm_a, rtol=4 * dim * np.finfo(np.float32).eps)
         z_a, z_b = (vector_matrix(t.column("embedding")).astype(np.float32) for t in (a, b))
         assert np.abs(z_a - z_b).max() <= np.finfo(np.float16).eps  # one float16 step of a unit vector
+
+
+def test_pca_is_blockwise_on_float16_and_accurate_far_from_the_origin():
+    """fit_pca takes the float16 sample as stored (the stage no longer converts it whole) and, with a
+    float64 covariance of centred blocks, recovers the axes of data far from the origin (mean 30, where
+    X^T X - n mean mean^T in float32 cancels) as an exact SVD does; signs follow scikit-learn's rule."""
+    from mutdet.embedding import cluster as cluster_module
+
+    rng = np.random.default_rng(0)
+    basis = rng.standard_normal((6, 64))
+    x = ((rng.standard_normal((5000, 6)) * np.linspace(6, 1, 6)) @ basis + 30).astype(np.float16)
+    block = cluster_module._PCA_BLOCK
+    try:
+        cluster_module._PCA_BLOCK = 700  # several blocks, the last one partial
+        mean, components, variance, _ = fit_pca(x, 6)
+    finally:
+        cluster_module._PCA_BLOCK = block
+    whole = fit_pca(x.astype(np.float32), 6)
+    centred = x.astype(np.float64) - x.astype(np.float64).mean(axis=0)
+    _, s, vt = np.linalg.svd(centred, full_matrices=False)
+    np.testing.assert_allclose(mean, x.astype(np.float64).mean(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(np.abs(components), np.abs(vt[:6]), atol=1e-5)
+    np.testing.assert_allclose(variance, s[:6] ** 2 / (len(x) - 1), rtol=1e-5)
+    rows = np.arange(6)
+    assert (components[rows, np.abs(components).argmax(axis=1)] > 0).all()
+    np.testing.assert_allclose(components, whole[1], atol=1e-6)

@@ -16,7 +16,7 @@ from mutdet.boxes import le90_to_polygon
 from mutdet.config import ConfigError, from_dict
 from mutdet.embedding import backbone as backbone_module
 from mutdet.embedding.artefacts import (JoinError, check_join, embeddings_schema, read_embeddings, vector_column,
-                                        vector_matrix, write_embeddings)
+                                        vector_matrix, write_embeddings, write_embeddings_batches)
 from mutdet.embedding.backbone import BackboneWeightsError, build_embedder, imagenet_checkpoint, resolve_weights
 from mutdet.embedding.pipeline import TileReadError
 from mutdet.io.artefacts import PROPOSALS_SCHEMA, TILES_SCHEMA, ArtefactError, read_artefact, write_artefact
@@ -259,10 +259,66 @@ def test_resume_reuses_finished_parts(tmp_path, monkeypatch):
     np.testing.assert_array_equal(vector_matrix(read_embeddings(out / "embeddings.parquet").column("embedding")),
                                   vector_matrix(read_embeddings(tmp_path / "fresh" / "embeddings.parquet")
                                                 .column("embedding")))
-    # Other parameters: nothing reused, stale parts removed.
+    # Other parameters: nothing reused; parts removed once the final file is committed.
     changed = run_small(tiles_dir, proposals_dir, out, context=1.0)
     assert changed["proposals_reused"] == 0 and changed["params_hash"] != manifest["params_hash"]
-    assert all(changed["params_hash"] in p.name for p in (out / "parts").glob("*.parquet"))
+    assert not (out / "parts").exists()
+
+
+def test_parts_removed_after_commit_and_rerun_is_a_no_op(tmp_path, monkeypatch):
+    tiles_dir, proposals_dir = write_inputs(tmp_path)
+    out = tmp_path / "out"
+    first = run_small(tiles_dir, proposals_dir, out, checkpoint_every=1)
+    assert not (out / "parts").exists() and sorted(p.name for p in out.iterdir()) == ["embeddings.parquet",
+                                                                                      "manifest.json"]
+    vectors = vector_matrix(read_embeddings(out / "embeddings.parquet").column("embedding"))
+
+    def no_backbone(**kwargs):
+        raise AssertionError("the backbone must not be built")
+
+    # Committed: a rerun builds nothing and rewrites nothing.
+    monkeypatch.setattr(embed, "build_embedder", no_backbone)
+    stamp = [(out / n).stat().st_mtime_ns for n in ("embeddings.parquet", "manifest.json")]
+    again = run_small(tiles_dir, proposals_dir, out, checkpoint_every=1)
+    assert again["proposals_computed"] == 0 and again["proposals_reused"] == first["proposals"]
+    assert stamp == [(out / n).stat().st_mtime_ns for n in ("embeddings.parquet", "manifest.json")]
+    monkeypatch.undo()
+
+    # A crash while streaming the final file (before its rename): parts kept, no final or temporary
+    # file left; the rerun writes it from the parts without building the backbone.
+    crashed = tmp_path / "crashed"
+    writer = embed.write_embeddings_batches
+
+    def crash(batches, path, dim, metadata):
+        def one_then_kill():
+            yield next(iter(batches))
+            raise KeyboardInterrupt("simulated kill while writing")
+        writer(one_then_kill(), path, dim, metadata)
+
+    monkeypatch.setattr(embed, "write_embeddings_batches", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_small(tiles_dir, proposals_dir, crashed, checkpoint_every=1)
+    assert sorted(p.name for p in crashed.iterdir()) == ["parts"]
+    assert len(list((crashed / "parts").glob("chunk-*.parquet"))) == 3  # one per tile with proposals
+    monkeypatch.setattr(embed, "write_embeddings_batches", writer)
+    monkeypatch.setattr(embed, "build_embedder", no_backbone)
+    resumed = run_small(tiles_dir, proposals_dir, crashed, checkpoint_every=1)
+    assert resumed["proposals_computed"] == 0 and not (crashed / "parts").exists()
+    np.testing.assert_array_equal(vector_matrix(read_embeddings(crashed / "embeddings.parquet").column("embedding")),
+                                  vectors)
+
+
+def test_streamed_embeddings_equal_a_whole_write(tmp_path):
+    rng = np.random.default_rng(0)
+    keys = keys_table([(f"t{i // 7}", i % 7) for i in range(50)])
+    table = keys.append_column("embedding", vector_column(rng.normal(size=(50, 4))))
+    write_embeddings(table, tmp_path / "whole.parquet", {"x": 1})
+    rows = write_embeddings_batches(table.to_batches(max_chunksize=6), tmp_path / "streamed.parquet", 4, {"x": 1})
+    assert rows == 50
+    assert read_embeddings(tmp_path / "streamed.parquet").equals(read_embeddings(tmp_path / "whole.parquet"))
+    with pytest.raises(ArtefactError, match="streamed2.parquet: 4-d vectors where 8-d"):
+        write_embeddings_batches(table.to_batches(), tmp_path / "streamed2.parquet", 8)
+    assert not list(tmp_path.glob(".streamed2*"))
 
 
 def test_bad_inputs_are_named(tmp_path):

@@ -263,8 +263,23 @@ def test_task1_files_round_trip_to_the_same_ap(tmp_path):
 
 def test_polygon_checks_at_once_match_the_per_object_checks(tmp_path):
     """polygon_problems (all polygons at once, minAreaRect / GEOS only where the numpy screens cannot decide)
-    refuses exactly what _Collector.add refuses, with the same message."""
-    from mutdet.io.annotations import _Collector, polygon_problems
+    refuses exactly what a check of one polygon at a time refuses (the rules as written in the test:
+    non-finite coordinate, minimum-area rectangle thinner than MIN_SIDE, ring not simple), with the same
+    message; _Collector gives the same reasons in order."""
+    import shapely
+
+    from mutdet.boxes import polygon_to_le90
+    from mutdet.io.annotations import MIN_SIDE, _Collector, polygon_problems
+
+    def one_at_a_time(polygon):
+        poly = np.asarray(polygon, dtype=np.float64)
+        if not np.isfinite(poly).all():
+            return f"non-finite coordinate in {polygon}"
+        if polygon_to_le90(poly)[3] < MIN_SIDE:
+            return f"degenerate polygon (collinear or coincident points): {polygon}"
+        if not shapely.is_simple(shapely.linearrings(poly.reshape(4, 2))):
+            return f"self-intersecting quadrilateral (corners not in order around the object): {polygon}"
+        return None
 
     rng = np.random.default_rng(0)
     polys = [list(map(float, np.rint(rng.uniform(0, 60, 8)))) for _ in range(300)]  # many self-intersecting
@@ -274,13 +289,12 @@ def test_polygon_checks_at_once_match_the_per_object_checks(tmp_path):
     polys += [list(map(float, le90_to_polygon([rng.uniform(0, 500), rng.uniform(0, 500), rng.uniform(0.5, 50),
                                               rng.uniform(0.05, 3), rng.uniform(-2, 2)]))) for _ in range(300)]
     reasons = polygon_problems(polys)
-    one = _Collector(tmp_path / "x.txt", "skip")
-    expected = []
-    for k, p in enumerate(polys):
-        before = len(one.skipped)
-        one.add(k, p, 0, 0)
-        expected.append(one.skipped[-1].reason if len(one.skipped) > before else None)
+    expected = [one_at_a_time(p) for p in polys]
     assert reasons == expected
+    collector = _Collector(tmp_path / "x.txt", "skip")
+    for k, p in enumerate(polys):
+        collector.add(k, p, 0, 0)
+    assert [(s.line, s.reason) for s in collector.skipped] == [(k, r) for k, r in enumerate(expected) if r is not None]
     assert sum(r is None for r in reasons) > 100 and sum(r is not None for r in reasons) > 100
     assert any(r and r.startswith("degenerate") for r in reasons) and any(r and r.startswith("self") for r in reasons)
 

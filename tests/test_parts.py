@@ -127,3 +127,54 @@ def test_remove_stale_keeps_current_parts(tmp_path):
     assert sorted((tmp_path / "parts").iterdir()) == sorted(current + [other])
     assert parts.todo(current, "new", [{}, {}]) == []
     parts.remove_stale(tmp_path / "nothing", [])  # no parts folder: nothing to do
+
+
+def test_parts_stream_into_one_file_a_batch_at_a_time(tmp_path):
+    """batches() yields each part's rows in order, at most batch_rows at a time; write_artefact_batches
+    writes them as write_artefact would, atomically (a failure leaves neither the file nor a temporary)."""
+    from mutdet.io.artefacts import ArtefactError, read_artefact, write_artefact_batches
+
+    paths = parts.chunk_paths(tmp_path, "k", 3)
+    ids = [[f"t{k}{i}" for i in range(n)] for k, n in enumerate((5, 0, 7))]
+    for path, chunk in zip(paths, ids):
+        parts.write(tiles_table(*chunk), path, "tiles", "k", tile_ids=chunk)
+    got = list(parts.batches(paths, batch_rows=3))
+    assert [k for k, _ in got] == [0, 0, 2, 2, 2] and max(b.num_rows for _, b in got) == 3
+    final = tmp_path / "tiles.parquet"
+    assert write_artefact_batches((b for _, b in got), final, "tiles", {"params_hash": "k"}) == 12
+    whole = tmp_path / "whole.parquet"
+    write_artefact(tiles_table(*(t for chunk in ids for t in chunk)), whole, "tiles", {"params_hash": "k"})
+    assert read_artefact(final, "tiles").equals(read_artefact(whole, "tiles"))
+    assert read_metadata(final) == read_metadata(whole) == {"params_hash": "k"}
+
+    def broken():
+        yield tiles_table("x")
+        yield tiles_table("y").drop_columns(["tile_path"])
+
+    with pytest.raises(ArtefactError, match=r"broken\.parquet misses columns \['tile_path'\]"):
+        write_artefact_batches(broken(), tmp_path / "broken.parquet", "tiles")
+    assert not list(tmp_path.glob("*broken*"))
+
+
+def test_committed_needs_the_final_file_and_the_manifest_of_the_same_key(tmp_path):
+    import json
+
+    final, manifest = tmp_path / "out.parquet", tmp_path / "manifest.json"
+    assert parts.committed(final, manifest, "k") is None  # nothing yet
+    write_artefact(tiles_table("a", "b"), final, "tiles", {"params_hash": "k"})
+    assert parts.committed(final, manifest, "k") is None  # no manifest: a crash before it was written
+    manifest.write_text(json.dumps({"params_hash": "k", "n": 1}))
+    assert parts.committed(final, manifest, "k") == {"params_hash": "k", "n": 1}
+    assert parts.committed(final, manifest, "k", rows=2) is not None
+    assert parts.committed(final, manifest, "k", rows=3) is None
+    assert parts.committed(final, manifest, "other") is None
+    manifest.write_text("{not json")
+    assert parts.committed(final, manifest, "k") is None
+    [path] = parts.chunk_paths(tmp_path, "k", 1)
+    parts.write(tiles_table("a"), path, "tiles", "k")
+    (tmp_path / "parts" / "keep.txt").write_text("not a part")
+    parts.remove_all(tmp_path)
+    assert not path.exists() and (tmp_path / "parts" / "keep.txt").exists()  # only part files go
+    (tmp_path / "parts" / "keep.txt").unlink()
+    parts.remove_all(tmp_path)
+    assert not (tmp_path / "parts").exists()

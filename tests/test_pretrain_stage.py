@@ -199,10 +199,57 @@ def test_dataset_keeps_in_memory_only_the_proposals_items_use(artefacts):
     (memory follows what the items use), and every item is the same as without the cut."""
     full = ProposalTileDataset([artefacts["tiles"]], [artefacts["proposals"]], [artefacts["targets"]])
     cut = ProposalTileDataset([artefacts["tiles"]], [artefacts["proposals"]], [artefacts["targets"]], max_boxes=1)
-    assert len(cut._vectors[0]) == len(artefacts["by_tile"])  # one row per tile
-    assert len(cut._vectors[0]) < len(full._vectors[0])
+    assert len(cut.records) == len(artefacts["by_tile"])  # one row per tile
+    assert len(cut.records) < len(full.records)
+    assert cut.records.dtype.itemsize == 26 + 2 * DIM  # box, label, norm, float16 vector: nothing else
     for index in range(len(full)):
         _, a = full[index]
         _, b = cut[index]
         for key in ("labels", "boxes", "embeddings", "embedding_norms"):
             torch.testing.assert_close(b[key], a[key][:1], rtol=0, atol=0)
+
+
+def test_dataset_memory_maps_one_shared_array(artefacts, tmp_path, monkeypatch):
+    """With a cache folder the kept proposals are one .npy, memory-mapped read-only; a second dataset
+    (another rank) maps the same file without rebuilding it; pickling (spawned workers) does not copy it;
+    other inputs or another max_boxes make another key and remove the old file."""
+    import pickle
+
+    from mutdet.data import pretrain as data_pretrain
+
+    files = ([artefacts["tiles"]], [artefacts["proposals"]], [artefacts["targets"]])
+    memory = ProposalTileDataset(*files, max_boxes=2)
+    mapped = ProposalTileDataset(*files, max_boxes=2, cache_dir=tmp_path / "cache")
+    assert isinstance(mapped.records, np.memmap) and not mapped.records.flags.writeable
+    assert mapped.cache_file.parent == tmp_path / "cache" and mapped.cache_file.suffix == ".npy"
+    assert mapped.cache_file.stat().st_size < len(mapped.records) * (26 + 2 * DIM) + 4096
+    np.testing.assert_array_equal(np.asarray(mapped.records), memory.records)
+    assert mapped.tile_ids == memory.tile_ids
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the cached array must be reused")
+
+    monkeypatch.setattr(data_pretrain.ProposalTileDataset, "_build", no_build)
+    other_rank = ProposalTileDataset(*files, max_boxes=2, cache_dir=tmp_path / "cache")
+    assert other_rank.cache_file == mapped.cache_file
+    copy = pickle.loads(pickle.dumps(other_rank))
+    assert len(pickle.dumps(other_rank)) < mapped.cache_file.stat().st_size
+    for index in range(len(memory)):
+        _, a = memory[index]
+        _, b = copy[index]
+        for key in ("labels", "boxes", "embeddings", "embedding_norms"):
+            torch.testing.assert_close(b[key], a[key], rtol=0, atol=0)
+    monkeypatch.undo()
+    ProposalTileDataset(*files, max_boxes=3, cache_dir=tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 1 and not mapped.cache_file.exists()
+
+
+@pytest.mark.parametrize("name", ["dior-r", "dota", "ohd-sjtu"])
+def test_paper_configs_cap_the_proposals_per_tile(name):
+    """The paper configs set pretrain.max_boxes explicitly (DETReg's 30), not null (up to 1000 a tile)."""
+    from pathlib import Path
+
+    from mutdet.config import load_config
+
+    path = Path(__file__).resolve().parents[1] / "config" / "paper" / f"{name}.yaml"
+    assert "max_boxes: 30" in path.read_text() and load_config(path).pretrain.max_boxes == 30

@@ -99,22 +99,58 @@ def test_graph_stage_outputs_and_manifest(tiles, tmp_path):
     assert manifest["proposals_per_tile"]["tiles"] == 5
     assert manifest["proposals_per_tile"]["max"] <= manifest["params"]["max_per_tile"]
     assert "mutdet" in manifest["code_version"]
-    assert len(list((out / "parts").glob("chunk-*.parquet"))) == 3
+    assert not (out / "parts").exists()  # committed: the parts are removed, not kept beside the final file
+    assert pq.read_metadata(out / "proposals.parquet").num_row_groups >= 1
 
 
-def test_resume_reuses_parts_and_recomputes_on_parameter_change(tiles, tmp_path, count_calls):
+def test_resume_reuses_parts_and_recomputes_on_parameter_change(tiles, tmp_path, count_calls, monkeypatch):
     folder, _ = tiles
     out = tmp_path / "out"
     propose.run(config(), dataset="d", split="train", shard=0, tiles_dir=folder, out_dir=out)
     assert count_calls == {"tiles": 5, "builds": 1, "fail_at": None}
     first = read_artefact(out / "proposals.parquet", "proposals")
 
-    # Final file lost: everything comes back from the parts, the proposer is not even built.
-    (out / "proposals.parquet").unlink()
+    assert not (out / "parts").exists()
+
+    # A rerun with the same key finds the committed file: a no-op (nothing built, nothing rewritten).
+    stamp = (out / "proposals.parquet").stat().st_mtime_ns, (out / "manifest.json").stat().st_mtime_ns
     manifest = propose.run(config(), dataset="d", split="train", shard=0, tiles_dir=folder, out_dir=out)
     assert count_calls["tiles"] == 5 and count_calls["builds"] == 1
-    assert manifest["tiles_reused"] == 5 and manifest["tiles_computed"] == 0
-    assert read_artefact(out / "proposals.parquet", "proposals").equals(first)
+    assert manifest["tiles_reused"] == 5 and manifest["tiles_computed"] == 0 and manifest["proposals"] == first.num_rows
+    assert stamp == ((out / "proposals.parquet").stat().st_mtime_ns, (out / "manifest.json").stat().st_mtime_ns)
+
+    # A crash while the final file is written (before its rename): the parts are kept, no final file is
+    # left half-written, and the rerun builds it from the parts without proposing again.
+    (out / "proposals.parquet").unlink()
+    (out / "manifest.json").unlink()
+    fresh = tmp_path / "crash"
+    writer = propose.write_artefact_batches
+
+    def crash(batches, path, kind, metadata):
+        def some():
+            yield next(iter(batches))
+            raise KeyboardInterrupt("simulated kill while writing")
+        writer(some(), path, kind, metadata)
+
+    monkeypatch.setattr(propose, "write_artefact_batches", crash)
+    with pytest.raises(KeyboardInterrupt):
+        propose.run(config(), dataset="d", split="train", shard=0, tiles_dir=folder, out_dir=fresh)
+    monkeypatch.setattr(propose, "write_artefact_batches", writer)
+    assert len(list((fresh / "parts").glob("chunk-*.parquet"))) == 3
+    assert sorted(p.name for p in fresh.iterdir()) == ["parts"]  # no final file, no temporary file
+    builds = count_calls["builds"]
+    manifest = propose.run(config(), dataset="d", split="train", shard=0, tiles_dir=folder, out_dir=fresh)
+    assert count_calls["builds"] == builds and manifest["tiles_reused"] == 5 and manifest["tiles_computed"] == 0
+    assert read_artefact(fresh / "proposals.parquet", "proposals").equals(first)
+    assert not (fresh / "parts").exists()
+
+    # A crash after the rename, before the parts were removed: the rerun only removes them.
+    (fresh / "parts").mkdir()
+    leftover = fresh / "parts" / f"chunk-00000.{manifest['params_hash']}.parquet"
+    leftover.write_bytes(b"left by a crash")
+    assert propose.run(config(), dataset="d", split="train", shard=0, tiles_dir=folder,
+                       out_dir=fresh)["tiles_computed"] == 0
+    assert not (fresh / "parts").exists()
 
     # A killed run (new parameters) keeps the chunks it finished; the rerun does only the rest.
     count_calls.update(tiles=0, fail_at=3)
@@ -125,7 +161,7 @@ def test_resume_reuses_parts_and_recomputes_on_parameter_change(tiles, tmp_path,
     manifest = propose.run(changed, dataset="d", split="train", shard=0, tiles_dir=folder, out_dir=out)
     assert count_calls["tiles"] == 3  # chunk 0 (2 tiles) was done; chunks 1 and 2 are not
     assert manifest["tiles_reused"] == 2 and manifest["proposals_per_tile"]["max"] <= 3
-    assert len(list((out / "parts").glob("chunk-*.parquet"))) == 3  # stale parts removed
+    assert not (out / "parts").exists()  # the killed run's parts too, once the final file is committed
 
 
 def test_bad_tiles_reported_by_name_or_raised(tiles, tmp_path):
@@ -138,11 +174,13 @@ def test_bad_tiles_reported_by_name_or_raised(tiles, tmp_path):
     assert manifest["proposals_per_tile"]["tiles"] == 3
     table = read_artefact(tmp_path / "out" / "proposals.parquet", "proposals")
     assert rows[1]["tile_id"] not in set(table.column("tile_id").to_pylist())
+    assert len(list((tmp_path / "out" / "parts").glob("chunk-*.parquet"))) == 3  # kept for the retry
     # Repaired tiles are picked up by a rerun: chunks that held bad tiles are not reused.
     (folder / rows[1]["tile_path"]).write_bytes((folder / rows[0]["tile_path"]).read_bytes())
     (folder / rows[3]["tile_path"]).write_bytes((folder / rows[0]["tile_path"]).read_bytes())
     manifest = propose.run(config(), dataset="d", split="train", shard=0, tiles_dir=folder, out_dir=tmp_path / "out")
     assert manifest["bad_tiles"] == [] and manifest["tiles_reused"] == 1
+    assert not (tmp_path / "out" / "parts").exists()  # nothing left to retry: parts removed
     (folder / rows[1]["tile_path"]).write_bytes(b"not a png")
     with pytest.raises(propose.BadTileError, match=rf"{rows[1]['tile_path']}: tile {rows[1]['tile_id']}: not a"):
         propose.run(config(on_bad_tile="error"), dataset="d", split="train", shard=0, tiles_dir=folder, out_dir=tmp_path / "out2")

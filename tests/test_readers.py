@@ -127,3 +127,36 @@ def test_dataset_listing_sharding_and_missing_files(tmp_path):
     (tmp_path / "labelTxt").mkdir()
     with pytest.raises(AnnotationError, match=r"a\.txt: label file missing"):
         read_labels("dota", tmp_path / "labelTxt", "a", DOTA)
+
+
+def _dior_objects(rows):
+    """A DIOR-R XML file of ``(class, difficult, 8 coordinates)`` rows, one ``<object>`` per line."""
+    keys = ["x_left_top", "y_left_top", "x_right_top", "y_right_top", "x_right_bottom", "y_right_bottom",
+            "x_left_bottom", "y_left_bottom"]
+    lines = ["<annotation>"]
+    for name, difficult, coords in rows:
+        box = "".join(f"<{k}>{v}</{k}>" for k, v in zip(keys, coords))
+        lines.append(f"<object><name>{name}</name><difficult>{difficult}</difficult><robndbox>{box}</robndbox></object>")
+    return "\n".join(lines + ["</annotation>"]) + "\n"
+
+
+def test_xml_polygons_are_checked_at_once_in_file_order(tmp_path, monkeypatch):
+    """All polygons of a file go through one batched check (not one conversion per object), yet the first
+    error raised and the skipped list follow the file's line order."""
+    from mutdet.io import annotations
+
+    calls = []
+    batched = annotations.polygon_problems
+    monkeypatch.setattr(annotations, "polygon_problems", lambda polys: calls.append(len(polys)) or batched(polys))
+    good = [("airplane", 0, [0, 0, 10, 0, 10, 5, 0, 5])] * 300
+    ann = read_dior(write(tmp_path, "a.xml", _dior_objects(good)), ClassMap(["airplane"]))
+    assert len(ann) == 300 and calls == [300]
+    rows = list(good[:3]) + [("airplane", 0, [0, 0, 10, 10, 10, 0, 0, 10]),  # self-intersecting, line 5
+                             ("tank", 0, [0, 0, 10, 0, 10, 5, 0, 5]),  # unknown class, line 6
+                             ("airplane", 0, [0, 0, 10, 0, 10, 0.01, 0, 0.01])]  # degenerate, line 7
+    path = write(tmp_path, "b.xml", _dior_objects(rows))
+    with pytest.raises(AnnotationError, match=r"b\.xml:5: self-intersecting"):
+        read_dior(path, ClassMap(["airplane"]))
+    ann = read_dior(path, ClassMap(["airplane"]), on_bad_object="skip")
+    assert len(ann) == 3 and [s.line for s in ann.skipped] == [5, 6, 7]
+    assert [s.reason.split()[0] for s in ann.skipped] == ["self-intersecting", "unknown", "degenerate"]

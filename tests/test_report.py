@@ -11,7 +11,7 @@ import pytest
 
 from mutdet.boxes import le90_to_polygon
 from mutdet.report.draw import class_colour, draw_boxes
-from mutdet.report.figures import pick_tiles
+from mutdet.report.figures import _tile_detections, object_counts, pick_tiles, read_rows, read_tiles
 from mutdet.report.tables import (MISSING, NO_PAPER, WITHIN_SPREAD, DatasetRuns, RunResult, Spread, Table,
                                   ablation_table, format_spread, latex_escape, low_data_table, main_table,
                                   read_metrics, runs_table, spread, write_table)
@@ -168,6 +168,68 @@ def test_pick_tiles_most_objects_first_ties_by_id():
     objects = {t: {"boxes": np.zeros((n, 5))} for t, n in {"t0": 1, "t1": 3, "t2": 2, "t3": 0, "a": 2}.items()}
     assert pick_tiles(objects, 3) == ["t1", "a", "t2"]
     assert pick_tiles(objects, 10) == ["t1", "a", "t2", "t0", "t3"]
+
+
+def test_pick_tiles_takes_counts_too():
+    assert pick_tiles({"t0": 1, "t1": 3, "t2": 2, "a": 2}, 3) == ["t1", "a", "t2"]
+
+
+def _write_detections(path, n_tiles=50, per_tile=40):
+    import pyarrow as pa
+
+    from mutdet.io.artefacts import write_artefact
+
+    rng = np.random.default_rng(0)
+    n = n_tiles * per_tile
+    ids = [f"t{i % n_tiles:03d}" for i in range(n)]  # interleaved: a tile's rows are spread over the file
+    table = pa.table({"id": ids, "class_id": pa.array(np.zeros(n), pa.int16()), "class_name": ["plane"] * n,
+                      "score": pa.array(rng.uniform(0, 1, n), pa.float32()),
+                      **{k: rng.uniform(1, 50, n) for k in ("cx", "cy", "w", "h")}, "theta": np.zeros(n)})
+    write_artefact(table, path, "detections", {"frame": "tile"})
+    return table
+
+
+def test_detections_are_read_with_a_filter_only_for_the_drawn_tiles(tmp_path):
+    table = _write_detections(tmp_path / "d.parquet")
+    rows = read_rows(tmp_path / "d.parquet", "detections", ["id", "score"], key="id", ids=["t001", "t007"],
+                     min_score=0.5)
+    ids, scores = np.array(table.column("id").to_pylist()), table.column("score").to_numpy()
+    expected = np.isin(ids, ["t001", "t007"]) & (scores.astype(np.float64) >= 0.5)
+    assert rows.column_names == ["id", "score"] and rows.num_rows == expected.sum()
+    assert sorted(rows.column("id").to_pylist()) == sorted(ids[expected].tolist())
+    per_tile = _tile_detections(tmp_path / "d.parquet", ["t001", "t007", "none"], 0.5)
+    assert len(per_tile["t001"]["boxes"]) == (expected & (ids == "t001")).sum() and len(per_tile["none"]["boxes"]) == 0
+    cx = table.column("cx").to_numpy()[expected & (ids == "t007")]
+    np.testing.assert_array_equal(per_tile["t007"]["boxes"][:, 0], cx)  # rows of a tile keep the file order
+    with pytest.raises(Exception, match=re.escape(str(tmp_path / "missing.parquet"))):
+        read_rows(tmp_path / "missing.parquet", "detections", ["id"], key="id")
+
+
+def test_ground_truth_grouped_by_tile_with_one_sort(tmp_path):
+    import pyarrow as pa
+
+    from mutdet.io.artefacts import OBJECTS_SCHEMA, TILES_SCHEMA, write_artefact
+
+    n = 30
+    ids = [f"t{i % 4}" for i in range(n)]  # interleaved objects of 4 tiles
+    objects = pa.table({"tile_id": ids, "object_index": pa.array(range(n), pa.int32()),
+                        **{k: np.arange(n, dtype=float) + j for j, k in enumerate(("cx", "cy", "w", "h", "theta"))},
+                        "polygon": pa.array([[0.0] * 8] * n, pa.list_(pa.float64(), 8)),
+                        "class_id": pa.array([0] * n, pa.int16()), "class_name": ["plane"] * n,
+                        "difficult": pa.array([i % 2 for i in range(n)], pa.int8()),
+                        "iof": pa.array([1.0] * n, pa.float32())}, schema=OBJECTS_SCHEMA)
+    write_artefact(objects, tmp_path / "objects.parquet", "objects")
+    tiles = pa.table({name: [f"t{i}" if name == "tile_id" else f"t{i}.png" if name == "tile_path" else
+                             ("x" if pa.types.is_string(field.type) else 0) for i in range(5)]
+                      for name, field in zip(TILES_SCHEMA.names, TILES_SCHEMA)}, schema=TILES_SCHEMA)
+    write_artefact(tiles, tmp_path / "tiles.parquet", "tiles")
+    assert object_counts([tmp_path]) == {f"t{k}": len(range(k, n, 4)) for k in range(4)}
+    paths, picked = read_tiles([tmp_path], tile_ids=["t1", "t3"])
+    assert set(paths) == {f"t{i}" for i in range(5)} and set(picked) == {"t1", "t3"}
+    np.testing.assert_array_equal(picked["t3"]["boxes"][:, 0], np.arange(3, n, 4))
+    np.testing.assert_array_equal(picked["t3"]["difficult"], np.arange(3, n, 4) % 2)
+    _, everything = read_tiles([tmp_path])
+    assert {t: len(o["boxes"]) for t, o in everything.items()} == object_counts([tmp_path])
 
 
 # ------------------------------------------------------------------------------------------------ draw

@@ -30,21 +30,22 @@ Metadata (JSON, ``mutdet_*`` keys, :func:`mutdet.io.artefacts.read_metadata`): `
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mutdet.io.artefacts import ArtefactError, read_file_schema
+from mutdet.io.artefacts import ArtefactError, read_file_schema, write_parquet_stream
 from mutdet.io.atomic import atomic_path
 
 # Rows per Parquet row group of embeddings/targets files (8192 x 2048 float16 vectors: 32 MiB).
 ROW_GROUP_ROWS = 8192
 
 __all__ = ["KEY_COLUMNS", "embeddings_schema", "targets_schema", "vector_column", "vector_matrix",
-           "write_embeddings", "read_embeddings", "write_targets", "read_targets", "check_join", "JoinError"]
+           "write_embeddings", "write_embeddings_batches", "write_targets_batches", "read_embeddings",
+           "check_file", "write_targets", "read_targets", "check_join", "JoinError"]
 
 KEY_COLUMNS = ("tile_id", "proposal_index")
 _KEYS = [("tile_id", pa.string()), ("proposal_index", pa.int32())]
@@ -134,6 +135,21 @@ def _write(table: pa.Table, path: str | Path, kind: str, metadata: Mapping[str, 
                        use_dictionary=list(KEY_COLUMNS), row_group_size=ROW_GROUP_ROWS)
 
 
+def check_file(path: str | Path, kind: str) -> tuple[int, pa.Schema]:
+    """Check an ``embeddings``/``targets`` file's schema and metadata without reading its rows; returns
+    ``(D, schema)``. Errors name the file and the column."""
+    path = Path(path)
+    schema = read_file_schema(path, kind)
+    dim = _check_schema(schema, kind, str(path))
+    found_kind = (schema.metadata or {}).get(b"mutdet_kind", b"").decode()
+    if found_kind != kind:
+        raise ArtefactError(f"{path}: a {found_kind or 'non-mutdet'} file where a {kind} artefact is expected")
+    stored_dim = json.loads((schema.metadata or {}).get(b"mutdet_dim", b"null"))
+    if stored_dim != dim:
+        raise ArtefactError(f"{path}: 'dim' metadata {stored_dim} does not match the embedding column's size {dim}")
+    return dim, schema
+
+
 def _read(path: str | Path, kind: str, columns: list[str] | None) -> pa.Table:
     path = Path(path)
     schema = read_file_schema(path, kind)
@@ -150,6 +166,38 @@ def _read(path: str | Path, kind: str, columns: list[str] | None) -> pa.Table:
 def write_embeddings(table: pa.Table, path: str | Path, metadata: Mapping[str, object] | None = None) -> None:
     """Write an ``embeddings`` table atomically (cast to the schema; JSON ``metadata``)."""
     _write(table, path, "embeddings", metadata)
+
+
+def _write_batches(batches: Iterable[pa.Table | pa.RecordBatch], path: str | Path, kind: str, dim: int,
+                   metadata: Mapping[str, object] | None) -> int:
+    schema = _SCHEMA_OF[kind](dim)
+    meta = {b"mutdet_kind": kind.encode(), b"mutdet_dim": json.dumps(dim).encode()}
+    for key, value in (metadata or {}).items():
+        meta[f"mutdet_{key}".encode()] = json.dumps(value, default=str).encode()
+
+    def checked():
+        for batch in batches:
+            found = _check_schema(batch.schema, kind, f"{kind} batch for {path}")
+            if found != dim:
+                raise ArtefactError(f"{kind} batch for {path}: {found}-d vectors where {dim}-d are expected")
+            yield batch
+
+    return write_parquet_stream(checked(), path, schema.with_metadata(meta), row_group_rows=ROW_GROUP_ROWS,
+                                use_dictionary=list(KEY_COLUMNS))
+
+
+def write_embeddings_batches(batches: Iterable[pa.Table | pa.RecordBatch], path: str | Path, dim: int,
+                             metadata: Mapping[str, object] | None = None) -> int:
+    """Write a stream of ``embeddings`` tables/batches of ``dim``-d vectors atomically, memory bounded by
+    a batch plus one row group (``ROW_GROUP_ROWS`` rows); same file layout as :func:`write_embeddings`.
+    Returns the rows written."""
+    return _write_batches(batches, path, "embeddings", dim, metadata)
+
+
+def write_targets_batches(batches: Iterable[pa.Table | pa.RecordBatch], path: str | Path, dim: int,
+                          metadata: Mapping[str, object] | None = None) -> int:
+    """:func:`write_embeddings_batches` for ``targets`` (``norm`` column included)."""
+    return _write_batches(batches, path, "targets", dim, metadata)
 
 
 def read_embeddings(path: str | Path, columns: list[str] | None = None) -> pa.Table:

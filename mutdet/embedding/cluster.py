@@ -2,8 +2,9 @@
 
 Fit, on ``(n, D)`` raw embeddings ``X`` (the stage passes a seeded sample of the pool):
 
-1. PCA ``D -> pca_dim`` (scikit-learn, ``svd_solver="covariance_eigh"``: exact, no randomness,
-   scikit-learn's sign convention), no whitening: ``P = (X - mean) @ components.T``.
+1. PCA ``D -> pca_dim`` (scikit-learn's ``covariance_eigh`` solver, computed a block of rows at a time
+   with a float64 covariance: exact, no randomness, scikit-learn's sign convention), no whitening:
+   ``P = (X - mean) @ components.T``.
 2. ``Z = P / ||P||`` (L2 per row).
 3. Spherical k-means with ``k`` clusters on ``Z``: k-means++ seeding (squared chord distance
    ``2 - 2 cos``), then Lloyd steps that assign each vector to the centroid of **highest cosine** and
@@ -38,7 +39,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.decomposition import PCA
 
 from mutdet.io.atomic import atomic_path
 
@@ -144,9 +144,31 @@ def fit_pca(x: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray
     if dim >= n:
         raise ClusterFitError(f"cluster.pca_dim ({dim}) needs more than {dim} embeddings to fit, the fit sample "
                               f"has {n}; lower cluster.pca_dim or embed more proposals")
-    pca = PCA(n_components=dim, svd_solver="covariance_eigh").fit(np.asarray(x, dtype=np.float32))
-    return tuple(np.asarray(a, dtype=np.float32) for a in (pca.mean_, pca.components_, pca.explained_variance_,
-                                                           pca.explained_variance_ratio_))
+    # scikit-learn's covariance_eigh solver, a block of rows at a time, so that ``x`` may stay float16
+    # (the embeddings' storage type: converting the sample to float32 doubled the stage's largest
+    # array): the mean in float64, then the covariance of the centred rows, each block's product in
+    # float32 accumulated in float64 (more accurate than centring X^T X afterwards), its eigenvectors
+    # in decreasing order with scikit-learn's sign rule (the largest |entry| of each component > 0).
+    mean = np.zeros(big_d, np.float64)
+    for s in range(0, n, _PCA_BLOCK):
+        mean += x[s:s + _PCA_BLOCK].sum(axis=0, dtype=np.float64)
+    mean /= n
+    mean32 = mean.astype(np.float32)
+    cov = np.zeros((big_d, big_d), np.float64)
+    for s in range(0, n, _PCA_BLOCK):
+        block = x[s:s + _PCA_BLOCK].astype(np.float32) - mean32  # (rows, D)
+        cov += block.T @ block
+    cov /= n - 1
+    eigenvalues, eigenvectors = np.linalg.eigh(cov)
+    eigenvalues, eigenvectors = np.clip(eigenvalues[::-1], 0.0, None), eigenvectors[:, ::-1]
+    components = eigenvectors[:, :dim].T  # (dim, D)
+    rows = np.arange(dim)
+    components = components * np.sign(components[rows, np.abs(components).argmax(axis=1)])[:, None]
+    ratio = eigenvalues[:dim] / eigenvalues.sum()
+    return tuple(np.asarray(a, dtype=np.float32) for a in (mean, components, eigenvalues[:dim], ratio))
+
+
+_PCA_BLOCK = 8192  # rows per block of the PCA fit: bounds its float32 copies (64 MiB at D = 2048)
 
 
 def row_ids(x: np.ndarray, block: int = 4096) -> tuple[np.ndarray, int]:
@@ -242,7 +264,9 @@ def fit_spherical_kmeans(z: np.ndarray, k: int, *, seed: int, max_iter: int = 10
             converged = True
             break
         labels = new_labels
-        sums = torch.zeros((k, zt.shape[1]), dtype=torch.float64).index_add_(0, labels, zt.double())
+        sums = torch.zeros((k, zt.shape[1]), dtype=torch.float64)
+        for s in range(0, n, BLOCK_ROWS):  # float64 one block at a time, not a copy of all of z
+            sums.index_add_(0, labels[s:s + BLOCK_ROWS], zt[s:s + BLOCK_ROWS].double())
         counts = torch.bincount(labels, minlength=k)
         empty = torch.nonzero(counts == 0).flatten()
         if len(empty):

@@ -96,7 +96,12 @@ class ClassMap:
 
 
 class _Collector:
-    """Accumulates objects of one file and applies the bad-object policy."""
+    """Accumulates objects of one file and applies the bad-object policy.
+
+    Polygons given to :meth:`add` are checked in batches (:func:`polygon_problems`, all pending polygons
+    at once) when a bad line is reported, when :attr:`skipped` is read, and at :meth:`result`, so the
+    first error raised and the skipped list are those of a line-by-line check, in file order.
+    """
 
     def __init__(self, file: Path, on_bad_object: str):
         if on_bad_object not in ("error", "skip"):
@@ -106,26 +111,34 @@ class _Collector:
         self.labels: list[int] = []
         self.difficult: list[int] = []
         self.lines: list[int] = []
-        self.skipped: list[SkippedObject] = []
+        self._skipped: list[SkippedObject] = []
+        self._pending: list[tuple] = []  # (line, polygon, label, difficult) added, not yet checked
+
+    @property
+    def skipped(self) -> list[SkippedObject]:
+        self._flush()
+        return self._skipped
+
+    def _flush(self) -> None:
+        """Check the pending polygons, all at once, and accept or report each in order."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        for (line, polygon, label, difficult), reason in zip(pending, polygon_problems([p[1] for p in pending])):
+            self.add_checked(line, polygon, label, difficult, reason)
 
     def bad(self, line: int | None, reason: str) -> None:
+        self._flush()  # earlier lines first
         if self.policy == "error":
             raise AnnotationError(self.file, line, reason)
-        self.skipped.append(SkippedObject(str(self.file), line, reason))
+        self._skipped.append(SkippedObject(str(self.file), line, reason))
 
     def add(self, line: int | None, polygon: list[float], label: int, difficult: int) -> None:
-        poly = np.asarray(polygon, dtype=np.float64)
-        if not np.isfinite(poly).all():
-            return self.bad(line, f"non-finite coordinate in {polygon}")
-        if polygon_to_le90(poly)[3] < MIN_SIDE:
-            return self.bad(line, f"degenerate polygon (collinear or coincident points): {polygon}")
-        if not shapely.is_simple(shapely.linearrings(poly.reshape(4, 2))):
-            return self.bad(line, "self-intersecting quadrilateral (corners not in order around the object): "
-                                  f"{polygon}")
-        self.polygons.append(polygon)
-        self.labels.append(label)
-        self.difficult.append(difficult)
-        self.lines.append(-1 if line is None else line)
+        """An object whose quadrilateral ``polygon`` (8 values) is still to be checked (non-finite
+        coordinate; minimum-area rectangle thinner than ``MIN_SIDE``; self-intersecting ring)."""
+        if len(polygon) != 8:
+            return self.bad(line, f"expected 8 coordinates (a quadrilateral), got {len(polygon)}: {polygon}")
+        self._pending.append((line, polygon, label, difficult))
 
     def add_checked(self, line: int | None, polygon: list[float], label: int, difficult: int,
                     reason: str | None) -> None:
@@ -138,12 +151,13 @@ class _Collector:
         self.lines.append(-1 if line is None else line)
 
     def result(self, image_id: str) -> ImageAnnotations:
+        self._flush()
         return ImageAnnotations(
             image_id=image_id,
             polygons=np.asarray(self.polygons, dtype=np.float64).reshape(-1, 8),
             labels=np.asarray(self.labels, dtype=np.int64),
             difficult=np.asarray(self.difficult, dtype=np.int8),
-            skipped=self.skipped,
+            skipped=self._skipped,
             file=str(self.file),
             lines=np.asarray(self.lines, dtype=np.int64),
         )

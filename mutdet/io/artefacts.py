@@ -37,7 +37,7 @@ Schemas
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import pyarrow as pa
@@ -114,6 +114,62 @@ def write_artefact(table: pa.Table, path: str | Path, kind: str, metadata: Mappi
     table = table.replace_schema_metadata(meta)
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
+
+
+def _metadata_bytes(kind: str, metadata: Mapping[str, object] | None, **extra: object) -> dict[bytes, bytes]:
+    meta = {b"mutdet_kind": kind.encode()}
+    for key, value in {**extra, **(metadata or {})}.items():
+        meta[f"mutdet_{key}".encode()] = json.dumps(value, default=str).encode()
+    return meta
+
+
+def write_parquet_stream(batches: Iterable[pa.Table | pa.RecordBatch], path: str | Path, schema: pa.Schema, *,
+                         row_group_rows: int = 65536, **options) -> int:
+    """Write ``batches`` (tables or record batches castable to ``schema``) to one Parquet file, atomically.
+
+    Memory is bounded by one batch plus one row group of ``row_group_rows`` rows: batches are buffered
+    until a row group is full, then written through a ``pyarrow.parquet.ParquetWriter`` to a temporary
+    file renamed over ``path`` at the end (a crash leaves the previous file, or none). ``schema`` carries
+    the file's metadata; ``options`` go to the writer (compression defaults to zstd). Returns the rows.
+    """
+    options.setdefault("compression", "zstd")
+    plain = schema.remove_metadata()
+    rows = 0
+    with atomic_path(path) as tmp:
+        with pq.ParquetWriter(tmp, schema, **options) as writer:
+            pending: list[pa.Table] = []
+            buffered = 0
+            for batch in batches:
+                table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
+                table = table.select(plain.names).cast(plain)
+                pending.append(table)
+                buffered += table.num_rows
+                rows += table.num_rows
+                if buffered >= row_group_rows:
+                    writer.write_table(pa.concat_tables(pending).replace_schema_metadata(schema.metadata),
+                                       row_group_size=row_group_rows)
+                    pending, buffered = [], 0
+            if pending and buffered:
+                writer.write_table(pa.concat_tables(pending).replace_schema_metadata(schema.metadata),
+                                   row_group_size=row_group_rows)
+    return rows
+
+
+def write_artefact_batches(batches: Iterable[pa.Table | pa.RecordBatch], path: str | Path, kind: str,
+                           metadata: Mapping[str, object] | None = None) -> int:
+    """Like :func:`write_artefact` for a stream of tables/batches (each cast to the schema of ``kind``),
+    with memory bounded by a batch (:func:`write_parquet_stream`). Returns the rows written."""
+    schema = SCHEMAS[kind].with_metadata(_metadata_bytes(kind, metadata))
+    return write_parquet_stream(_checked(batches, kind, path), path, schema)
+
+
+def _checked(batches, kind: str, path):
+    names = SCHEMAS[kind].names
+    for batch in batches:
+        missing = [n for n in names if n not in batch.schema.names]
+        if missing:
+            raise ArtefactError(f"{kind} table for {path} misses columns {missing}")
+        yield batch
 
 
 def check_schema(schema: pa.Schema, kind: str, source: str) -> None:

@@ -6,14 +6,17 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from mutdet import paper
-from mutdet.io.artefacts import read_artefact, read_metadata
+from mutdet.io.artefacts import ArtefactError, check_schema, read_artefact, read_file_schema, read_metadata
 from mutdet.io.atomic import atomic_path, write_bytes
 from mutdet.report.draw import class_colour, draw_boxes
 from mutdet.report.tables import MISSING, DatasetRuns, spread
 
-__all__ = ["detection_grid", "pick_tiles", "plot_ap50_vs_fraction", "read_tiles"]
+__all__ = ["detection_grid", "object_counts", "pick_tiles", "plot_ap50_vs_fraction", "read_rows", "read_tiles"]
 
 _COLOURS = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray"]
 _LE90 = ("cx", "cy", "w", "h", "theta")
@@ -59,27 +62,72 @@ def plot_ap50_vs_fraction(ds: DatasetRuns, methods: Mapping[str, str], path: Pat
     return Path(path)
 
 
-def read_tiles(dirs: Sequence[Path]) -> tuple[dict[str, Path], dict[str, dict[str, np.ndarray]]]:
+def read_rows(path: Path, kind: str, columns: Sequence[str], *, key: str, ids: Sequence[str] | None = None,
+              min_score: float | None = None) -> pa.Table:
+    """Only ``columns`` of the rows of an artefact file whose ``key`` column is in ``ids`` (all when None)
+    and, with ``min_score``, whose ``score`` is at least that. The filter is applied while the file is
+    read (row groups whose statistics exclude it are skipped), so memory follows the rows returned, not
+    the file. Errors name the file."""
+    path = Path(path)
+    check_schema(read_file_schema(path, kind), kind, str(path))
+    condition = None
+    if ids is not None:
+        condition = pc.field(key).isin(pa.array(list(ids), pa.string()))
+    if min_score is not None:
+        at_least = pc.field("score").cast(pa.float64()) >= pa.scalar(float(min_score), pa.float64())
+        condition = at_least if condition is None else condition & at_least
+    try:
+        return pq.read_table(path, columns=list(columns), filters=condition)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ArtefactError(f"{path}: cannot read the {kind} rows: {exc}") from None
+
+
+def _by_id(ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Row indices of each id, in row order (one sort, not one scan per id)."""
+    order = np.argsort(ids, kind="stable")
+    unique, starts = np.unique(ids[order], return_index=True)
+    stops = np.append(starts[1:], len(order))
+    return {str(u): order[a:b] for u, a, b in zip(unique, starts, stops)}
+
+
+def object_counts(dirs: Sequence[Path]) -> dict[str, int]:
+    """Ground-truth objects per tile of the tiles folders ``dirs`` (only the ``tile_id`` column is read)."""
+    counts: dict[str, int] = {}
+    for folder in map(Path, dirs):
+        ids = read_rows(folder / "objects.parquet", "objects", ["tile_id"], key="tile_id").column("tile_id")
+        for item in pc.value_counts(ids).to_pylist():
+            counts[item["values"]] = counts.get(item["values"], 0) + item["counts"]
+    return counts
+
+
+def read_tiles(dirs: Sequence[Path], tile_ids: Sequence[str] | None = None
+               ) -> tuple[dict[str, Path], dict[str, dict[str, np.ndarray]]]:
     """Tile image paths and ground truth (``boxes`` ``(N, 5)`` le90 tile pixels, ``class_name``, ``difficult``)
-    of the tiles folders ``dirs`` (each with ``tiles.parquet`` and ``objects.parquet``)."""
+    of the tiles folders ``dirs`` (each with ``tiles.parquet`` and ``objects.parquet``); only the objects
+    of ``tile_ids`` when given (read with a filter, not the whole file)."""
     paths, objects = {}, {}
     for folder in map(Path, dirs):
         tiles = read_artefact(folder / "tiles.parquet", "tiles", columns=["tile_id", "tile_path"])
         for tile_id, rel in zip(*(tiles.column(c).to_pylist() for c in ("tile_id", "tile_path"))):
             paths[tile_id] = folder / rel  # as TileDataset: relative to the folder of tiles.parquet
-        obj = read_artefact(folder / "objects.parquet", "objects").to_pydict()
-        boxes = np.stack([np.asarray(obj[k], np.float64) for k in _LE90], -1).reshape(-1, 5)
-        ids = np.asarray(obj["tile_id"], dtype=object)
-        names, difficult = np.asarray(obj["class_name"], object), np.asarray(obj["difficult"], np.int8)
-        for tile_id in dict.fromkeys(obj["tile_id"]):
-            mine = ids == tile_id
+        obj = read_rows(folder / "objects.parquet", "objects", ["tile_id", *_LE90, "class_name", "difficult"],
+                        key="tile_id", ids=tile_ids)
+        boxes = np.stack([obj.column(k).to_numpy() for k in _LE90], -1).reshape(-1, 5).astype(np.float64)
+        ids = np.asarray(obj.column("tile_id").to_pylist(), dtype=object)
+        names = np.asarray(obj.column("class_name").to_pylist(), object)
+        difficult = obj.column("difficult").to_numpy().astype(np.int8)
+        for tile_id, mine in _by_id(ids).items():
             objects[tile_id] = {"boxes": boxes[mine], "class_name": names[mine], "difficult": difficult[mine]}
     return paths, objects
 
 
-def pick_tiles(objects: Mapping[str, Mapping[str, np.ndarray]], count: int) -> list[str]:
-    """The ``count`` tiles with the most ground-truth objects (ties: tile id), deterministic."""
-    return sorted(objects, key=lambda t: (-len(objects[t]["boxes"]), t))[:count]
+def pick_tiles(objects: Mapping[str, Mapping[str, np.ndarray] | int], count: int) -> list[str]:
+    """The ``count`` tiles with the most ground-truth objects (ties: tile id), deterministic. ``objects``
+    maps a tile to its objects (a dict with ``boxes``) or to their number."""
+    def size(v) -> int:
+        return int(v) if isinstance(v, (int, np.integer)) else len(v["boxes"])
+
+    return sorted(objects, key=lambda t: (-size(objects[t]), t))[:count]
 
 
 def _label(text: str, width: int, height: int = 24) -> np.ndarray:
@@ -105,16 +153,16 @@ def _legend(classes: Sequence[str], width: int, height: int = 24) -> np.ndarray:
 
 
 def _tile_detections(path: Path, tile_ids: Sequence[str], score_threshold: float) -> dict[str, dict]:
-    """Detections of ``path`` (frame ``tile``) on each of ``tile_ids`` scoring at least ``score_threshold``."""
-    dets = read_artefact(path, "detections").to_pydict()
-    ids, scores = np.asarray(dets["id"], object), np.asarray(dets["score"], np.float64)
-    names = np.asarray(dets["class_name"], object)
-    boxes = np.stack([np.asarray(dets[k], np.float64) for k in _LE90], -1).reshape(-1, 5)
-    per_tile = {}
-    for t in tile_ids:
-        keep = (ids == t) & (scores >= score_threshold)
-        per_tile[t] = {"boxes": boxes[keep], "class_name": names[keep]}
-    return per_tile
+    """Detections of ``path`` (frame ``tile``) on each of ``tile_ids`` scoring at least ``score_threshold``:
+    only those rows and the drawn columns are read."""
+    dets = read_rows(path, "detections", ["id", "score", "class_name", *_LE90], key="id", ids=tile_ids,
+                     min_score=score_threshold)
+    ids = np.asarray(dets.column("id").to_pylist(), object)
+    names = np.asarray(dets.column("class_name").to_pylist(), object)
+    boxes = np.stack([dets.column(k).to_numpy() for k in _LE90], -1).reshape(-1, 5).astype(np.float64)
+    rows = _by_id(ids)
+    empty = np.zeros(0, np.int64)
+    return {t: {"boxes": boxes[rows.get(t, empty)], "class_name": names[rows.get(t, empty)]} for t in tile_ids}
 
 
 def detection_grid(ds: DatasetRuns, methods: Mapping[str, str], tiles_dirs: Sequence[Path], path: Path, *,
@@ -127,8 +175,10 @@ def detection_grid(ds: DatasetRuns, methods: Mapping[str, str], tiles_dirs: Sequ
     file exists (frame ``tile``, le90 tile pixels), kept from ``score_threshold`` up; the column is
     labelled with that seed when the cell has several. Returns init -> reason for each method left out.
     """
-    image_paths, objects = read_tiles(tiles_dirs)
-    tile_ids = pick_tiles({t: o for t, o in objects.items() if t in image_paths}, num_tiles)
+    counts = object_counts(tiles_dirs)
+    image_paths, _ = read_tiles(tiles_dirs, tile_ids=[])
+    tile_ids = pick_tiles({t: n for t, n in counts.items() if t in image_paths}, num_tiles)
+    _, objects = read_tiles(tiles_dirs, tile_ids=tile_ids)
     columns: list[tuple[str, dict[str, dict]]] = [("ground truth", {t: objects[t] for t in tile_ids})]
     skipped = {}
     for init, label in methods.items():

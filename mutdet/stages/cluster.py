@@ -7,7 +7,8 @@ Outputs::
     <out>/pca_kmeans.npz        the fitted model as plain arrays (mutdet.embedding.cluster.ClusterModel)
     <out>/manifest.json         parameters, code version, pool and fit sizes, explained variance,
                                 k-means statistics, cluster sizes over the whole pool
-    <target_files[i]>           targets schema (mutdet.embedding.artefacts) for embedding_files[i]:
+    <target_files[i]>           targets schema (mutdet.embedding.artefacts) for embedding_files[i],
+                                written a batch of rows at a time (ParquetWriter, temporary file renamed):
                                 exactly its rows and order, with O (pca_dim, L2-normalised, float16),
                                 the cluster id (int16, cosine to the unit centroids, computed from
                                 the float32 vector before the cast) and the norm of the PCA projection
@@ -29,7 +30,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mutdet.config import Config
-from mutdet.embedding.artefacts import ROW_GROUP_ROWS, read_embeddings, vector_column, vector_matrix, write_targets
+from mutdet.embedding.artefacts import (ROW_GROUP_ROWS, read_embeddings, vector_column, vector_matrix,
+                                       write_targets_batches)
 from mutdet.embedding.cluster import BLOCK_ROWS, ClusterFitError, fit_cluster_model
 from mutdet.io.artefacts import ArtefactError, read_metadata
 from mutdet.io.atomic import write_json
@@ -62,8 +64,8 @@ def _embedding_batches(path: Path, batch_rows: int = ROW_GROUP_ROWS):
 
 
 def _fit_sample(files: list[Path], counts: list[int], max_fit_samples: int, rng: np.random.Generator) -> np.ndarray:
-    """Rows of the pool (files concatenated in order) to fit on, as float32 ``(n, D)``, read a batch of
-    rows at a time."""
+    """Rows of the pool (files concatenated in order) to fit on, ``(n, D)`` float16 as stored (half the
+    memory of float32; the fit converts a block at a time), read a batch of rows at a time."""
     total = sum(counts)
     if total <= max_fit_samples:
         chosen = np.arange(total)
@@ -75,8 +77,8 @@ def _fit_sample(files: list[Path], counts: list[int], max_fit_samples: int, rng:
         if len(local):
             for first, matrix in _embedding_batches(path):
                 rows = local[(local >= first) & (local < first + len(matrix))] - first
-                if sample is None:
-                    sample = np.empty((len(chosen), matrix.shape[1]), np.float32)
+                if sample is None:  # float16 as stored: the fit converts a block of rows at a time
+                    sample = np.empty((len(chosen), matrix.shape[1]), matrix.dtype)
                 sample[filled:filled + len(rows)] = matrix[rows]
                 filled += len(rows)
         offset += count
@@ -142,27 +144,23 @@ def run(cfg: Config, *, embedding_files: list[str | Path], target_files: list[st
 
     sizes = np.zeros(k, dtype=np.int64)
     cosines = []
+    meta = {"params": params, "embedding_params": embedding_params, "model_file": str(model_file),
+            "code_version": code_version()}
     for source, target in zip(embedding_files, target_files):
-        keys = read_embeddings(source, columns=["tile_id", "proposal_index"])
-        z_parts, id_parts, norm_parts = [], [], []
-        for _, raw in _embedding_batches(source):  # the projections (pca_dim wide) are what stays in memory
-            z = model.project(raw)
-            ids, cos = model.assign(z)
-            z_parts.append(z)
-            id_parts.append(ids)
-            norm_parts.append(_projection_norms(model, raw))
-            cosines.append(cos)
-        dim = model.pca_components.shape[0]
-        z = np.concatenate(z_parts) if z_parts else np.zeros((0, dim), np.float32)
-        ids = np.concatenate(id_parts) if id_parts else np.zeros(0, np.int64)
-        sizes += np.bincount(ids, minlength=k)
-        targets = pa.table({"tile_id": keys.column("tile_id"), "proposal_index": keys.column("proposal_index"),
-                            "embedding": vector_column(z), "cluster_id": pa.array(ids, pa.int16()),
-                            "norm": pa.array(np.concatenate(norm_parts) if norm_parts else np.zeros(0),
-                                             pa.float32())})
-        write_targets(targets, target, {"params": params, "embedding_params": embedding_params,
-                                        "embeddings_file": str(source), "model_file": str(model_file),
-                                        "code_version": code_version()})
+        def targets(source=source):  # one batch of rows at a time: read, projected, assigned, written
+            keys = read_embeddings(source, columns=["tile_id", "proposal_index"])  # about 50 B a row
+            for first, raw in _embedding_batches(source):
+                z = model.project(raw)
+                ids, cos = model.assign(z)
+                sizes[:] += np.bincount(ids, minlength=k)
+                cosines.append(cos)
+                rows = keys.slice(first, len(raw))
+                yield pa.table({"tile_id": rows.column("tile_id"), "proposal_index": rows.column("proposal_index"),
+                                "embedding": vector_column(z), "cluster_id": pa.array(ids, pa.int16()),
+                                "norm": pa.array(_projection_norms(model, raw), pa.float32())})
+
+        write_targets_batches(targets(), target, model.pca_components.shape[0],
+                              {**meta, "embeddings_file": str(source)})
     cos = np.concatenate(cosines)
     manifest = {
         "params": params, "embedding_params": embedding_params, "code_version": code_version(),

@@ -8,7 +8,8 @@ Output folder layout::
                                             proposals' rows, in the proposals' order
     <out>/manifest.json                     parameters, runtime, code version, counts, proposals/s
     <out>/parts/chunk-<k>.<hash>.parquet    embeddings of the tiles [k * checkpoint_every, (k + 1) * checkpoint_every)
-                                            (tiles that have proposals, in order of first appearance)
+                                            (tiles that have proposals, in order of first appearance),
+                                            while the stage runs (removed once embeddings.parquet is written)
 
 Each proposal: the tile resized to ``input_size`` (longer side, ratio kept), ImageNet-normalised, the
 box enlarged ``context`` times in ``w`` and ``h``, cropped and stretched to ``crop_size`` squared by the
@@ -17,7 +18,10 @@ rotated RoI-align, through the frozen ResNet to C5, average-pooled, stored as fl
 Resume inside a shard: every ``checkpoint_every`` tiles a part is written atomically, tagged with a hash
 of the embedding parameters, the proposals' and the tiles' parameters; a rerun reuses every part whose
 hash, tile list and row count match. The weights are resolved (and the backbone built) only when some
-tile is left to do, before any tile is decoded. Parts of other parameters are removed at the end.
+tile is left to do, before any tile is decoded. The final file is streamed from the parts (one record
+batch in memory at a time when the proposals are grouped by tile, as the propose stage writes them) into
+a temporary file renamed into place; the manifest follows, then every part is removed. The final file
+and the manifest carry the ``params_hash``: a rerun with the same key is a no-op.
 """
 from __future__ import annotations
 
@@ -30,7 +34,8 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from mutdet.config import Config
-from mutdet.embedding.artefacts import check_join, embeddings_schema, vector_column, write_embeddings
+from mutdet.embedding.artefacts import (JoinError, check_join, embeddings_schema, vector_column, write_embeddings,
+                                       write_embeddings_batches)
 from mutdet.embedding.backbone import build_embedder, embedding_dim
 from mutdet.embedding.pipeline import TileImages, embed_tiles, tile_loader
 from mutdet.engine.device import resolve_device
@@ -59,6 +64,41 @@ def _group_by_tile(tile_ids: np.ndarray) -> tuple[list[str], np.ndarray, np.ndar
     bounds = np.searchsorted(row_rank[order], np.arange(len(unique) + 1))
     tiles = [str(t) for t in unique[np.argsort(first, kind="stable")]]
     return tiles, order, bounds
+
+
+def _write_final(paths: list[Path], order: np.ndarray, proposals: pa.Table, dim: int, final: Path,
+                 proposals_file: Path, meta: dict) -> None:
+    """Stream the parts (rows grouped by tile) into ``final`` in the proposals' row order, atomically.
+
+    When the proposals are already grouped by tile (as the propose stage writes them) the parts are
+    copied batch by batch, memory bounded by one record batch; each batch's keys are checked against the
+    proposals rows it stands for. Otherwise (proposals of a tile spread over the file) the grouped rows
+    must be permuted back, which needs them all in memory: that case reads the parts whole.
+    """
+    keys = proposals.select(["tile_id", "proposal_index"])
+    if np.array_equal(order, np.arange(len(order))):
+        def checked():
+            done = 0
+            for k, batch in parts.batches(paths):
+                expected = keys.slice(done, batch.num_rows)
+                if not (batch.column("tile_id").equals(expected.column("tile_id").combine_chunks())
+                        and batch.column("proposal_index").equals(expected.column("proposal_index").combine_chunks())):
+                    check_join(pa.Table.from_batches([batch]).select(["tile_id", "proposal_index"]), expected,
+                               path=paths[k], proposals_path=f"{proposals_file} rows {done}..{done + batch.num_rows}")
+                done += batch.num_rows
+                yield batch
+            if done != keys.num_rows:
+                raise JoinError(f"{final}: the parts hold {done} rows, {proposals_file} has {keys.num_rows} proposals")
+
+        write_embeddings_batches(checked(), final, dim, meta)
+        return
+    grouped, _ = parts.read(paths, "embeddings", empty=embeddings_schema(dim).empty_table())
+    inverse = np.empty(len(order), dtype=np.int64)
+    inverse[order] = np.arange(len(order))
+    # Grouped row j is proposal row order[j]; proposal row i is grouped row inverse[i].
+    embeddings = grouped.take(pa.array(inverse))
+    check_join(embeddings, proposals, path=final, proposals_path=proposals_file)
+    write_embeddings(embeddings, final, meta)
 
 
 def run(cfg: Config, *, tiles_dir: str | Path, proposals_dir: str | Path, out_dir: str | Path) -> dict:
@@ -109,6 +149,13 @@ def run(cfg: Config, *, tiles_dir: str | Path, proposals_dir: str | Path, out_di
     phash = params_hash({"embedding": params, "precision": precision, "proposals": file_digest(proposals_file),
                          "tiles": file_digest(tiles_file), "code_version": code_version(),
                          "weights_file": file_digest(weights) if weights not in ("imagenet", "none") else None})
+    final, manifest_file = out_dir / "embeddings.parquet", out_dir / "manifest.json"
+    done = parts.committed(final, manifest_file, phash, rows=proposals.num_rows)
+    if done is not None:  # committed by an earlier run: remove parts a crash after the commit left
+        parts.remove_all(out_dir)
+        log.info("embed %s: %s is current, nothing to do", proposals_file, final)
+        return {**done, "proposals_reused": proposals.num_rows, "proposals_computed": 0, "seconds": 0.0,
+                "proposals_per_second": None}
     chunks = [range(s, min(s + checkpoint_every, len(tiles))) for s in range(0, len(tiles), checkpoint_every)]
     expect = [{"tile_ids": [tiles[t] for t in c], "rows": int(bounds[c.stop] - bounds[c.start])} for c in chunks]
     paths = parts.chunk_paths(out_dir, phash, len(chunks))
@@ -153,12 +200,9 @@ def run(cfg: Config, *, tiles_dir: str | Path, proposals_dir: str | Path, out_di
     seconds = time.perf_counter() - start
     computed = proposals.num_rows - reused
 
-    grouped, _ = parts.read(paths, "embeddings", empty=embeddings_schema(dim).empty_table())
-    inverse = np.empty(len(order), dtype=np.int64)
-    inverse[order] = np.arange(len(order))
-    # Grouped row j is proposal row order[j]; proposal row i is grouped row inverse[i].
-    embeddings = grouped if np.array_equal(order, np.arange(len(order))) else grouped.take(pa.array(inverse))
-    check_join(embeddings, proposals, path=out_dir / "embeddings.parquet", proposals_path=proposals_file)
+    meta = {"params": params, "runtime": runtime, "code_version": code_version(), "proposals_file": str(proposals_file),
+            "params_hash": phash}
+    _write_final(paths, order, proposals, dim, final, proposals_file, meta)
     manifest = {
         "params": params, "runtime": runtime, "params_hash": phash, "code_version": code_version(),
         "tiles_file": str(tiles_file), "proposals_file": str(proposals_file),
@@ -166,10 +210,8 @@ def run(cfg: Config, *, tiles_dir: str | Path, proposals_dir: str | Path, out_di
         "proposals_computed": computed, "seconds": round(seconds, 3),
         "proposals_per_second": round(computed / seconds, 3) if computed and seconds > 0 else None,
     }
-    meta = {"params": params, "runtime": runtime, "code_version": code_version(), "proposals_file": str(proposals_file)}
-    write_embeddings(embeddings, out_dir / "embeddings.parquet", meta)
-    write_json(out_dir / "manifest.json", manifest)
-    parts.remove_stale(out_dir, paths)
+    write_json(manifest_file, manifest)
+    parts.remove_all(out_dir)  # committed: the parts would only duplicate embeddings.parquet
     log.info("embed: %d proposals -> %s (%d computed, %.1f proposals/s)", proposals.num_rows,
              out_dir / "embeddings.parquet", computed, manifest["proposals_per_second"] or 0.0)
     return manifest

@@ -11,6 +11,9 @@ Outputs in ``out_dir``:
                            pre-training-only parts); :func:`mutdet.engine.transfer.load_pretrained`
                            takes what fine-tuning can use
 ``loss_curves.png``        this run's four losses against the step
+``dataset/<key>.npy``      while training: the kept proposals (``pretrain.max_boxes`` per tile) as one
+                           record array, memory-mapped by every rank (mutdet.data.pretrain), with its
+                           index ``<key>.json``; removed when the run has finished
 =========================  =====================================================================
 
 Logic lives in :mod:`mutdet.models.pretrain`, :mod:`mutdet.losses.pretrain`, :mod:`mutdet.data.pretrain`
@@ -18,6 +21,7 @@ and :mod:`mutdet.engine`; this module wires them.
 """
 from __future__ import annotations
 
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -75,11 +79,18 @@ def run(cfg: Config, *, variant: str, tiles_dirs: Sequence[Path], proposals_file
     torch_device = dist.init_distributed(resolve_device(pt.device, "pretrain.device"))
     seed_all(seed)
     train_config = TrainConfig.from_dict({**pt.train_kwargs(), "seed": seed})
-    train_set = ProposalTileDataset(tiles_dirs, proposals_files, targets_files,
-                                    class_agnostic=variant.classes == "agnostic", max_boxes=pt.max_boxes,
-                                    require_norms=variant.alignment == "l1",
-                                    transform=build_transforms(train=True, input_size=pt.input_size,
-                                                               flip_probability=pt.flip_probability))
+    # The kept proposals (best max_boxes per tile) in one memory-mapped array under out_dir/dataset,
+    # keyed to the inputs: rank 0 builds it (streaming the shards), the other ranks then map the same
+    # file, so the pages are shared instead of each rank loading every shard.
+    dataset_kwargs = dict(class_agnostic=variant.classes == "agnostic", max_boxes=pt.max_boxes,
+                          require_norms=variant.alignment == "l1", cache_dir=out_dir / "dataset",
+                          transform=build_transforms(train=True, input_size=pt.input_size,
+                                                     flip_probability=pt.flip_probability))
+    if dist.is_main_process():
+        train_set = ProposalTileDataset(tiles_dirs, proposals_files, targets_files, **dataset_kwargs)
+    dist.barrier()
+    if not dist.is_main_process():
+        train_set = ProposalTileDataset(tiles_dirs, proposals_files, targets_files, **dataset_kwargs)
     if len(train_set) == 0:
         raise ValueError(f"pretrain: no tile with proposals in {[str(p) for p in proposals_files]}")
     model, criterion = build_pretrain_model(
@@ -113,6 +124,7 @@ def run(cfg: Config, *, variant: str, tiles_dirs: Sequence[Path], proposals_file
     if not dist.is_main_process():
         return {"train": result, "checkpoint": None}
     checkpoint = out_dir / "checkpoint.pt"
+    shutil.rmtree(out_dir / "dataset", ignore_errors=True)  # a cache of the inputs: not kept past the run
     save_checkpoint(checkpoint, model=trainer.model, epoch=trainer.epoch, step=trainer.step, config=params,
                     meta={"finished": result["finished"], "kind": "pretrain", "variant": variant.name})
     from mutdet.stages.loss_curves import plot_loss_curves

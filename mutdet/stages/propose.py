@@ -7,29 +7,32 @@ Output folder layout::
                                             best first within a tile; method column = proposals.method
     <out>/manifest.json                     parameters, code version, counts, per-tile count summary,
                                             tiles that failed to decode (by name)
-    <out>/parts/chunk-<k>.<hash>.parquet    proposals of tiles [k * checkpoint_every, (k + 1) * checkpoint_every)
+    <out>/parts/chunk-<k>.<hash>.parquet    proposals of tiles [k * checkpoint_every, (k + 1) * checkpoint_every),
+                                            while the stage runs (removed once proposals.parquet is written)
 
 Resume inside a shard: every ``proposals.checkpoint_every`` tiles a part is written (atomically), tagged
 with a hash of the proposal parameters and of the tiling parameters; a rerun reuses every part whose
 hash and tile list match and computes only the rest (chunks holding undecodable tiles are retried, the
 tiles may have been repaired). The proposer (for SAM: checkpoint check and model load) is built only
-when some tile is left to do. The final file is written once every part exists; parts of other
-parameters or chunkings are then removed.
+when some tile is left to do. The final file is streamed from the parts once every part exists (one
+record batch in memory at a time) and renamed into place; the manifest follows, then the parts are
+removed (kept only when some tile could not be decoded, so that a rerun retries just those chunks).
+The final file and the manifest carry the ``params_hash``: a rerun with the same key is a no-op.
 """
 from __future__ import annotations
 
 import time
-from collections import Counter
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from tqdm import tqdm
 
 from mutdet.boxes import le90_to_polygon
 from mutdet.config import Config
-from mutdet.io.artefacts import SCHEMAS, read_artefact, write_artefact
+from mutdet.io.artefacts import SCHEMAS, read_artefact, read_metadata, write_artefact_batches
 from mutdet.io.atomic import write_json
 from mutdet.proposals import ProposalSet, Proposer, build_proposer
 from mutdet.io.identity import file_digest
@@ -114,6 +117,14 @@ def run(cfg: Config, *, dataset: str, split: str, shard: int, tiles_dir: str | P
     # content of the tiles table (rewritten with the tile images) and the code version, so a part of
     # other tiles or an older mutdet is recomputed, never reused.
     phash = params_hash({"proposals": params, "tiles": file_digest(tiles_file), "code_version": code_version()})
+    final, manifest_file = out_dir / "proposals.parquet", out_dir / "manifest.json"
+    done = parts.committed(final, manifest_file, phash)
+    if done is not None and not done.get("bad_tiles"):
+        # Committed by an earlier run (a shard with undecodable tiles is retried instead): nothing to do
+        # but remove parts a crash after the commit may have left.
+        parts.remove_all(out_dir)
+        log.info("propose %s/%s shard %d: %s is current, nothing to do", dataset, split, shard, final)
+        return {**done, "tiles_reused": len(tiles), "tiles_computed": 0, "seconds": 0.0, "tiles_per_second": None}
     every = p.checkpoint_every
     chunks = [tiles[i:i + every] for i in range(0, len(tiles), every)]
     chunk_ids = [[t["tile_id"] for t in c] for c in chunks]
@@ -135,27 +146,37 @@ def run(cfg: Config, *, dataset: str, split: str, shard: int, tiles_dir: str | P
     seconds = time.perf_counter() - start
     computed = len(tiles) - reused
 
-    proposals, metas = parts.read(paths, "proposals")
+    metas = [read_metadata(path) for path in paths]
     bad_tiles = [b for meta in metas for b in meta["bad_tiles"]]
     bad_ids = {b["tile_id"] for b in bad_tiles}
     per_tile = dict.fromkeys((t["tile_id"] for t in tiles if t["tile_id"] not in bad_ids), 0)
-    per_tile.update(Counter(proposals.column("tile_id").to_pylist()))
+
+    def counted():  # the parts' record batches, one at a time, counting proposals per tile
+        for _, batch in parts.batches(paths):
+            for item in pc.value_counts(batch.column("tile_id")).to_pylist():
+                per_tile[item["values"]] = per_tile.get(item["values"], 0) + item["counts"]
+            yield batch
+
+    meta = {"params": params, "runtime": runtime, "code_version": code_version(), "dataset": dataset,
+            "split": split, "shard": shard, "params_hash": phash}
+    # Streamed part by part into a temporary file renamed into place: memory bounded by a batch.
+    rows = write_artefact_batches(counted(), final, "proposals", meta)
     manifest = {
         "dataset": dataset, "split": split, "shard": shard, "method": p.method,
         "params": params, "runtime": runtime, "params_hash": phash, "code_version": code_version(),
         "tiles_file": str(tiles_file), "tiles": len(tiles), "tiles_reused": reused, "tiles_computed": computed,
-        "proposals": proposals.num_rows, "proposals_per_tile": _count_summary(np.fromiter(per_tile.values(), int)),
+        "proposals": rows, "proposals_per_tile": _count_summary(np.fromiter(per_tile.values(), int)),
         "bad_tiles": bad_tiles, "seconds": round(seconds, 3),
         "tiles_per_second": round(computed / seconds, 3) if computed and seconds > 0 else None,
     }
-    meta = {"params": params, "runtime": runtime, "code_version": code_version(), "dataset": dataset,
-            "split": split, "shard": shard}
-    write_artefact(proposals, out_dir / "proposals.parquet", "proposals", meta)
-    write_json(out_dir / "manifest.json", manifest)
-    parts.remove_stale(out_dir, paths)
+    write_json(manifest_file, manifest)
+    if bad_tiles:  # kept, so that a rerun retries only the chunks that held undecodable tiles
+        parts.remove_stale(out_dir, paths)
+    else:  # committed: the parts would only duplicate the final file
+        parts.remove_all(out_dir)
     if bad_tiles:
         log.warning("%d tile(s) could not be decoded (on_bad_tile: report); listed in %s",
                     len(bad_tiles), out_dir / "manifest.json")
     log.info("propose %s/%s shard %d: %d tiles -> %d proposals (%s)", dataset, split, shard, len(tiles),
-             proposals.num_rows, out_dir / "proposals.parquet")
+             rows, final)
     return manifest
