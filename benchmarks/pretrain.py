@@ -10,8 +10,8 @@ add minutes of embedding). The model is the demo's (`finetune.model` and `pretra
 unless ``--paper`` asks for the paper's (ResNet-50, 6 + 6 layers, 300 queries, k = 256, at a reduced
 input size on a CPU).
 
-Usage: ``python benchmarks/pretrain.py [--steps 8] [--paper --size 512]``. Prints it/s, peak memory and
-the ratio MutDet / DETReg.
+Usage: ``python benchmarks/pretrain.py [--steps 8] [--threads 2] [--paper --size 512] [--json]``. Prints
+it/s, peak memory and the ratio MutDet / DETReg (``--json``: also one JSON line of step times).
 """
 from __future__ import annotations
 
@@ -128,6 +128,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--paper", action="store_true", help="the paper's model (slow on a CPU)")
     parser.add_argument("--size", type=int, help="input size (default: the demo's pretrain.input_size; paper 1024)")
+    parser.add_argument("--json", action="store_true", help="also print the step times as one JSON line (last)")
     args = parser.parse_args()
     raw = yaml.safe_load((REPO / "config.yaml").read_text())
     pre = raw.get("pretrain", {})
@@ -153,6 +154,11 @@ def main() -> None:
         print(f"  {name:28s} {r['it_per_s']:.3f} it/s ({base['it_per_s'] / r['it_per_s']:.2f}x the time of DETReg), "
               f"peak {r['peak_mb']:.0f} MB ({r['peak_mb'] / base['peak_mb']:.2f}x), "
               f"{r['params_m']:.2f} M trainable parameters, {r['losses']} loss terms")
+    if args.json:
+        step_ms = {name: 1000.0 / r["it_per_s"] for name, r in results.items()}
+        print(json.dumps({"threads": args.threads, "step_ms": step_ms,
+                          "ratio": step_ms["mutdet"] / step_ms["detreg"],
+                          "peak_mb": {name: r["peak_mb"] for name, r in results.items()}}))
 
 
 if __name__ == "__main__":

@@ -387,3 +387,59 @@ def test_siamese_pass_has_the_denoising_alignment_loss_on_the_same_queries():
     no_siam = PretrainCriterion(detection=build_criterion(num_classes=K, num_decoder_layers=2),
                                 variant=with_flags(MUTDET, siamese=False))
     assert "loss_align_dn_siam" not in no_siam.weight_dict
+
+
+def test_row_sparse_backward_gives_the_plain_gradients():
+    """The encoder embedding head's backward runs on the rows that receive a gradient only: the same
+    output, and the same gradients (input and parameters) as the plain module; rows without gradient
+    get an exact zero."""
+    from mutdet.models.embedding_heads import EncoderEmbeddingHead
+    from mutdet.models.pretrain import row_sparse_backward
+
+    torch.manual_seed(0)
+    head = EncoderEmbeddingHead(embed_dim=16, hidden_dim=48, output_dim=16)
+    x = torch.randn(3, 40, 16)
+    weight = torch.zeros(3, 40, 16)
+    weight[0, [1, 7]] = torch.randn(2, 16)
+    weight[2, 39] = torch.randn(16)  # 3 of 120 rows carry a gradient, as matched tokens do
+    grads = {}
+    for name, fn in (("plain", head), ("sparse", lambda t: row_sparse_backward(head, t))):
+        head.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_()
+        out = fn(xi)
+        (out * weight).sum().backward()
+        grads[name] = (out.detach(), xi.grad, [p.grad.clone() for p in head.parameters()])
+    (out_a, gx_a, gp_a), (out_b, gx_b, gp_b) = grads["plain"], grads["sparse"]
+    assert torch.equal(out_a, out_b)
+    assert torch.allclose(gx_a, gx_b, rtol=0, atol=1e-6) and gx_b[1].abs().sum() == 0
+    for a, b in zip(gp_a, gp_b):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_row_sparse_encoder_head_keeps_the_losses_and_gradients(monkeypatch):
+    """One MutDet step, same model, seed and batch, with the row-sparse backward of the encoder head and
+    with the plain head: every loss is equal and every gradient agrees to float rounding."""
+    import mutdet.models.pretrain as pretrain_module
+
+    model, criterion = _build(MUTDET)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    results = []
+    for plain in (True, False):
+        if plain:
+            monkeypatch.setattr(pretrain_module, "row_sparse_backward", lambda module, x: module(x))
+        else:
+            monkeypatch.undo()
+        model.load_state_dict(state)
+        model.zero_grad(set_to_none=True)
+        losses = _losses(model, criterion, _targets())
+        sum(losses[k] * w for k, w in criterion.weight_dict.items() if k in losses).backward()
+        results.append(({k: v.detach() for k, v in losses.items()},
+                        {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (losses_a, grads_a), (losses_b, grads_b) = results
+    assert losses_a.keys() == losses_b.keys() and "loss_align_enc" in losses_a
+    for key in losses_a:
+        assert torch.allclose(losses_a[key], losses_b[key], rtol=1e-6, atol=1e-7), key
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        scale = float(grads_a[name].abs().max())
+        assert float((grads_a[name] - grads_b[name]).abs().max()) <= 1e-4 * scale + 1e-8, name

@@ -125,6 +125,28 @@ def test_cross_section_mistakes_fail_the_dry_run_naming_the_keys(tmp_path, chang
     assert not (tmp_path / raw["results"]).exists()  # nothing ran, nothing was written
 
 
+def test_no_op_rerun_and_params_trigger_of_a_recorded_state(tmp_path):
+    """A finished-looking state (every output present, recorded by `--touch`): a rerun has nothing to do,
+    and a changed config section still reruns its jobs for their params."""
+    config = tmp_path / "config.yaml"
+    config.write_text(TEST_CONFIG.read_text())
+    base = ("-d", str(tmp_path), "--configfile", str(config))
+    summary = snakemake("--summary", *base).stdout
+    for line in summary.splitlines()[1:]:
+        path = tmp_path / line.split("\t")[0]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+    snakemake("--touch", "--cores", "1", *base)
+    rerun = snakemake("--cores", "1", *base)
+    assert "Nothing to be done" in rerun.stdout + rerun.stderr
+    raw = yaml.safe_load(TEST_CONFIG.read_text())
+    raw["datasets"]["tiny"]["tiling"]["gap"] = 32
+    config.write_text(yaml.safe_dump(raw))
+    plan = snakemake("-n", *base)
+    assert "Params have changed since last execution" in plan.stdout + plan.stderr
+    assert job_counts(plan.stdout + plan.stderr)["tile"] >= 1
+
+
 def test_tiny_end_to_end_run_and_nothing_to_redo(tmp_path):
     snakemake("--cores", "2", "-d", str(tmp_path), "--configfile", str(TEST_CONFIG))
     raw = yaml.safe_load(TEST_CONFIG.read_text())

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image
 
 from mutdet.io.annotations import AnnotationError
 
@@ -121,6 +120,8 @@ def _walk_png(data: bytes) -> tuple[int, int, bytes | None]:
 def _oriented(width: int, height: int, exif: bytes | None) -> tuple[int, int]:
     """Size after OpenCV applies the EXIF orientation (5-8 turn the image by 90 degrees)."""
     if exif is not None:
+        from PIL import Image  # only for files with EXIF: every tile / evaluate command imports this module
+
         try:
             orientation = Image.Exif()
             orientation.load(exif)

@@ -79,9 +79,11 @@ def raw_files(name, split, shard=None):
     """The raw image and label files of one shard (every shard: None) of a `files` dataset's split, so
     editing one reruns exactly the jobs that read it. Ids are listed (and checked) as the tile stage
     lists them; a missing image or label file is left to the stage's `on_bad_object` policy."""
+    per_image = _raw_files_per_image(name, split)
+    if not per_image:  # generated datasets (and empty splits): no listing, no import at DAG time
+        return []
     from mutdet.io.datasets import shard_ids
 
-    per_image = _raw_files_per_image(name, split)
     ids = list(per_image)
     if shard is not None:
         ids = shard_ids(ids, int(shard), CONFIG.dataset(name).shards)
@@ -91,11 +93,11 @@ def raw_files(name, split, shard=None):
 @functools.cache
 def _raw_files_per_image(name, split):
     """Sorted image id -> its existing image and label files; the split is listed once per DAG."""
-    from mutdet.io.datasets import LABEL_SUFFIX, find_image, list_image_ids
-
     ds = CONFIG.dataset(name)
     if ds.source != "files":
         return {}
+    from mutdet.io.datasets import LABEL_SUFFIX, find_image, list_image_ids
+
     sp = ds.split(split)
     files = {}
     for image_id in list_image_ids(sp.images, sp.list, ds.image_extensions):
