@@ -18,30 +18,8 @@ import tracemalloc
 
 import numpy as np
 
-from mutdet.boxes import _tv_box_iou, _to_cxcywhr_tensor, le90_to_polygon, rotated_nms
-
-
-def dense_blocked_nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, block_size: int = 2048):
-    """The previous implementation: each block of ranked boxes against every later box (O(N^2) IoUs)."""
-    import torch
-
-    order = np.argsort(-scores, kind="stable")
-    n = len(order)
-    sorted_boxes = _to_cxcywhr_tensor(boxes[order])
-    keep = torch.ones(n, dtype=torch.bool)
-    for start in range(0, n, block_size):
-        stop = min(start + block_size, n)
-        iou = _tv_box_iou(sorted_boxes[start:stop], sorted_boxes[start:])
-        block_keep = keep[start:stop].clone()
-        inside = iou[:, : stop - start] > iou_threshold
-        inside.fill_diagonal_(False)
-        for i in range(stop - start):
-            if block_keep[i]:
-                block_keep[i + 1:] &= ~inside[i, i + 1:]
-        keep[start:stop] = block_keep
-        if stop < n:
-            keep[stop:] &= ~(iou[block_keep, stop - start:] > iou_threshold).any(dim=0)
-    return order[keep.numpy()]
+from mutdet.boxes import le90_to_polygon, rotated_nms
+from scale import pre_pruning_rotated_nms as dense_blocked_nms  # the previous implementation (benchmarks/scale.py)
 
 
 def greedy_loop_nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float):

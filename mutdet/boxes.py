@@ -231,107 +231,142 @@ def _axis_aligned_extents(boxes: np.ndarray) -> np.ndarray:
                      boxes[:, 0] + half_x + margin, boxes[:, 1] + half_y + margin], axis=1)
 
 
-def _overlapping_pairs(boxes: np.ndarray, iou_threshold: float, max_cell: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs ``(i, j)``, ``i < j``, of rows of ``boxes`` (le90) whose rotated IoU exceeds ``iou_threshold``.
+def _suppressing_pairs(boxes: np.ndarray, kernel, groups: np.ndarray, rows: np.ndarray, iou_threshold: float,
+                       block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs ``(i, j)``, ``i < j``, of ``rows`` (indices into ``boxes``, one or more whole groups) in the same
+    group whose rotated IoU (the kernel's, box ``i`` first) exceeds ``iou_threshold``.
 
-    Only pairs whose axis-aligned extents meet can have a positive IoU. The plane is cut into square
-    cells about twice the median extent; a box belongs to every cell its extent meets, and a pair is
-    computed in the one cell that holds the corner ``(max x0, max y0)`` of its two extents' overlap (a
-    cell both boxes belong to), so every candidate pair is computed once. IoU is torchvision's rotated
-    IoU on the boxes of one cell at a time (``rotated_iou``), the value it gives in any other call.
+    Candidates are the pairs whose widened axis-aligned extents meet (any other pair has IoU 0), found by
+    a sweep (:func:`mutdet.evaluation.polygons.candidate_pairs`) over at most ``block_size`` rows at a
+    time against all of ``rows``; their IoU is the kernel's, replayed in numpy
+    (:class:`mutdet.rotated_iou_kernel.KernelBoxes`).
     """
-    extents = _axis_aligned_extents(boxes)
-    size = max(2.0 * float(np.median(np.maximum(extents[:, 2] - extents[:, 0], extents[:, 3] - extents[:, 1]))), 1.0)
-    cells = np.floor(extents / size).astype(np.int64)  # x0, y0, x1, y1 in cells
-    nx = cells[:, 2] - cells[:, 0] + 1
-    ny = cells[:, 3] - cells[:, 1] + 1
-    rows = np.repeat(np.arange(len(boxes)), nx * ny)
-    offset = np.arange(len(rows)) - np.repeat(np.cumsum(nx * ny) - nx * ny, nx * ny)
-    cx = cells[rows, 0] + offset % nx[rows]
-    cy = cells[rows, 1] + offset // nx[rows]
-    order = np.lexsort((rows, cy, cx))
-    rows, cx, cy = rows[order], cx[order], cy[order]
-    starts = np.flatnonzero(np.r_[True, (np.diff(cx) != 0) | (np.diff(cy) != 0)])
-    stops = np.r_[starts[1:], len(rows)]
+    from mutdet.evaluation.polygons import candidate_pairs
+
+    ext = _axis_aligned_extents(boxes[rows])
+    lo, hi, grp = ext[:, :2], ext[:, 2:], groups[rows]
     first, second = [], []
-    for start, stop in zip(starts, stops):
-        if stop - start < 2:
-            continue
-        cell_x, cell_y = cx[start], cy[start]
-        for chunk in range(start, stop, max_cell):  # bound the IoU matrix: rows of a chunk x the cell
-            members, chunk_rows = rows[start:stop], rows[chunk:min(chunk + max_cell, stop)]
-            iou = rotated_iou(boxes[chunk_rows], boxes[members])
-            a, b = np.nonzero(iou > iou_threshold)
-            i, j = chunk_rows[a], members[b]
-            corner_x = np.floor(np.maximum(extents[i, 0], extents[j, 0]) / size).astype(np.int64)
-            corner_y = np.floor(np.maximum(extents[i, 1], extents[j, 1]) / size).astype(np.int64)
-            mine = (i < j) & (corner_x == cell_x) & (corner_y == cell_y)
-            first.append(i[mine])
-            second.append(j[mine])
-    empty = np.zeros(0, dtype=np.int64)
-    return (np.concatenate(first) if first else empty), (np.concatenate(second) if second else empty)
+    for start in range(0, len(rows), block_size):
+        stop = min(start + block_size, len(rows))
+        a, b = candidate_pairs(lo[start:stop], hi[start:stop], grp[start:stop], lo, hi, grp)
+        a += start
+        mine = a < b
+        i, j = rows[a[mine]], rows[b[mine]]
+        above = kernel.pair_iou(i, j).astype(np.float64) > iou_threshold
+        first.append(i[above])
+        second.append(j[above])
+    return np.concatenate(first), np.concatenate(second)
 
 
-def rotated_nms(boxes, scores, iou_threshold: float, block_size: int = 2048) -> np.ndarray:
-    """Greedy rotated NMS (class-agnostic).
-
-    IoU is computed only for pairs of boxes whose axis-aligned extents meet (any other pair has IoU
-    exactly 0 and cannot suppress), found through a grid of cells; the greedy pass then walks the
-    boxes by decreasing score over that sparse graph. Time and memory grow with the number of
-    overlapping pairs, not with ``N**2`` (a whole image of merged tile detections is one call).
-
-    Args:
-        boxes: ``(N, 5)`` le90.
-        scores: ``(N,)``.
-        iou_threshold: a box is suppressed by a higher-scoring kept box with IoU ``>`` this (>= 0).
-        block_size: most rows of one IoU matrix (a crowded cell is computed in chunks of this many rows).
-    Returns:
-        int64 indices of kept boxes, by decreasing score (ties: lower index first).
-    """
-    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 5)
-    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
-    if len(boxes) != len(scores):
-        raise ValueError(f"rotated_nms: {len(boxes)} boxes but {len(scores)} scores")
-    if not iou_threshold >= 0:
-        raise ValueError(f"rotated_nms: iou_threshold must be >= 0, got {iou_threshold}")
-    order = np.argsort(-scores, kind="stable")
+def _greedy_keep(order: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """Greedy NMS over the suppression graph: ``order`` ranks the boxes (best first); ``(i, j)`` are the
+    pairs that suppress each other. Returns a keep mask indexed by box."""
     n = len(order)
-    if n == 0:
-        return order.astype(np.int64)
     rank = np.empty(n, dtype=np.int64)
     rank[order] = np.arange(n)
-    i, j = _overlapping_pairs(boxes, iou_threshold, block_size)
     # edges from the higher-ranked box to the lower-ranked one, as CSR over ranks
     high, low = np.minimum(rank[i], rank[j]), np.maximum(rank[i], rank[j])
     by_high = np.argsort(high, kind="stable")
     high, low = high[by_high], low[by_high]
     bounds = np.searchsorted(high, np.arange(n + 1))
-    keep = np.ones(n, dtype=bool)
-    for r in np.unique(high):
+    keep = np.ones(n, dtype=bool)  # by rank
+    for r in np.unique(high).tolist():
         if keep[r]:
             keep[low[bounds[r]:bounds[r + 1]]] = False
-    return order[keep].astype(np.int64)
+    out = np.zeros(n, dtype=bool)
+    out[order[keep]] = True
+    return out
 
 
-def batched_rotated_nms(boxes, scores, idxs, iou_threshold: float) -> np.ndarray:
-    """Rotated NMS done independently per category ``idxs`` (as ``torchvision.ops.batched_nms``).
+def _check_nms_input(name: str, boxes, scores, idxs=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 5)
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    idxs = np.zeros(len(boxes), dtype=np.int64) if idxs is None else np.asarray(idxs).reshape(-1)
+    if not (len(boxes) == len(scores) == len(idxs)):
+        raise ValueError(f"{name}: {len(boxes)} boxes, {len(scores)} scores, {len(idxs)} idxs")
+    bad = ~np.isfinite(boxes).all(axis=1) | (boxes[:, 2] < 0) | (boxes[:, 3] < 0)
+    if bad.any():
+        k = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"{name}: {int(bad.sum())} box(es) not finite or with a negative side, e.g. row {k}: "
+                         f"{boxes[k].tolist()}")
+    return boxes, scores, idxs
 
-    Each category gets its own (blocked) IoU matrix, so memory follows the largest category, and
-    no coordinate offsets are added (torchvision computes rotated IoU in float32).
+
+def _grouped_nms(boxes: np.ndarray, scores: np.ndarray, groups: np.ndarray, iou_threshold: float,
+                 block_size: int) -> np.ndarray:
+    """Keep mask of greedy rotated NMS done independently in each group (``groups``: int64 ``(N,)``).
+
+    Groups are processed together, whole, up to ``block_size`` boxes at a time (a larger group alone),
+    so memory follows a batch of groups, not the input.
+    """
+    from mutdet.rotated_iou_kernel import KernelBoxes
+
+    n = len(boxes)
+    keep = np.ones(n, dtype=bool)
+    if n == 0:
+        return keep
+    kernel = KernelBoxes(le90_to_cxcywhr(boxes).astype(np.float32))  # what torchvision's kernel receives
+    by_group = np.argsort(groups, kind="stable")
+    starts = np.flatnonzero(np.r_[True, groups[by_group][1:] != groups[by_group][:-1]])
+    stops = np.r_[starts[1:], n]
+    batch_start = 0
+    for k in range(len(starts)):
+        last = k + 1 == len(starts)
+        if not last and stops[k + 1] - starts[batch_start] <= block_size:
+            continue  # the next group still fits in this batch
+        rows = np.sort(by_group[starts[batch_start]:stops[k]])
+        i, j = _suppressing_pairs(boxes, kernel, groups, rows, iou_threshold, block_size)
+        if len(i):
+            local = np.searchsorted(rows, np.stack([i, j]))
+            order = np.argsort(-scores[rows], kind="stable")  # ties: lower index first
+            keep[rows] = _greedy_keep(order, local[0], local[1])
+        batch_start = k + 1
+    return keep
+
+
+def rotated_nms(boxes, scores, iou_threshold: float, block_size: int = 65536) -> np.ndarray:
+    """Greedy rotated NMS (class-agnostic), with torchvision's float32 rotated IoU.
+
+    A box is suppressed by a higher-scoring kept box whose rotated IoU with it exceeds ``iou_threshold``.
+    The IoU of a pair is torchvision's ``box_iou_rotated`` kernel's value (what :func:`rotated_iou` returns,
+    with the lower-index box first), bit for bit, replayed in numpy (:mod:`mutdet.rotated_iou_kernel`: no
+    torch import, and the kernel's own rounding and rare failures, so that every decision is the one
+    the kernel-based NMS takes). Only pairs whose axis-aligned extents (widened by ``1e-4`` of the
+    coordinates' size) meet are compared: the kernel gives any other pair 0 (1.5M pairs placed just
+    outside, sides from 0.01 to 300 px, all 0). The greedy pass walks the boxes by
+    decreasing score over that sparse graph: time and memory grow with the number of overlapping pairs,
+    not with ``N**2``.
 
     Args:
-        boxes: ``(N, 5)`` le90; scores: ``(N,)``; idxs: ``(N,)`` integer category per box.
+        boxes: ``(N, 5)`` le90, finite, sides >= 0 (a ``ValueError`` names the first bad row).
+        scores: ``(N,)``.
+        iou_threshold: a box is suppressed by a higher-scoring kept box with IoU ``>`` this (>= 0).
+        block_size: most boxes swept for candidate pairs at once (bounds the temporary arrays).
     Returns:
         int64 indices of kept boxes, by decreasing score (ties: lower index first).
     """
-    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 5)
-    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
-    idxs = np.asarray(idxs).reshape(-1)
-    if not (len(boxes) == len(scores) == len(idxs)):
-        raise ValueError(f"batched_rotated_nms: {len(boxes)} boxes, {len(scores)} scores, {len(idxs)} idxs")
-    kept = [np.zeros(0, dtype=np.int64)]
-    for c in np.unique(idxs):
-        members = np.flatnonzero(idxs == c)
-        kept.append(members[rotated_nms(boxes[members], scores[members], iou_threshold)])
-    keep = np.sort(np.concatenate(kept))
+    return batched_rotated_nms(boxes, scores, None, iou_threshold, block_size=block_size, _name="rotated_nms")
+
+
+def batched_rotated_nms(boxes, scores, idxs, iou_threshold: float, block_size: int = 65536,
+                        _name: str = "batched_rotated_nms") -> np.ndarray:
+    """Rotated NMS done independently per category ``idxs`` (as ``torchvision.ops.batched_nms``).
+
+    Same rules as :func:`rotated_nms` inside each category; boxes of different categories never suppress
+    each other (no coordinate offsets are added: categories are kept apart by the candidate sweep).
+
+    Args:
+        boxes: ``(N, 5)`` le90; scores: ``(N,)``; idxs: ``(N,)`` integer category per box (``None``: one).
+        block_size: most boxes swept at once (whole categories are batched up to this many).
+    Returns:
+        int64 indices of kept boxes, by decreasing score (ties: lower index first).
+    """
+    boxes, scores, idxs = _check_nms_input(_name, boxes, scores, idxs)
+    if not iou_threshold >= 0:
+        raise ValueError(f"{_name}: iou_threshold must be >= 0, got {iou_threshold}")
+    if len(boxes) == 0:
+        return np.zeros(0, dtype=np.int64)
+    _, groups = np.unique(idxs, return_inverse=True)
+    keep = np.flatnonzero(_grouped_nms(boxes, scores, groups.astype(np.int64).reshape(-1), iou_threshold,
+                                       int(block_size)))
     return keep[np.argsort(-scores[keep], kind="stable")].astype(np.int64)

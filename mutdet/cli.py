@@ -76,9 +76,14 @@ def _config(cfg, a):
 
 
 def _merge(a):
-    from mutdet.config import load_config
+    from mutdet.io.artefacts import pyarrow_without_pandas
 
-    cfg = load_config(a.config) if a.config else None
+    pyarrow_without_pandas()  # a merge process never needs a DataFrame
+    cfg = None
+    if a.config:  # only then: the config module imports jsonschema
+        from mutdet.config import load_config
+
+        cfg = load_config(a.config)
     classes = cfg.dataset(a.dataset).classes if cfg is not None and a.dataset else None
     iou = a.iou if a.iou is not None else cfg.finetune.merge_iou if cfg is not None else _stage("merge").DEFAULT_MERGE_IOU
     _stage("merge").run(a.detections, [Path(d) / "tiles.parquet" for d in a.tiles], a.out, iou,

@@ -119,6 +119,7 @@ class TilingConfig:
     iof_threshold: float
     img_rate_threshold: float
     pad_value: tuple[int, int, int]  # RGB
+    reference_whole_images: bool = True
 
     def __post_init__(self):
         if self.enabled and self.gap >= self.size:
@@ -451,7 +452,7 @@ def _dataset(name: str, d: dict) -> DatasetConfig:
         tiling=TilingConfig(
             enabled=t["enabled"], size=t["size"], gap=t["gap"], rates=tuple(float(r) for r in t["rates"]),
             iof_threshold=float(t["iof_threshold"]), img_rate_threshold=float(t["img_rate_threshold"]),
-            pad_value=tuple(t["pad_value"]),
+            pad_value=tuple(t["pad_value"]), reference_whole_images=bool(t["reference_whole_images"]),
         ),
         synthetic=SyntheticConfig(**d["synthetic"]),
         evaluation=EvaluationConfig(protocol=d["evaluation"]["protocol"] or DEFAULT_PROTOCOL[d["format"]],

@@ -39,6 +39,9 @@ class TilingParams:
     img_rate_threshold: float = 0.6
     pad_value: tuple[int, int, int] = (104, 116, 124)  # RGB
     enabled: bool = True
+    # The tile stage's choice for a tile that is its whole image unchanged (rate 1, one window, no padding):
+    # point at the source image file instead of writing a PNG copy (iter_tiles ignores it).
+    reference_whole_images: bool = True
 
 
 @dataclass
@@ -50,7 +53,8 @@ class Tile:
         rate, x, y: rescaling factor and window origin in the rescaled image.
         size: side of the (square, padded) tile.
         valid_width, valid_height: extent of real image inside the tile.
-        pixels: ``(size, size, 3)`` uint8 BGR.
+        pixels: ``(size, size, 3)`` uint8 BGR (a read-only view of the image where the window lies inside
+            it, a padded copy where it runs past the border).
         object_indices: ``(K,)`` indices into the image's annotation arrays.
         polygons: ``(K, 8)`` tile pixels; boxes: ``(K, 5)`` le90 tile pixels.
         difficult: ``(K,)`` int8 (2 for cut objects); iof: ``(K,)`` float.
@@ -154,9 +158,13 @@ def iter_tiles(image: np.ndarray, image_id: str, polygons: np.ndarray, difficult
         iof = window_iof(scaled_polys, windows)
         for k, (x0, y0, x1, y1) in enumerate(windows):
             valid_w, valid_h = min(x1, sw) - x0, min(y1, sh) - y0
-            pixels = np.empty((size, size, 3), dtype=np.uint8)
-            pixels[:] = pad_bgr
-            pixels[:valid_h, :valid_w] = scaled[y0:y0 + valid_h, x0:x0 + valid_w]
+            if valid_w == size and valid_h == size:  # inside the image: a read-only view, no copy
+                pixels = scaled[y0:y0 + size, x0:x0 + size].view()
+                pixels.flags.writeable = False
+            else:
+                pixels = np.empty((size, size, 3), dtype=np.uint8)
+                pixels[:] = pad_bgr
+                pixels[:valid_h, :valid_w] = scaled[y0:y0 + valid_h, x0:x0 + valid_w]
             keep = np.flatnonzero(iof[:, k] >= params.iof_threshold)
             tile_polys = scaled_polys[keep] - np.tile([x0, y0], 4)
             tile_difficult = np.where(iof[keep, k] < _WHOLE_IOF, 2, difficult[keep]).astype(np.int8)
@@ -181,23 +189,23 @@ def tile_boxes_to_image(boxes: np.ndarray, x: np.ndarray, y: np.ndarray, rate: n
 
 def merge_detections(image_ids: np.ndarray, boxes: np.ndarray, scores: np.ndarray, class_ids: np.ndarray,
                      iou_threshold: float = 0.1) -> np.ndarray:
-    """Indices of the detections that survive per-image, per-class rotated NMS.
+    """Indices of the detections that survive per-image, per-class rotated NMS
+    (:func:`mutdet.boxes.batched_rotated_nms` rules, all images and classes in one pass).
 
     Args:
-        image_ids: ``(N,)`` source image of each detection; boxes: ``(N, 5)`` le90 in image pixels;
-        scores: ``(N,)``; class_ids: ``(N,)``.
+        image_ids: ``(N,)`` source image of each detection (strings or integer codes); boxes: ``(N, 5)``
+            le90 in image pixels; scores: ``(N,)``; class_ids: ``(N,)``.
     Returns:
-        int64 indices, grouped by image (in order of first appearance), by decreasing score inside.
+        int64 indices, grouped by image (in order of first appearance), by decreasing score inside (ties:
+        lower index first).
     """
     image_ids = np.asarray(image_ids)
     if len(image_ids) == 0:
         return np.zeros(0, dtype=np.int64)
-    _, first, inverse = np.unique(image_ids, return_index=True, return_inverse=True)
-    # One stable sort groups the rows of each image (O(N log N), not one scan per image).
-    by_image = np.argsort(inverse, kind="stable")
-    groups = np.split(by_image, np.flatnonzero(np.diff(inverse[by_image])) + 1)
-    keep = []
-    for group in np.argsort(first):  # images in order of first appearance
-        members = groups[group]
-        keep.append(members[batched_rotated_nms(boxes[members], scores[members], class_ids[members], iou_threshold)])
-    return np.concatenate(keep)
+    _, first, image = np.unique(image_ids, return_index=True, return_inverse=True)
+    _, cls = np.unique(np.asarray(class_ids), return_inverse=True)
+    image, cls = image.reshape(-1).astype(np.int64), cls.reshape(-1).astype(np.int64)
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    keep = batched_rotated_nms(boxes, scores, image * (int(cls.max()) + 1) + cls, iou_threshold)
+    appearance = np.argsort(np.argsort(first, kind="stable"), kind="stable")[image[keep]]  # image rank by first row
+    return keep[np.lexsort((keep, -scores[keep], appearance))]

@@ -181,3 +181,109 @@ def test_rotated_nms_over_a_large_sparse_image_matches_the_greedy_reference():
                                           greedy_nms_reference(boxes, scores, thr))
     with pytest.raises(ValueError, match="iou_threshold must be >= 0"):
         B.rotated_nms(boxes, scores, -0.1)
+
+
+def kernel_greedy_reference(boxes, scores, thr, idxs=None):
+    """Straightforward greedy NMS with torchvision's rotated IoU, the rule mutdet's NMS has always applied:
+    the dense kernel matrix (``rotated_iou``, float32 values), a pair read with its lower index first;
+    boxes by decreasing score (ties: lower index first), each kept unless a kept box of its category
+    has IoU > thr with it."""
+    n = len(boxes)
+    idxs = np.zeros(n, int) if idxs is None else np.asarray(idxs)
+    iou = B.rotated_iou(boxes, boxes)
+    keep = []
+    for i in sorted(range(n), key=lambda k: (-scores[k], k)):
+        if not any(idxs[j] == idxs[i] and iou[min(i, j), max(i, j)] > thr for j in keep):
+            keep.append(i)
+    return keep
+
+
+def crowded_le90(rng, n):
+    """Clusters of jittered copies (duplicate detections) and scattered boxes, with the cases where the
+    float32 kernel strays from the exact IoU: exact copies, right-angle turns, integer corners, slivers and
+    sub-pixel boxes."""
+    centres = rng.uniform(0, 300, (n // 12, 2))
+    member = rng.integers(0, len(centres), n)
+    w = rng.uniform(4, 40, n)
+    boxes = np.column_stack([centres[member] + rng.normal(0, 3, (n, 2)), w, w * rng.uniform(0.2, 1, n),
+                             rng.normal(0, 0.4, n) + member])
+    boxes[: n // 10] = boxes[n // 10: 2 * (n // 10)]  # exact copies
+    turn = rng.uniform(size=n) < 0.1
+    boxes[turn, 4] = boxes[np.flatnonzero(turn) - 1, 4] + math.pi / 2  # the previous box turned
+    grid = rng.uniform(size=n) < 0.1
+    boxes[grid, :4] = np.round(boxes[grid, :4])
+    boxes[grid, 4] = 0.0
+    tiny = rng.uniform(size=n) < 0.05
+    boxes[tiny, 2:4] *= 0.02
+    return B.normalize_le90(boxes)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_rotated_nms_keeps_exactly_what_the_kernel_greedy_keeps(seed):
+    """Property test of the sparse NMS against the dense reference on crowded draws: ties in score, and
+    thresholds equal to IoU values that occur (a pair at exactly the threshold is not suppressed: IoU
+    must exceed it) or one float32 step below them."""
+    rng = np.random.default_rng(100 + seed)
+    boxes = crowded_le90(rng, 240)
+    scores = rng.integers(0, 6, len(boxes)) / 5  # many ties
+    iou = B.rotated_iou(boxes, boxes)
+    occurring = iou[np.triu_indices(len(boxes), 1)]
+    occurring = occurring[(occurring > 0.05) & (occurring < 0.95)]
+    assert len(occurring) > 200  # the draw is crowded
+    at = [float(v) for v in rng.choice(occurring, 3, replace=False)]
+    below = [float(np.nextafter(np.float32(v), np.float32(0))) for v in at]
+    for thr in [0.0, 0.1, 0.5, *at, *below]:
+        want = kernel_greedy_reference(boxes, scores, thr)
+        np.testing.assert_array_equal(B.rotated_nms(boxes, scores, thr), want, err_msg=f"threshold {thr!r}")
+        np.testing.assert_array_equal(B.rotated_nms(boxes, scores, thr, block_size=17), want)
+    assert (np.isclose(occurring, at[0], rtol=0, atol=0)).any()  # a pair sits exactly on that threshold
+
+
+def test_batched_nms_keeps_exactly_what_the_kernel_greedy_keeps_per_category():
+    rng = np.random.default_rng(7)
+    boxes = crowded_le90(rng, 300)
+    scores = rng.integers(0, 4, len(boxes)) / 3
+    idxs = rng.integers(0, 4, len(boxes))
+    for thr in (0.1, 0.3):
+        want = sorted(kernel_greedy_reference(boxes, scores, thr, idxs), key=lambda k: (-scores[k], k))
+        for block in (5, 64, 65536):  # categories batched together, or swept in slices
+            np.testing.assert_array_equal(B.batched_rotated_nms(boxes, scores, idxs, thr, block_size=block), want)
+
+
+def test_merge_detections_is_nms_per_image_and_class_in_order_of_appearance():
+    rng = np.random.default_rng(8)
+    boxes = crowded_le90(rng, 200)
+    scores = rng.uniform(size=200).round(1)
+    images = np.array(["b", "a", "c"])[rng.integers(0, 3, 200)]
+    classes = rng.integers(0, 2, 200)
+    keep = merge_detections_under_test(images, boxes, scores, classes, 0.2)
+    want = []
+    for image in dict.fromkeys(images):  # first appearance
+        members = np.flatnonzero(images == image)
+        kept = [members[k] for c in (0, 1) for k in
+                kernel_greedy_reference(boxes[members], scores[members], 0.2, classes[members]) if classes[members][k] == c]
+        want += sorted(kept, key=lambda k: (-scores[k], k))
+    np.testing.assert_array_equal(keep, want)
+
+
+def merge_detections_under_test(*args):
+    from mutdet.tiling import merge_detections
+
+    return merge_detections(*args)
+
+
+def test_rotated_nms_rejects_bad_boxes_and_needs_no_torch():
+    boxes = np.array([[10.0, 10, 8, 4, 0.1], [11, 10, 8, 4, np.nan]])
+    with pytest.raises(ValueError, match=r"rotated_nms: 1 box\(es\) not finite.*row 1"):
+        B.rotated_nms(boxes, [0.9, 0.8], 0.1)
+    with pytest.raises(ValueError, match="negative side"):
+        B.batched_rotated_nms([[0, 0, -1, 1, 0]], [1.0], [0], 0.1)
+    assert B.rotated_nms(np.zeros((0, 5)), [], 0.1).shape == (0,)
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np; from mutdet.boxes import rotated_nms; "
+            "b = np.array([[10., 10, 8, 4, 0.1], [11, 10, 8, 4, 0.2], [40, 40, 5, 5, 0]]); "
+            "print(rotated_nms(b, [0.9, 0.8, 0.7], 0.1).tolist(), 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("]")
+    assert out[0] == "[0, 2" and out[1].strip() == "False"

@@ -240,7 +240,7 @@ def test_tile_workers_are_joined_even_on_an_error(tmp_path, dota_config):
 
 def test_tile_command_does_not_import_pandas_and_leaves_no_process(tmp_path, dota_config):
     """`mutdet tile` as a whole process: pyarrow is kept from importing pandas (0.2-0.4 s per command,
-    mutdet.stages.tile._pyarrow_without_pandas) and the Parquet outputs are the same as with pandas
+    mutdet.io.artefacts.pyarrow_without_pandas) and the Parquet outputs are the same as with pandas
     imported (the in-process run of this test's interpreter)."""
     import subprocess
     import sys

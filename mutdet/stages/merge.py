@@ -21,14 +21,23 @@ DEFAULT_MERGE_IOU = 0.1
 
 
 def merge_table(detections: pa.Table, tiles: pa.Table, iou_threshold: float = DEFAULT_MERGE_IOU) -> pa.Table:
-    """Detections (frame tile) + tiles table -> detections (frame image), NMS-merged."""
-    tile_index = {t: k for k, t in enumerate(tiles.column("tile_id").to_pylist())}
-    det_tiles = detections.column("id").to_pylist()
-    missing = sorted({t for t in det_tiles if t not in tile_index})
-    if missing:
+    """Detections (frame tile) + tiles table -> detections (frame image), NMS-merged.
+
+    Columns are handled whole (tile ids matched with ``pyarrow.compute.index_in``, the last row of a
+    repeated tile id winning; image ids coded once per tile), so the cost is the rotated NMS's.
+    """
+    import pyarrow.compute as pc
+
+    tile_ids = tiles.column("tile_id")
+    n_tiles = tiles.num_rows
+    # index into the reversed tile list: the last row holding an id, as a dict built in row order gives it
+    found = pc.index_in(detections.column("id"), value_set=tile_ids.take(pa.array(np.arange(n_tiles)[::-1].copy())))
+    if found.null_count:
+        missing = sorted(set(pc.filter(detections.column("id"), pc.is_null(found)).to_pylist()))
         raise ArtefactError(f"{len(missing)} detection tile id(s) not in the tiles table, e.g. {missing[:3]}")
-    rows = np.array([tile_index[t] for t in det_tiles], dtype=np.int64)
-    image_ids = np.asarray(tiles.column("image_id").to_numpy(zero_copy_only=False), dtype=object)[rows]
+    rows = n_tiles - 1 - found.to_numpy(zero_copy_only=False).astype(np.int64)
+    _, image_code = np.unique(np.asarray(tiles.column("image_id").to_numpy(zero_copy_only=False), dtype=object),
+                              return_inverse=True)
     x = tiles.column("x").to_numpy()[rows]
     y = tiles.column("y").to_numpy()[rows]
     rate = tiles.column("rate").to_numpy()[rows]
@@ -36,9 +45,9 @@ def merge_table(detections: pa.Table, tiles: pa.Table, iou_threshold: float = DE
     boxes = tile_boxes_to_image(boxes.reshape(-1, 5), x, y, rate)
     scores = detections.column("score").to_numpy()
     class_ids = detections.column("class_id").to_numpy()
-    keep = merge_detections(image_ids.astype(str), boxes, scores, class_ids, iou_threshold)
+    keep = merge_detections(image_code.reshape(-1)[rows], boxes, scores, class_ids, iou_threshold)
     return pa.table({
-        "id": pa.array(image_ids[keep].astype(str)),
+        "id": tiles.column("image_id").take(pa.array(rows[keep])),
         "class_id": class_ids[keep], "class_name": detections.column("class_name").take(pa.array(keep)),
         "score": scores[keep],
         **{c: boxes[keep, k] for k, c in enumerate(("cx", "cy", "w", "h", "theta"))},

@@ -4,13 +4,24 @@ Output folder layout::
 
     <out>/tiles.parquet         tiles schema (mutdet.io.artefacts), rows sorted by image then window
     <out>/objects.parquet       objects schema, tile pixels
-    <out>/images/<image>/<tile_id>.png
+    <out>/images/<image>/<tile_id>.png   (not for a tile that is its whole image: see below)
     <out>/summary.json          counts, skipped objects/images, parameters, code version
     <out>/parts/<image>.*.parquet  per-image results; a rerun reuses them only if made with the same
                                    parameters, image and label files (size + mtime) and code version
 
 Images are processed in parallel over ``threads`` worker processes, each holding one decoded image
 (and one rescaled copy) at a time. Every file is written atomically.
+
+A tile that is its whole source image unchanged (one window at rate 1, no padding: DIOR-R's 800x800
+images with an 800 px tile) is not copied: its ``tile_path`` is the source file's absolute path
+(``tiling.reference_whole_images``, default true). Readers join ``tile_path`` to the tiles folder, which
+keeps an absolute path, and decode it as they decode a tile PNG (``cv2.imread(..., IMREAD_COLOR)``: BGR,
+8-bit, grey expanded to 3 channels, EXIF orientation applied), the decoding this stage tiles from, so
+they see the pixels a copy would hold, whatever the source format (JPEG, TIFF, 16-bit PNG). The raw
+images are the tile rule's inputs, so an edited one is re-tiled; ``tiles.parquet``'s metadata holds
+``images_digest``, a SHA-256 over every tile's image file (the PNG written, or the source referenced),
+so the table's identity, which later stages key their results to, changes with any tile's pixels. Set
+the key to false when the raw images may be moved or purged after tiling.
 
 Every object of the label files is accounted for in ``summary.json``: it is in tiles (``objects``
 counts tile rows), or skipped under ``on_bad_object: skip`` with its file, line and reason (malformed,
@@ -23,6 +34,7 @@ Label files without an image are listed by shard 0 (a split-level check) and log
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import multiprocessing
 import shutil
 import sys
@@ -36,10 +48,11 @@ from tqdm import tqdm
 
 from mutdet.config import Config
 from mutdet.io.annotations import AnnotationError, ClassMap
-from mutdet.io.artefacts import SCHEMAS, write_artefact
+from mutdet.io.artefacts import SCHEMAS, pyarrow_without_pandas, write_artefact
 from mutdet.io.atomic import write_bytes, write_json
 from mutdet.io.datasets import (LABEL_SUFFIX, find_image, labels_without_image, list_image_ids, load_image,
                                  shard_ids)
+from mutdet.io.identity import file_digest
 from mutdet.stages import parts
 from mutdet.stages.common import code_version, log, params_hash
 from mutdet.tiling import TilingParams, iter_tiles
@@ -100,7 +113,7 @@ def _tile_one(job: _Job) -> tuple[_Job, list[dict], list[dict], dict]:
     and its part metadata, which :func:`_commit` writes (in the main process: a worker never builds an
     Arrow table, whose first one imports pandas)."""
     cv2.setNumThreads(1)
-    skipped_objects, skipped_image, not_tiled = [], None, []
+    skipped_objects, skipped_image, not_tiled, digests = [], None, [], []
     inputs = _raw_identity(job)  # before reading: an edit during the run makes the part stale, not current
     class_map = ClassMap(job.classes, job.aliases)
     tile_rows, object_rows = [], []
@@ -127,11 +140,19 @@ def _tile_one(job: _Job) -> tuple[_Job, list[dict], list[dict], dict]:
         height, width = image.shape[:2]
         tiled = np.zeros(len(labels), dtype=bool)
         for tile in iter_tiles(image, job.image_id, polygons, difficult, job.tiling):
-            rel = Path("images") / job.image_id / f"{tile.tile_id}.png"
-            ok, buf = cv2.imencode(".png", tile.pixels, PNG_FLAGS)
-            if not ok:
-                raise RuntimeError(f"PNG encoding failed for tile {tile.tile_id}")
-            write_bytes(job.out_dir / rel, buf.tobytes())
+            if job.tiling.reference_whole_images and _whole_image(tile, width, height):
+                # The source file itself: readers decode it as they decode a PNG tile (cv2.imread, BGR,
+                # 8-bit, EXIF orientation applied), the decoding this stage used, so the pixels are the ones
+                # a copy would hold. Absolute: readers join tile_path to the tiles folder, which keeps it.
+                rel = Path(source).resolve()
+                digests.append(file_digest(rel))
+            else:
+                rel = Path("images") / job.image_id / f"{tile.tile_id}.png"
+                ok, buf = cv2.imencode(".png", tile.pixels, PNG_FLAGS)
+                if not ok:
+                    raise RuntimeError(f"PNG encoding failed for tile {tile.tile_id}")
+                write_bytes(job.out_dir / rel, buf.tobytes())
+                digests.append(hashlib.sha256(buf).hexdigest())
             tile_rows.append({
                 "tile_id": tile.tile_id, "image_id": job.image_id, "source_path": str(source),
                 "tile_path": str(rel), "rate": tile.rate, "x": tile.x, "y": tile.y, "size": tile.size,
@@ -152,8 +173,28 @@ def _tile_one(job: _Job) -> tuple[_Job, list[dict], list[dict], dict]:
         not_tiled = [{"image_id": job.image_id, "object_index": int(i), "file": ann.file, "line": ann.line(i)}
                      for i in np.flatnonzero(~tiled)]
     meta = {"inputs": inputs, "skipped_objects": skipped_objects, "skipped_image": skipped_image,
-            "not_tiled": not_tiled}
+            "not_tiled": not_tiled, "image_digests": digests}
     return job, object_rows, tile_rows, meta
+
+
+def _whole_image(tile, width: int, height: int) -> bool:
+    """Whether a tile is its source image unchanged: rate 1, origin 0, no padding, the whole image."""
+    return (tile.rate == 1.0 and tile.x == 0 and tile.y == 0 and tile.size == tile.valid_width == width
+            and tile.size == tile.valid_height == height)
+
+
+def _images_digest(tiles: pa.Table, metas: list[dict], out_dir: Path) -> str:
+    """SHA-256 over every tile's id, path and image-file digest, in table order: the tiles table's metadata
+    holds it, so the table's own identity (what later stages key their results to) changes whenever a
+    tile's pixels do, a PNG rewritten or a referenced source image edited and re-tiled."""
+    ids, paths = tiles.column("tile_id").to_pylist(), tiles.column("tile_path").to_pylist()
+    digests = [d for meta in metas for d in meta.get("image_digests") or []]
+    if len(digests) != len(ids):  # parts written before digests were recorded: hash the files
+        digests = [file_digest(out_dir / p) for p in paths]
+    h = hashlib.sha256()
+    for row in zip(ids, paths, digests):
+        h.update("\t".join(row).encode() + b"\n")
+    return h.hexdigest()
 
 
 def _commit(result: tuple[_Job, list[dict], list[dict], dict]) -> None:
@@ -169,33 +210,6 @@ def _table(rows: list[dict], kind: str) -> pa.Table:
     if not rows:
         return schema.empty_table()
     return pa.Table.from_pylist(rows, schema=schema)
-
-
-def _pyarrow_without_pandas() -> None:
-    """Keep pyarrow from importing pandas (0.2-0.4 s of a tile command's 1.5 CPU-s, in every process).
-
-    pyarrow imports pandas the first time it builds or reads a table, only to recognise pandas inputs and
-    to read pandas metadata; this stage gives it lists and reads its own files back, and never asks for
-    a DataFrame. Its first probe is made here with ``import pandas`` failing, which pyarrow remembers;
-    anything that does ask for pandas later (``to_pandas``) still imports it then. The Parquet files
-    written are the same either way."""
-    if "pandas" in sys.modules:
-        return
-    blocker = _NoPandas()
-    sys.meta_path.insert(0, blocker)
-    try:
-        pa.array([0])
-    finally:
-        sys.meta_path.remove(blocker)
-
-
-class _NoPandas:
-    """A meta path finder under which ``import pandas`` fails (see :func:`_pyarrow_without_pandas`)."""
-
-    def find_spec(self, name, path=None, target=None):
-        if name == "pandas":
-            raise ModuleNotFoundError("pandas is not imported by the tile stage", name=name)
-        return None
 
 
 def _pool(processes: int):
@@ -220,7 +234,7 @@ def _largest_first(jobs: list[_Job]) -> list[_Job]:
 
 def run(cfg: Config, *, dataset: str, split: str, shard: int, out_dir: str | Path, threads: int = 1) -> dict:
     """Tile shard ``shard`` of ``dataset``/``split`` into ``out_dir``; returns the summary dict."""
-    _pyarrow_without_pandas()
+    pyarrow_without_pandas()
     ds = cfg.dataset(dataset)
     sp = ds.split(split)
     out_dir = Path(out_dir)
@@ -279,7 +293,9 @@ def run(cfg: Config, *, dataset: str, split: str, shard: int, out_dir: str | Pat
     not_tiled = [t for meta in metas for t in meta["not_tiled"]]
     summary = {
         "dataset": dataset, "split": split, "shard": shard, "images": len(ids),
-        "images_reused": len(jobs) - len(todo), "tiles": tiles.num_rows, "objects": objects.num_rows,
+        "images_reused": len(jobs) - len(todo), "tiles": tiles.num_rows,
+        "tiles_referencing_source": sum(Path(t).is_absolute() for t in tiles.column("tile_path").to_pylist()),
+        "objects": objects.num_rows,
         "objects_per_class": dict(sorted(Counter(objects.column("class_name").to_pylist()).items())),
         "skipped_objects": len(skipped_objects), "skipped_images": len(skipped_images),
         "labels_without_image": len(orphans),
@@ -289,7 +305,8 @@ def run(cfg: Config, *, dataset: str, split: str, shard: int, out_dir: str | Pat
     }
     meta = {"params": params, "code_version": code_version()}
     write_artefact(objects, out_dir / "objects.parquet", "objects", meta)
-    write_artefact(tiles, out_dir / "tiles.parquet", "tiles", meta)
+    write_artefact(tiles, out_dir / "tiles.parquet", "tiles",
+                   {**meta, "images_digest": _images_digest(tiles, metas, out_dir)})
     write_json(out_dir / "summary.json", summary)
     log.info("tile %s/%s shard %d: %d images -> %d tiles, %d objects -> %s", dataset, split, shard,
              len(ids), tiles.num_rows, objects.num_rows, out_dir)
