@@ -18,14 +18,39 @@ above the RSS after building the model on CPU; peak allocated CUDA memory on GPU
 of the two paths (max |crop difference| in normalised units, min cosine between embeddings), which
 also checks the RoI-align geometry against an independent implementation.
 
-Usage: ``python benchmarks/embeddings.py [--proposals 64] [--tiles 4] [--batch-size 32] [--device auto]``.
+Part ``pooled`` (``--parts pooled``): ``embedding.mode: crop`` (the paper: one backbone pass per
+proposal) against ``embedding.mode: pooled`` (one pass per tile, rotated RoI-align on C5, average pool)
+and, for the choice of level, the same with the boxes aligned on C4 followed by the C5 stage
+(``pool_level="c4"``, not a config value: the benchmark patches the stage's embedder builder). Each is a
+whole ``mutdet embed`` process (``python -m mutdet embed --config <inline JSON>``, what the workflow
+runs), timed from outside, the variants interleaved round by round in alternating order, medians and
+the median of the per-round ratios. The input: ``--scene-tiles`` rendered scenes of the project's
+synthetic generator (:mod:`mutdet.synthetic`, 800 px, zoom 1: DOTA-like object sizes, labelled objects)
+as tiles, proposals from the graph proposer with the demo's settings, the best ``--per-tile`` of each
+tile (several counts: the speed-up grows with proposals per tile). Agreement, on the largest count: the
+cosine between the two embeddings of each proposal (mean, median, 5th percentile; raw and after
+subtracting each path's mean vector), the same for unrelated pairs (chance level), top-1 retrieval (is a
+proposal's pooled embedding the nearest to its crop embedding?); pseudo-classes: the project's PCA +
+spherical k-means (:func:`mutdet.embedding.cluster.fit_cluster_model`) fitted on each path, the
+adjusted mutual information between the two assignments (beside the AMI of two k-means seeds on the
+same path: the clustering's own noise), and the AMI with the object class on the proposals that hit an
+object (rotated IoU >= 0.5). The ResNet has random weights (no ImageNet weights can be downloaded
+here): the agreement figures are indicative only.
+
+Usage: ``python benchmarks/embeddings.py [--parts batched,pooled] [--proposals 64] [--tiles 4]
+[--batch-size 32] [--device auto] [--scene-tiles 4] [--per-tile 30 100 300] [--repeats 3] [--threads 1]``.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import multiprocessing
+import os
 import resource
+import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -138,15 +163,230 @@ def crop_agreement(tiles: list) -> float:
     return float((ours - theirs).abs().max())
 
 
+def write_scene_tiles(root: Path, num_tiles: int, max_per_tile: int, seed: int = 0):
+    """Rendered synthetic scenes (800 px, zoom 1) as a tiles folder, their labelled objects, and the graph
+    proposer's boxes (the demo's settings, at most ``max_per_tile``, best first) per tile.
+
+    Returns ``(tiles_dir, objects, proposals)``: ``objects[tile_id] = (boxes (G, 5) le90, classes (G,))``,
+    ``proposals[tile_id]`` a :class:`mutdet.proposals.ProposalSet`.
+    """
+    import pyarrow as pa
+
+    from mutdet.boxes import polygon_to_le90
+    from mutdet.io.artefacts import TILES_SCHEMA, write_artefact
+    from mutdet.proposals.graph import GraphProposer
+    from mutdet.synthetic import render_image
+
+    proposer = GraphProposer(k=[100, 300], min_size=20, resize=512, min_area=16, max_area_fraction=0.2,
+                             max_aspect=8, nms_iou=0.7, score="fill_log_area", max_per_tile=max_per_tile)
+    rows, objects, proposals = [], {}, {}
+    for t in range(num_tiles):
+        scene = render_image(seed + t, size=TILE)
+        tile_id = f"scene{t}__1.0__0___0"
+        rel = f"images/{tile_id}.png"
+        (root / "images").mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(root / rel), scene.image)
+        rows.append({"tile_id": tile_id, "image_id": f"scene{t}", "source_path": f"scene{t}.png", "tile_path": rel,
+                     "rate": 1.0, "x": 0, "y": 0, "size": TILE, "valid_width": TILE, "valid_height": TILE,
+                     "image_width": TILE, "image_height": TILE})
+        objects[tile_id] = (polygon_to_le90(scene.polygons).reshape(-1, 5), np.array(scene.classes))
+        proposals[tile_id] = proposer(scene.image)
+    write_artefact(pa.Table.from_pylist(rows, schema=TILES_SCHEMA), root / "tiles.parquet", "tiles",
+                   {"params": {"benchmark": "embeddings"}})
+    return root, objects, proposals
+
+
+def write_top_proposals(folder: Path, proposals: dict, per_tile: int) -> Path:
+    """``proposals.parquet`` with the best ``per_tile`` proposals of each tile (grouped by tile)."""
+    import pyarrow as pa
+
+    from mutdet.boxes import le90_to_polygon
+    from mutdet.io.artefacts import PROPOSALS_SCHEMA, write_artefact
+
+    rows = []
+    for tile_id, found in proposals.items():
+        top = found.ranked(per_tile)
+        for i, box in enumerate(top.boxes):
+            rows.append({"tile_id": tile_id, "proposal_index": i, "cx": box[0], "cy": box[1], "w": box[2], "h": box[3],
+                         "theta": box[4], "polygon": le90_to_polygon(box).tolist(), "score": float(top.score[i]),
+                         "predicted_iou": None, "stability_score": None, "area": float(top.area[i]),
+                         "method": "graph"})
+    write_artefact(pa.Table.from_pylist(rows, schema=PROPOSALS_SCHEMA), folder / "proposals.parquet", "proposals",
+                   {"params": {"method": "graph", "max_per_tile": per_tile}})
+    return folder
+
+
+# ``pool_level="c4"`` is not a config value: this child process patches the stage's builder, then runs the CLI.
+_C4_CHILD = ("import functools, sys; import mutdet.stages.embed as e; "
+             "e.build_embedder = functools.partial(e.build_embedder, pool_level='c4'); "
+             "from mutdet.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+def run_stage(variant: str, config: dict, tiles: Path, proposals: Path, out: Path, threads: int) -> tuple[float, float]:
+    """One whole ``mutdet embed`` process; returns its wall time and the stage's own ``seconds`` (from the
+    model build to the last part: no imports, no reading of the inputs, no final file) in s."""
+    args = ["embed", "--config", json.dumps(config), "--tiles", str(tiles), "--proposals", str(proposals),
+            "--out", str(out), "--threads", str(threads)]
+    command = ([sys.executable, "-c", _C4_CHILD, *args] if variant == "pooled-c4"
+               else [sys.executable, "-m", "mutdet", *args])
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"{variant}: mutdet embed failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return seconds, json.loads((out / "manifest.json").read_text())["seconds"]
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+
+
+def _summary(values: np.ndarray) -> str:
+    return f"mean {values.mean():.3f}  median {np.median(values):.3f}  p5 {np.percentile(values, 5):.3f}"
+
+
+def agreement(crop: np.ndarray, other: np.ndarray, rng: np.random.Generator) -> dict[str, str]:
+    """Per-proposal cosine of two embeddings of the same proposals (raw and centred per path), chance
+    levels (a random other proposal), top-1 retrieval."""
+    perm = rng.permutation(len(crop))
+    centred_a, centred_b = crop - crop.mean(0), other - other.mean(0)
+    unit_a = centred_a / np.maximum(np.linalg.norm(centred_a, axis=1, keepdims=True), 1e-12)
+    unit_b = centred_b / np.maximum(np.linalg.norm(centred_b, axis=1, keepdims=True), 1e-12)
+    retrieval = float(((unit_a @ unit_b.T).argmax(1) == np.arange(len(crop))).mean())
+    return {"cosine": _summary(_cosines(crop, other)),
+            "cosine, unrelated pairs": _summary(_cosines(crop, other[perm])),
+            "centred cosine": _summary(_cosines(centred_a, centred_b)),
+            "centred cosine, unrelated pairs": _summary(_cosines(centred_a, centred_b[perm])),
+            "top-1 retrieval (crop -> other path)": f"{retrieval:.3f} (chance {1 / len(crop):.4f})"}
+
+
+def pseudo_classes(x: np.ndarray, pca_dim: int, k: int, seed: int) -> np.ndarray:
+    """The project's PCA + spherical k-means fitted on ``x``, then every row assigned."""
+    from mutdet.embedding.cluster import fit_cluster_model
+
+    model = fit_cluster_model(x.astype(np.float32), pca_dim=pca_dim, k=k, seed=seed)
+    return model.assign(model.project(x))[0]
+
+
+def hit_classes(keys: list[tuple[str, int]], proposals: dict, objects: dict, per_tile: int, iou: float = 0.5):
+    """Per embedding row: the class of the best-overlapping object at rotated IoU >= ``iou``, else None."""
+    from mutdet.boxes import rotated_iou
+
+    out = np.full(len(keys), None, dtype=object)
+    for row, (tile_id, index) in enumerate(keys):
+        boxes, classes = objects[tile_id]
+        if len(boxes) == 0:
+            continue
+        overlap = np.asarray(rotated_iou(proposals[tile_id].ranked(per_tile).boxes[index:index + 1], boxes))[0]
+        if overlap.max() >= iou:
+            out[row] = classes[overlap.argmax()]
+    return out
+
+
+def pooled_part(args) -> None:
+    """The ``pooled`` part: whole ``mutdet embed`` processes per mode, then agreement and pseudo-classes."""
+    from sklearn.metrics import adjusted_mutual_info_score
+
+    from mutdet.embedding.artefacts import read_embeddings, vector_matrix
+
+    counts = sorted(args.per_tile)
+    variants = ["crop", "pooled", "pooled-c4"]
+    base = {"backbone": args.backbone, "weights": "none", "input_size": INPUT, "crop_size": CROP, "context": CONTEXT,
+            "batch_size": args.batch_size, "workers": 0, "device": args.device, "checkpoint_every": 1000}
+    configs = {v: {"embedding": {**base, "mode": "crop" if v == "crop" else "pooled"}} for v in variants}
+    times = {(v, n): [] for v in variants for n in counts}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        t0 = time.perf_counter()
+        tiles_dir, objects, found = write_scene_tiles(tmp / "tiles", args.scene_tiles, max(counts))
+        proposal_dirs = {n: write_top_proposals(tmp / f"proposals-{n}", found, n) for n in counts}
+        totals = {n: sum(min(n, len(p)) for p in found.values()) for n in counts}
+        print(f"## pooled vs crop: {args.scene_tiles} synthetic scenes of {TILE} px as tiles (resized to {INPUT}), "
+              f"graph proposals (best per tile; {', '.join(f'{n}: {totals[n]} in all' for n in counts)}); "
+              f"{args.backbone} with RANDOM weights (no ImageNet weights here: agreement figures are indicative only), "
+              f"crop {CROP}, context {CONTEXT}, batch_size {args.batch_size}, device {args.device}, "
+              f"--threads {args.threads}; inputs made in {time.perf_counter() - t0:.0f} s")
+        for r in range(args.repeats):
+            order = variants if r % 2 == 0 else variants[::-1]
+            for n in counts:
+                for v in order:
+                    out = tmp / "out" / f"{v}-{n}-{r}"
+                    times[(v, n)].append(run_stage(v, configs[v], tiles_dir, proposal_dirs[n], out, args.threads))
+                    if r < args.repeats - 1 or n != counts[-1]:
+                        shutil.rmtree(out)
+                    wall, stage = times[(v, n)][-1]
+                    print(f"  round {r} {v:9s} {n:4d}/tile: {wall:7.1f} s whole process, {stage:7.1f} s in the stage",
+                          flush=True)
+        for k, what in ((0, "whole `mutdet embed` processes (start-up, model build, I/O included)"),
+                        (1, "inside the stage (manifest `seconds`: model build, tile decoding, embedding)")):
+            print(f"{what}: median time (proposals/s), ratio = median over rounds of crop / x:")
+            for n in counts:
+                cells = []
+                for v in variants:
+                    these = np.array([t[k] for t in times[(v, n)]])
+                    med = float(np.median(these))
+                    ratio = float(np.median(np.array([t[k] for t in times[("crop", n)]]) / these))
+                    cells.append(f"{v} {med:6.1f} s ({totals[n] / med:7.2f}/s, {ratio:5.2f}x)")
+                print(f"  {n:4d} proposals/tile: " + "; ".join(cells))
+
+        n = counts[-1]
+        tables = {v: read_embeddings(tmp / "out" / f"{v}-{n}-{args.repeats - 1}" / "embeddings.parquet")
+                  for v in variants}
+        keys = list(zip(tables["crop"].column("tile_id").to_pylist(),
+                        tables["crop"].column("proposal_index").to_pylist()))
+        vectors = {v: vector_matrix(t.column("embedding")).astype(np.float32) for v, t in tables.items()}
+    rng = np.random.default_rng(0)
+    print(f"agreement with the crop path on the {len(keys)} proposals at {n}/tile:")
+    for v in variants[1:]:
+        for name, text in agreement(vectors["crop"], vectors[v], rng).items():
+            print(f"  {v:9s} {name:38s} {text}")
+    # By size: the context-enlarged box's long side in C5 cells (stride 32 of the tile resized to INPUT).
+    cells = np.array([found[t].ranked(n).boxes[i, 2] for t, i in keys]) * CONTEXT * INPUT / TILE / 32
+    edges = [0, 1, 2, 4, np.inf]
+    print("  centred cosine with the crop path by the enlarged box's long side on C5 (median, proposals):")
+    for v in variants[1:]:
+        centred = _cosines(vectors["crop"] - vectors["crop"].mean(0), vectors[v] - vectors[v].mean(0))
+        groups = [(lo, hi, centred[(cells >= lo) & (cells < hi)]) for lo, hi in zip(edges[:-1], edges[1:])]
+        print(f"  {v:9s} " + "; ".join(f"[{lo}, {hi}) cells: {np.median(c):.3f} ({len(c)})" for lo, hi, c in groups
+                                       if len(c)))
+    cls = hit_classes(keys, found, objects, n)
+    hit = np.array([c is not None for c in cls])
+    print(f"pseudo-classes: PCA {args.pca_dim} + spherical k-means k={args.k} (mutdet.embedding.cluster), seed 0; "
+          f"{int(hit.sum())} proposals hit an object (rotated IoU >= 0.5): "
+          + ", ".join(f"{c} {m}" for c, m in zip(*np.unique(cls[hit].astype(str), return_counts=True))))
+    labels = {v: pseudo_classes(vectors[v], args.pca_dim, args.k, seed=0) for v in variants}
+    reseeded = pseudo_classes(vectors["crop"], args.pca_dim, args.k, seed=1)
+    print(f"  AMI(crop, crop with k-means seed 1)  {adjusted_mutual_info_score(labels['crop'], reseeded):.3f}"
+          "  (the clustering's own noise)")
+    for v in variants[1:]:
+        print(f"  AMI(crop, {v:9s})             {adjusted_mutual_info_score(labels['crop'], labels[v]):.3f}")
+    for v in variants:
+        ami = adjusted_mutual_info_score(cls[hit].astype(str), labels[v][hit])
+        print(f"  AMI({v:9s} pseudo-class, object class) on hits {ami:.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--parts", default="batched,pooled", help="comma-separated: batched, pooled")
     parser.add_argument("--proposals", type=int, default=64)
     parser.add_argument("--tiles", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--backbone", default="resnet50")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers of the batched path")
+    parser.add_argument("--scene-tiles", type=int, default=4, help="pooled part: rendered 800 px scenes")
+    parser.add_argument("--per-tile", type=int, nargs="+", default=[30, 100, 300],
+                        help="pooled part: proposals per tile (the best of the graph proposer's)")
+    parser.add_argument("--repeats", type=int, default=3, help="pooled part: interleaved rounds")
+    parser.add_argument("--threads", type=int, default=1, help="pooled part: mutdet embed --threads")
+    parser.add_argument("--pca-dim", type=int, default=64)
+    parser.add_argument("--k", type=int, default=16)
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
+    if "pooled" in parts:
+        pooled_part(args)
+    if "batched" not in parts:
+        return
     ctx = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
         tiles = make_tiles(Path(tmp), args.tiles, args.proposals)

@@ -240,6 +240,7 @@ class EmbeddingConfig:
     input_size: int
     crop_size: int
     checkpoint_every: int
+    mode: str  # crop (the paper) | pooled (one backbone pass per tile)
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from pathlib import Path
 from mutdet.config import Config, params_digest
 
 # Parameters that determine the embeddings (batch size, workers, device and resume chunking do not).
-EMBEDDING_KEYS = ("backbone", "weights", "context", "input_size", "crop_size", "precision")
+EMBEDDING_KEYS = ("backbone", "weights", "context", "input_size", "crop_size", "precision", "mode")
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,7 @@
 """Batched proposal embedding over many tiles: tile decoding in DataLoader workers, crops and backbone
-in batches of ``batch_size`` crops that may span tiles, results handed back per tile in input order.
+in batches of ``batch_size`` crops that may span tiles (``mode="crop"``), or one backbone pass over a
+batch of whole tiles with every proposal pooled from the maps (``mode="pooled"``); results handed back
+per tile in input order.
 
 Tiles are read with OpenCV (BGR -> RGB), their longer side resized to ``input_size`` (ratio kept,
 bilinear, ``cv2.INTER_LINEAR``) in the workers and shipped as uint8; normalisation, cropping and the
@@ -18,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from mutdet.embedding.backbone import ProposalEmbedder
+from mutdet.embedding.backbone import EMBEDDING_MODES, ProposalEmbedder
 
 __all__ = ["PRECISIONS", "TileReadError", "TileImages", "tile_loader", "embed_tiles"]
 
@@ -96,15 +98,18 @@ class _Pending:
 
 
 def embed_tiles(embedder: ProposalEmbedder, tiles: Iterable[dict], *, batch_size: int,
-                precision: str = "fp32") -> Iterator[tuple[int, np.ndarray]]:
+                precision: str = "fp32", mode: str = "crop") -> Iterator[tuple[int, np.ndarray]]:
     """Embed every proposal of every tile, ``batch_size`` crops per backbone pass.
 
     Args:
         embedder: on its device (tile images are moved there).
         tiles: items of :class:`TileImages` (e.g. from :func:`tile_loader`).
-        batch_size: crops per forward pass; a batch takes crops from as many tiles as it needs.
+        batch_size: crops per forward pass; a batch takes crops from as many tiles as it needs. In the
+            pooled mode, the same pixel budget: ``max(1, batch_size * crop_size**2 // (H' W'))`` whole
+            tiles of one resized shape per pass.
         precision: ``fp32 | bf16 | fp16``: autocast dtype of the backbone on CUDA; ignored on CPU
             (the crops are always computed in float32).
+        mode: ``crop | pooled`` (:mod:`mutdet.embedding.backbone`).
     Yields:
         ``(position, embeddings)`` per tile, in input order: ``(n_i, D)`` float32, proposals in the
         order of the tile's ``boxes``.
@@ -113,6 +118,11 @@ def embed_tiles(embedder: ProposalEmbedder, tiles: Iterable[dict], *, batch_size
         raise ValueError(f"embedding.batch_size must be >= 1, got {batch_size}")
     if precision not in PRECISIONS:
         raise ValueError(f"embedding.precision: {precision!r} is not one of {sorted(PRECISIONS)}")
+    if mode not in EMBEDDING_MODES:
+        raise ValueError(f"embedding.mode: {mode!r} is not one of {list(EMBEDDING_MODES)}")
+    if mode == "pooled":
+        yield from _pool_tiles(embedder, tiles, batch_size=batch_size, precision=precision)
+        return
     device = embedder.mean.device
     autocast_dtype = PRECISIONS[precision] if device.type == "cuda" else None
     pending: OrderedDict[int, _Pending] = OrderedDict()
@@ -163,3 +173,50 @@ def embed_tiles(embedder: ProposalEmbedder, tiles: Iterable[dict], *, batch_size
     if segments:
         flush()
     yield from finished()
+
+
+def _pool_tiles(embedder: ProposalEmbedder, tiles: Iterable[dict], *, batch_size: int,
+                precision: str) -> Iterator[tuple[int, np.ndarray]]:
+    """The pooled mode of :func:`embed_tiles`: consecutive tiles of one resized shape share a backbone
+    pass (at most the pixels of ``batch_size`` crops, at least one tile); tiles without proposals run
+    no backbone; results in input order."""
+    device = embedder.mean.device
+    autocast_dtype = PRECISIONS[precision] if device.type == "cuda" else None
+    group: list[dict] = []  # tiles waiting for their pass, in input order (with or without proposals)
+    shape: tuple[int, int] | None = None  # the resized (H', W') of the group's tiles with proposals
+
+    def flush() -> Iterator[tuple[int, np.ndarray]]:
+        busy = [t for t in group if len(t["boxes"])]
+        out = None
+        if busy:
+            images = torch.stack([embedder.normalize(t["image"]) for t in busy])  # (B, 3, H', W')
+            boxes = torch.cat([t["boxes"] for t in busy])
+            index = torch.cat([torch.full((len(t["boxes"]),), k, dtype=torch.int64) for k, t in enumerate(busy)])
+            with torch.inference_mode(), torch.autocast(device_type=device.type,
+                                                        dtype=autocast_dtype or torch.float32,
+                                                        enabled=autocast_dtype is not None):
+                out = embedder.pooled(images, boxes, index, [tuple(t["frame_size"]) for t in busy]).cpu().numpy()
+        start = 0
+        for tile in group:
+            count = len(tile["boxes"])
+            yield tile["position"], (out[start:start + count] if count else np.zeros((0, embedder.dim), np.float32))
+            start += count
+        group.clear()
+
+    tiles_per_pass = 1
+    for tile in tiles:
+        if len(tile["boxes"]):
+            tile_shape = tuple(tile["image"].shape[-2:])
+            if shape is not None and tile_shape != shape:
+                yield from flush()
+            if shape is None or tile_shape != shape:
+                shape = tile_shape
+                tiles_per_pass = max(1, batch_size * embedder.crop_size ** 2 // (shape[0] * shape[1]))
+            group.append(tile)
+            if sum(1 for t in group if len(t["boxes"])) == tiles_per_pass:
+                yield from flush()
+        else:
+            group.append(tile)
+            if not any(len(t["boxes"]) for t in group):  # nothing waits before it: hand it back now
+                yield from flush()
+    yield from flush()

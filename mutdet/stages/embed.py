@@ -13,7 +13,9 @@ Output folder layout::
 
 Each proposal: the tile resized to ``input_size`` (longer side, ratio kept), ImageNet-normalised, the
 box enlarged ``context`` times in ``w`` and ``h``, cropped and stretched to ``crop_size`` squared by the
-rotated RoI-align, through the frozen ResNet to C5, average-pooled, stored as float16.
+rotated RoI-align, through the frozen ResNet to C5, average-pooled, stored as float16 (``mode: crop``,
+the paper). ``mode: pooled`` runs the ResNet once over the resized tile and pools each enlarged box from
+its C5 map by rotated RoI-align (:mod:`mutdet.embedding.backbone`); the output schema is the same.
 
 Resume inside a shard: every ``checkpoint_every`` tiles a part is written atomically, tagged with a hash
 of the embedding parameters, the proposals' and the tiles' parameters; a rerun reuses every part whose
@@ -120,7 +122,7 @@ def run(cfg: Config, *, tiles_dir: str | Path, proposals_dir: str | Path, out_di
     """
     tiles_dir, proposals_dir, out_dir = Path(tiles_dir), Path(proposals_dir), Path(out_dir)
     e = cfg.embedding
-    backbone, weights, precision, context = e.backbone, e.weights, e.precision, e.context
+    backbone, weights, precision, context, mode = e.backbone, e.weights, e.precision, e.context, e.mode
     batch_size, workers, input_size, crop_size, checkpoint_every = (e.batch_size, e.workers, e.input_size,
                                                                      e.crop_size, e.checkpoint_every)
     torch_device = resolve_device(e.device, "embedding.device")
@@ -141,7 +143,7 @@ def run(cfg: Config, *, tiles_dir: str | Path, proposals_dir: str | Path, out_di
     tiles, order, bounds = _group_by_tile(tile_of_row)
 
     params = {"backbone": backbone, "weights": weights, "dim": dim, "context": context, "input_size": input_size,
-              "crop_size": crop_size}
+              "crop_size": crop_size, "mode": mode}
     runtime = {"device": str(torch_device), "precision": precision, "batch_size": batch_size, "workers": workers}
     # Parts are keyed to what makes them: these parameters, the autocast precision, the content of the
     # proposals and tiles tables and of a weights file, and the code version (a part of other inputs or
@@ -161,8 +163,8 @@ def run(cfg: Config, *, tiles_dir: str | Path, proposals_dir: str | Path, out_di
     paths = parts.chunk_paths(out_dir, phash, len(chunks))
     todo = parts.todo(paths, phash, expect)
     reused = sum(expect[k]["rows"] for k in range(len(chunks)) if k not in todo)
-    log.info("embed %s (%s, %d-d): %d proposals on %d tiles (%d already done) -> %s",
-             proposals_file, backbone, dim, proposals.num_rows, len(tiles), reused, out_dir)
+    log.info("embed %s (%s, %d-d, mode %s): %d proposals on %d tiles (%d already done) -> %s",
+             proposals_file, backbone, dim, mode, proposals.num_rows, len(tiles), reused, out_dir)
 
     start = time.perf_counter()
     if todo:
@@ -179,7 +181,7 @@ def run(cfg: Config, *, tiles_dir: str | Path, proposals_dir: str | Path, out_di
         for k in todo:
             positions, vectors = [], []
             for position, tile_vectors in embed_tiles(embedder, itertools.islice(loaded, len(chunks[k])),
-                                                      batch_size=batch_size, precision=precision):
+                                                      batch_size=batch_size, precision=precision, mode=mode):
                 positions.append(position)
                 vectors.append(tile_vectors.astype(np.float16))
                 progress.update(len(tile_vectors))
