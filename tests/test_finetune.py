@@ -177,3 +177,71 @@ def pa_equal(table, value):
     import pyarrow.compute as pc
 
     return pc.equal(table.column("id"), value)
+
+
+def _ddp_finetune(rank: int, world: int, port: int, cfg_dict: dict, kwargs: dict) -> None:
+    import os
+
+    from mutdet.engine import dist
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), WANDB_MODE="disabled")
+    torch.set_num_threads(1)
+    try:
+        finetune.run(from_dict(cfg_dict), **kwargs)
+    finally:
+        if dist.is_distributed():
+            torch.distributed.destroy_process_group()
+
+
+def test_detection_is_sharded_over_ranks_and_joined_in_tile_order(tmp_path):
+    """Under DDP each rank detects every world-size-th test tile; rank 0 joins the shards into the file
+    a single process would write with the same weights (tile order, rows, values), and removes them."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from mutdet.data.datasets import TileDataset
+    from mutdet.data.transforms import build_transforms
+    from mutdet.engine.inference import load_detector, predict_tiles
+
+    root = tmp_path / "data"
+    write_dota(root, ["a", "b", "c", "d", "e"])  # test images d, e: several tiles each
+    cfg_dict = {"results": str(tmp_path / "results"), "datasets": {"d": {
+        "root": str(root), "format": "dota", "classes": CLASSES, "tiling": {"size": 48, "gap": 8},
+        "splits": {"train": {"list": "train.txt"}, "test": {"list": "test.txt"}}}},
+        "finetune": {"model": TINY, "train": {**TRAIN, "max_iterations": 2, "batch_size": 1}, "input_size": 48,
+                     "num_select": 20, "eval_batch_size": 1}}
+    cfg = from_dict(cfg_dict)
+    tile.run(cfg, dataset="d", split="train", shard=0, out_dir=tmp_path / "tiles_train")
+    tile.run(cfg, dataset="d", split="test", shard=0, out_dir=tmp_path / "tiles_test")
+    out = tmp_path / "ft"
+    kwargs = dict(dataset="d", epochs=1, tiles_dirs=[tmp_path / "tiles_train"],
+                  test_tiles_dirs=[tmp_path / "tiles_test"], image_ids_file=None, init="none", out_dir=out)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_finetune, args=(2, port, cfg_dict, kwargs), nprocs=2, join=True)
+
+    test_set = TileDataset([tmp_path / "tiles_test"], transform=build_transforms(train=False, input_size=48))
+    assert len(test_set) >= 4  # both ranks had tiles to detect
+    joined = read_artefact(out / "detections_tiles.parquet", "detections")
+    assert not list(out.glob("*.rank-*"))  # the shards are removed once joined
+    model, _ = load_detector(out / "checkpoint.pt", torch.device("cpu"))
+    single = predict_tiles(model, test_set, classes=CLASSES, device=torch.device("cpu"), batch_size=1,
+                           num_select=20)
+    assert joined.num_rows == single.num_rows == 20 * len(test_set)
+    assert joined.column("id").to_pylist() == single.column("id").to_pylist()
+    for column in ("class_id", "score", "cx", "cy", "w", "h", "theta"):  # batch 1 in both: the same kernels
+        np.testing.assert_array_equal(joined.column(column).to_numpy(), single.column(column).to_numpy())
+
+
+def test_in_tile_order_groups_rows_by_tile_and_keeps_their_order():
+    import pyarrow as pa
+
+    table = pa.table({"id": ["t2", "t0", "t2", "t1", "t0"], "score": [0.9, 0.8, 0.7, 0.6, 0.5]})
+    ordered = finetune.in_tile_order(table, ["t0", "t1", "t2", "t3"])
+    assert ordered.column("id").to_pylist() == ["t0", "t0", "t1", "t2", "t2"]
+    assert ordered.column("score").to_pylist() == [0.8, 0.5, 0.6, 0.9, 0.7]
+    with pytest.raises(ValueError, match="not in the test set"):
+        finetune.in_tile_order(table, ["t0", "t1"])

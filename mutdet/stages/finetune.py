@@ -11,7 +11,9 @@ Outputs in ``out_dir``:
 ``checkpoints/last.pt``               resume state (a rerun resumes from it if made by the same settings,
                                       tiles, init checkpoint and code; else it is set aside)
 ``checkpoint.pt``                     final weights + the config needed to rebuild the model
-``detections_tiles.parquet``          ``detections``, frame ``tile`` (test tiles)
+``detections_tiles.parquet``          ``detections``, frame ``tile`` (test tiles); under DDP every rank
+                                      detects every world-size-th tile and rank 0 joins the shards
+                                      (``detections_tiles.rank-<r>.parquet``, removed once joined)
 ====================================  ==================================================================
 
 Logic lives in :mod:`mutdet.data` and :mod:`mutdet.engine`; this module wires them.
@@ -23,6 +25,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 
+import numpy as np
+import pyarrow as pa
+from torch.utils.data import Subset
+
 from mutdet.config import Config
 from mutdet.data.datasets import TileDataset
 from mutdet.data.transforms import build_transforms
@@ -32,7 +38,7 @@ from mutdet.engine.device import resolve_device
 from mutdet.engine.inference import predict_tiles
 from mutdet.engine.trainer import TrainConfig, Trainer
 from mutdet.engine.transfer import load_pretrained
-from mutdet.io.artefacts import write_artefact
+from mutdet.io.artefacts import read_artefact, write_artefact
 from mutdet.io.datasets import list_image_ids
 from mutdet.io.atomic import write_json
 from mutdet.io.identity import file_digest, files_identity
@@ -122,19 +128,50 @@ def run(cfg: Config, *, dataset: str, epochs: int, tiles_dirs: Sequence[Path], t
     trainer = Trainer(model=model, criterion=criterion, dataset=train_set, config=train_config, out_dir=out_dir,
                       device=torch_device, run_config=params, resume_key=resume_key, wandb_mode=ft.wandb_mode)
     result = trainer.fit()
-    if not dist.is_main_process():
+    if dist.is_main_process():
+        save_checkpoint(out_dir / "checkpoint.pt", model=trainer.model, epoch=trainer.epoch, step=trainer.step,
+                        config=params, meta={"finished": result["finished"], "kind": "finetune"})
+    if not test_tiles_dirs:
         return {"train": result, "detections": None}
-    save_checkpoint(out_dir / "checkpoint.pt", model=trainer.model, epoch=trainer.epoch, step=trainer.step,
-                    config=params, meta={"finished": result["finished"], "kind": "finetune"})
 
-    detections_path = None
-    if test_tiles_dirs:
-        test_set = TileDataset(test_tiles_dirs, transform=build_transforms(train=False, input_size=input_size))
-        tile_dets = predict_tiles(trainer.model, test_set, classes=classes, device=torch_device,
-                                  batch_size=ft.eval_batch_size, num_select=ft.num_select,
-                                  score_threshold=ft.score_threshold)
-        meta = {"frame": "tile", "checkpoint": str(out_dir / "checkpoint.pt"), "code_version": code_version()}
-        detections_path = out_dir / "detections_tiles.parquet"
-        write_artefact(tile_dets, detections_path, "detections", meta)
-        log.info("finetune: %d tile detections -> %s", tile_dets.num_rows, detections_path)
+    # Detection on the test tiles, sharded over the ranks (tile i on rank i mod world size) so that a
+    # multi-GPU job does not idle all but one device; rank 0 reassembles the shards in tile order.
+    test_set = TileDataset(test_tiles_dirs, transform=build_transforms(train=False, input_size=input_size))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    shard = test_set if world == 1 else Subset(test_set, range(rank, len(test_set), world))
+    tile_dets = predict_tiles(trainer.model, shard, classes=classes, device=torch_device,
+                              batch_size=ft.eval_batch_size, num_select=ft.num_select,
+                              score_threshold=ft.score_threshold)
+    meta = {"frame": "tile", "checkpoint": str(out_dir / "checkpoint.pt"), "code_version": code_version()}
+    detections_path = out_dir / "detections_tiles.parquet"
+    if world > 1:
+        write_artefact(tile_dets, rank_part(detections_path, rank), "detections", meta)
+        dist.barrier()
+        if not dist.is_main_process():
+            return {"train": result, "detections": None}
+        part_files = [rank_part(detections_path, r) for r in range(world)]
+        tile_dets = in_tile_order(read_artefact(part_files, "detections"), test_set.tile_ids)
+    write_artefact(tile_dets, detections_path, "detections", meta)
+    if world > 1:
+        for part in part_files:
+            part.unlink()
+    log.info("finetune: %d tile detections on %d tiles (%d rank(s)) -> %s", tile_dets.num_rows, len(test_set),
+             world, detections_path)
     return {"train": result, "detections": detections_path}
+
+
+def rank_part(path: Path, rank: int) -> Path:
+    """The file one rank writes its shard of the detections to, beside ``path``."""
+    return path.with_name(f"{path.stem}.rank-{rank}{path.suffix}")
+
+
+def in_tile_order(table: pa.Table, tile_ids: Sequence[str]) -> pa.Table:
+    """Rows of ``table`` (column ``id`` = tile id) grouped in the order of ``tile_ids``, each tile's rows
+    in their order in ``table``: the single-process output's order, whatever rank wrote which tile."""
+    position = {t: i for i, t in enumerate(tile_ids)}
+    ids = table.column("id").to_pylist()
+    unknown = sorted({i for i in ids if i not in position})
+    if unknown:
+        raise ValueError(f"detections of tiles that are not in the test set: {unknown[:3]}")
+    key = np.fromiter((position[i] for i in ids), dtype=np.int64, count=len(ids))
+    return table.take(pa.array(np.argsort(key, kind="stable")))
