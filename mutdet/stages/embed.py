@@ -1,6 +1,7 @@
 """Stage ``embed``: the proposals of one shard -> ``embeddings.parquet`` (frozen ResNet C5, METHOD.md step 3).
 
-Inputs: ``<tiles>/tiles.parquet`` (tile images, ``tile_path`` relative to ``<tiles>``) and
+Inputs: ``<tiles>/tiles.parquet`` (tile images, ``tile_path`` relative to ``<tiles>`` or, for a
+whole-image tile, the source file) and
 ``<proposals>/proposals.parquet`` (le90 boxes in tile pixels).
 Output folder layout::
 

@@ -1,6 +1,7 @@
 """Stage ``propose``: the tiles of one shard -> ``proposals.parquet`` (class-agnostic le90 boxes).
 
-Input: ``<tiles>/tiles.parquet`` (tiles schema; ``tile_path`` relative to ``<tiles>``), from the tile stage.
+Input: ``<tiles>/tiles.parquet`` (tiles schema; ``tile_path`` relative to ``<tiles>``, or the absolute
+source path of a whole-image tile), from the tile stage.
 Output folder layout::
 
     <out>/proposals.parquet                 proposals schema (mutdet.io.artefacts), tiles in input order,
