@@ -107,6 +107,16 @@ def rotated_roi_align(images: Sequence[torch.Tensor], boxes: torch.Tensor, image
     return crops
 
 
+def _check_roi_args(name: str, spatial_scale, sampling_ratio: int, context: float) -> tuple[float, float]:
+    """The checked arguments shared by :func:`roi_mean_weights` and :func:`roi_align_rotated`; returns the
+    per-axis ``(sx, sy)`` scale."""
+    if sampling_ratio < 1:
+        raise ValueError(f"{name}: sampling_ratio must be >= 1, got {sampling_ratio}")
+    if context <= 0:
+        raise ValueError(f"{name}: context must be positive, got {context}")
+    return (spatial_scale, spatial_scale) if isinstance(spatial_scale, (int, float)) else tuple(spatial_scale)
+
+
 def _sample_points(boxes: torch.Tensor, samples: tuple[int, int], scale: tuple[float, float],
                    context: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Feature coordinates ``(fx, fy)``, each ``(n, S_h, S_w)`` float64, of a regular ``S_h x S_w`` grid of
@@ -145,11 +155,7 @@ def roi_mean_weights(boxes: torch.Tensor, map_size: tuple[int, int], output_size
     """
     if boxes.ndim != 2 or boxes.shape[-1] != 5:
         raise ValueError(f"roi_mean_weights: expected boxes (N, 5) [cx, cy, w, h, theta], got {tuple(boxes.shape)}")
-    if sampling_ratio < 1:
-        raise ValueError(f"roi_mean_weights: sampling_ratio must be >= 1, got {sampling_ratio}")
-    if context <= 0:
-        raise ValueError(f"roi_mean_weights: context must be positive, got {context}")
-    sx, sy = (spatial_scale, spatial_scale) if isinstance(spatial_scale, (int, float)) else spatial_scale
+    sx, sy = _check_roi_args("roi_mean_weights", spatial_scale, sampling_ratio, context)
     height, width = map_size
     out_h, out_w = output_size
     fx, fy = _sample_points(boxes, (out_h * sampling_ratio, out_w * sampling_ratio), (sx, sy), context)
@@ -205,11 +211,7 @@ def roi_align_rotated(features: torch.Tensor, rois: torch.Tensor, output_size: t
     if rois.ndim != 2 or rois.shape[-1] != 6:
         raise ValueError(f"roi_align_rotated: expected rois (N, 6) [batch_index, cx, cy, w, h, theta], "
                          f"got {tuple(rois.shape)}")
-    if sampling_ratio < 1:
-        raise ValueError(f"roi_align_rotated: sampling_ratio must be >= 1, got {sampling_ratio}")
-    if context <= 0:
-        raise ValueError(f"roi_align_rotated: context must be positive, got {context}")
-    sx, sy = (spatial_scale, spatial_scale) if isinstance(spatial_scale, (int, float)) else spatial_scale
+    sx, sy = _check_roi_args("roi_align_rotated", spatial_scale, sampling_ratio, context)
     batch, channels, height, width = features.shape
     out_h, out_w = output_size
     r = sampling_ratio

@@ -23,19 +23,16 @@ DEFAULT_MERGE_IOU = 0.1
 def merge_table(detections: pa.Table, tiles: pa.Table, iou_threshold: float = DEFAULT_MERGE_IOU) -> pa.Table:
     """Detections (frame tile) + tiles table -> detections (frame image), NMS-merged.
 
-    Columns are handled whole (tile ids matched with ``pyarrow.compute.index_in``, the last row of a
-    repeated tile id winning; image ids coded once per tile), so the cost is the rotated NMS's.
+    Columns are handled whole (tile ids, unique in a tiles table, matched with
+    ``pyarrow.compute.index_in``; image ids coded once per tile), so the cost is the rotated NMS's.
     """
     import pyarrow.compute as pc
 
-    tile_ids = tiles.column("tile_id")
-    n_tiles = tiles.num_rows
-    # index into the reversed tile list: the last row holding an id, as a dict built in row order gives it
-    found = pc.index_in(detections.column("id"), value_set=tile_ids.take(pa.array(np.arange(n_tiles)[::-1].copy())))
+    found = pc.index_in(detections.column("id"), value_set=tiles.column("tile_id"))
     if found.null_count:
         missing = sorted(set(pc.filter(detections.column("id"), pc.is_null(found)).to_pylist()))
         raise ArtefactError(f"{len(missing)} detection tile id(s) not in the tiles table, e.g. {missing[:3]}")
-    rows = n_tiles - 1 - found.to_numpy(zero_copy_only=False).astype(np.int64)
+    rows = found.to_numpy(zero_copy_only=False).astype(np.int64)
     _, image_code = np.unique(np.asarray(tiles.column("image_id").to_numpy(zero_copy_only=False), dtype=object),
                               return_inverse=True)
     x = tiles.column("x").to_numpy()[rows]
