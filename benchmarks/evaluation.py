@@ -1037,7 +1037,7 @@ def main(argv=None) -> int:
     warm_gt, warm_dets, _ = hand_cases()[0][1:]
     for protocol in protocols:
         ours(warm_gt, warm_dets, ["a"], protocol)
-    print(f"warm-up of ours on a hand case (loads torch / the IoU op): {time.perf_counter() - t0:.2f} s, not counted")
+    print(f"warm-up of ours on a hand case (first calls): {time.perf_counter() - t0:.2f} s, not counted")
 
     worst = 0.0
     if args.whole or args.whole_only:

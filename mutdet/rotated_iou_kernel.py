@@ -1,8 +1,8 @@
 """torchvision's float32 rotated-IoU kernel, replayed in numpy over pairs of boxes.
 
 ``torchvision.ops.box_iou(..., fmt="cxcywhr")`` (the CPU kernel ``box_iou_rotated``, Detectron2's
-algorithm, the one mmcv also ships) is the rotated IoU that :func:`mutdet.boxes.rotated_iou` returns and
-that rotated NMS has always thresholded. It works in float32 with fixed tolerances, and on some inputs
+algorithm, the one mmcv also ships) is the rotated IoU that :func:`mutdet.boxes.rotated_iou` returns,
+that rotated NMS has always thresholded and that mmrotate's evaluation matches with. It works in float32 with fixed tolerances, and on some inputs
 its value is far from the exact IoU (a vertex lying within float32 noise of the other box's edge leaves
 near-duplicate points that its angular sort orders inconsistently: ``benchmarks/evaluation.py`` has an
 ordinary 41 x 12 px pair at exact IoU 0.771 that it scores 0.276, and sub-pixel boxes fail often). A

@@ -111,16 +111,15 @@ Speed (no rule above depends on it; each shortcut is exact for the decisions it 
 """
 from __future__ import annotations
 
-import importlib.util
 import sys
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 
 from mutdet.boxes import le90_to_cxcywhr, le90_to_polygon, polygon_to_le90
 from mutdet.evaluation.polygons import (candidate_pairs, convex_pair_iou, mmrotate_label_boxes, pair_iou, quad_pieces,
                                         quad_shapes, quad_simple_zero_area, rect_pair_iou)
+from mutdet.rotated_iou_kernel import kernel_pair_iou
 
 __all__ = ["PROTOCOLS", "VOC07_RECALL_POINTS", "evaluate_detections", "voc_ap", "mmdet_average_precision",
            "ap_key"]
@@ -131,10 +130,6 @@ PROTOCOLS = ("dota_devkit", "mmrotate")
 # exactly 0.3 does *not* reach the 4th point. Kept bit-identical on purpose (mmdet's
 # ``np.arange(0, 1 + 1e-3, 0.1)`` gives the same 11 values).
 VOC07_RECALL_POINTS = np.arange(0.0, 1.1, 0.1)
-
-# Pairs per call of the rotated-IoU kernel (mmrotate protocol, :func:`_kernel_pair_iou`): a call costs ~30 us
-# plus ~0.13 us for each of its _KERNEL_CHUNK ** 2 pairs on one CPU core, of which _KERNEL_CHUNK are used.
-_KERNEL_CHUNK = 16
 
 # Scale of the bound on the rotated-IoU kernel's distance from the exact IoU (mmrotate protocol,
 # :func:`_kernel_margin`); ``inf`` sends every detection to the kernel.
@@ -467,64 +462,23 @@ def _le90_bounds(boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return boxes[:, :2] - ext, boxes[:, :2] + ext
 
 
-def _box_iou_rotated():
-    """torchvision's ``box_iou_rotated`` operator (float32 rotated IoU, what ``mutdet.boxes.rotated_iou`` calls).
-
-    Loaded from torchvision's compiled extension alone when torchvision is not imported yet, so that
-    evaluation does not import torchvision's model zoo (and torch's compiler stack with it); through
-    ``import torchvision`` where that library file is not found.
-    """
-    import torch
-
-    if "torchvision" not in sys.modules and not _TV_OPS:
-        spec = importlib.util.find_spec("torchvision")  # finds the package without importing it
-        folder = Path(spec.origin).parent if spec is not None and spec.origin else None
-        libs = sorted(folder.glob("_C*.so")) if folder is not None else []
-        for lib in libs:
-            try:
-                torch.ops.load_library(str(lib))
-            except OSError:  # not loadable alone: ``import torchvision`` below
-                continue
-            if hasattr(torch.ops.torchvision, "box_iou_rotated"):
-                _TV_OPS.append(True)
-                break
-    if not _TV_OPS:
-        import torchvision  # noqa: F401  (registers the operator)
-
-        _TV_OPS.append(True)
-    return torch.ops.torchvision.box_iou_rotated
-
-
-_TV_OPS: list = []
-
-
-def torch_from_numpy(a: np.ndarray):
-    import torch
-
-    return torch.from_numpy(a)
-
-
 def _kernel_pair_iou(det_box: np.ndarray, gt_box: np.ndarray, idet: np.ndarray, igt: np.ndarray) -> np.ndarray:
     """The rotated-IoU kernel's float32 IoU ``(K,)`` of the pairs ``(det_box[idet[k]], gt_box[igt[k]])`` (le90).
 
     Each pair is moved so that its detection's centre is the origin, then rounded to float32 (the
     difference of two float32 centres of ordinary magnitudes is exact in float64; its float32 rounding is
     ~6e-8 of the pair's extent: float32 stays precise on large images, as the kernel itself centres a
-    pair on its midpoint).
-    The kernel computes a matrix; pairs go through it ``_KERNEL_CHUNK`` at a time and the diagonal is kept.
+    pair on its midpoint). The value is the kernel's bit for bit, computed by its numpy replay
+    (:func:`mutdet.rotated_iou_kernel.kernel_pair_iou`, checked against the compiled kernel in
+    ``tests/test_rotated_iou_kernel.py``) over the pairs only: evaluation loads neither torch nor
+    torchvision.
     """
-    k = len(idet)
-    out = np.zeros(k)
-    if k == 0:
-        return out
-    op = _box_iou_rotated()
+    if len(idet) == 0:
+        return np.zeros(0)
     det_cx, gt_cx = le90_to_cxcywhr(det_box[idet]), le90_to_cxcywhr(gt_box[igt])
     gt_cx[:, :2] -= det_cx[:, :2]  # the angle is left alone; the detection's own centre becomes exactly 0
     det_cx[:, :2] = 0.0
-    a, b = torch_from_numpy(det_cx.astype(np.float32)), torch_from_numpy(gt_cx.astype(np.float32))
-    for s in range(0, k, _KERNEL_CHUNK):
-        out[s:s + _KERNEL_CHUNK] = np.diagonal(op(a[s:s + _KERNEL_CHUNK], b[s:s + _KERNEL_CHUNK]).numpy())
-    return out
+    return kernel_pair_iou(det_cx.astype(np.float32), gt_cx.astype(np.float32)).astype(np.float64)
 
 
 def _kernel_margin(extent: np.ndarray, da: np.ndarray, ga: np.ndarray) -> np.ndarray:
