@@ -319,26 +319,32 @@ def test_label_errors_come_in_file_order(tmp_path):
     assert ann.lines.tolist() == [2, 6] and ann.labels.tolist() == [0, 1] and ann.difficult.tolist() == [0, 2]
 
 
-def test_dota_devkit_evaluation_imports_neither_torch_nor_matplotlib(cfg, tmp_path):
-    """`mutdet evaluate` with the dota_devkit protocol does not import torch (nor torchvision's model zoo or
-    torch's compiler stack) or matplotlib: start-up is part of the command's time."""
+@pytest.mark.parametrize("protocol", ["dota_devkit", "mmrotate"])
+def test_evaluation_imports_neither_torch_nor_matplotlib(cfg, tmp_path, protocol):
+    """`mutdet evaluate` with either protocol does not import torch (nor torchvision's model zoo or torch's
+    compiler stack) or matplotlib: start-up and memory are part of the command's cost. For mmrotate, one more
+    detection at IoU 0.5 exactly sends its pairs to the rotated-IoU kernel (replayed in numpy)."""
     import subprocess
     import sys
 
+    rows = DETECTIONS + ([("P1", "plane", 0.5, box(10, 10, 50, 25))] if protocol == "mmrotate" else [])
     folder = tmp_path / "task1"
-    write_task1(folder, [r[0] for r in DETECTIONS], [r[1] for r in DETECTIONS], [r[2] for r in DETECTIONS],
-                le90_to_polygon(np.array([r[3] for r in DETECTIONS])), CLASSES)
+    write_task1(folder, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows],
+                le90_to_polygon(np.array([r[3] for r in rows])), CLASSES)
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"datasets": {"tiny": {"root": str(cfg.dataset("tiny").root), "format": "dota",
                                                          "classes": CLASSES, "class_aliases": {"Airplane": "plane"},
                                                          "splits": {"val": {}}}}}))
-    code = ("import sys; from mutdet.cli import main; "
+    code = ("import sys; from mutdet.cli import main; from mutdet.evaluation import rotated_ap as r; calls = []; "
+            "k = r._kernel_pair_iou; r._kernel_pair_iou = lambda *a: calls.append(len(a[2])) or k(*a); "
             f"rc = main(['evaluate', '--config', {str(config)!r}, '--dataset', 'tiny', '--split', 'val', "
-            f"'--task1-dir', {str(folder)!r}, '--out', {str(tmp_path / 'eval')!r}, '--protocol', 'dota_devkit']); "
-            "print(rc, *(m in sys.modules for m in ('torch', 'torchvision', 'matplotlib')))")
+            f"'--task1-dir', {str(folder)!r}, '--out', {str(tmp_path / 'eval')!r}, '--protocol', {protocol!r}]); "
+            "print(sum(calls), rc, *(m in sys.modules for m in ('torch', 'torchvision', 'matplotlib')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out[-4:] == ["0", "False", "False", "False"]
-    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["mean"]["AP50"] == pytest.approx((2 / 3 + 1) / 2)
+    assert (int(out[-5]) > 0) == (protocol == "mmrotate")  # pairs the kernel decided
+    if protocol == "dota_devkit":
+        assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["mean"]["AP50"] == pytest.approx((2 / 3 + 1) / 2)
 
 
 def test_pr_curve_png(cfg, tmp_path):
