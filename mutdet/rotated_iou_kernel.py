@@ -2,12 +2,12 @@
 
 ``torchvision.ops.box_iou(..., fmt="cxcywhr")`` (the CPU kernel ``box_iou_rotated``, Detectron2's
 algorithm, the one mmcv also ships) is the rotated IoU that :func:`mutdet.boxes.rotated_iou` returns,
-that rotated NMS has always thresholded and that mmrotate's evaluation matches with. It works in float32 with fixed tolerances, and on some inputs
-its value is far from the exact IoU (a vertex lying within float32 noise of the other box's edge leaves
-near-duplicate points that its angular sort orders inconsistently: ``benchmarks/evaluation.py`` has an
-ordinary 41 x 12 px pair at exact IoU 0.771 that it scores 0.276, and sub-pixel boxes fail often). A
-decision that must equal the kernel's on every input therefore needs the kernel's own value, not the
-exact one.
+that rotated NMS has always thresholded and that mmrotate's evaluation matches with. It works in
+float32 with fixed tolerances, and on some inputs its value is far from the exact IoU (a vertex lying
+within float32 noise of the other box's edge leaves near-duplicate points that its angular sort orders
+inconsistently: ``benchmarks/evaluation.py`` has an ordinary 41 x 12 px pair at exact IoU 0.771 that
+it scores 0.276, and sub-pixel boxes fail often). A decision that must equal the kernel's on every
+input therefore needs the kernel's own value, not the exact one.
 
 :func:`kernel_pair_iou` computes that value without torch: the kernel's steps in the same order, each
 arithmetic operation in float32 as the compiled C++ does it (one rounding per operation, no fused

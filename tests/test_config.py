@@ -178,16 +178,17 @@ def test_ablation_ladders_change_one_flag_per_row(name):
 
 
 def test_demo_schedule_experiment_overlays_the_demo():
-    """`--configfile config.yaml config/experiments/demo-schedule.yaml` (Snakemake updates the first with the
-    second, nested keys included): the demo with its runs replaced by `none` at 100 % for 10 and 20 epochs, seeds 0 and 1, in its own
-    results folder, and no pre-training to run."""
+    """`--configfile config.yaml config/experiments/demo-schedule.yaml` (Snakemake updates the first with
+    the second, nested keys included): the demo with its runs replaced by `none` at 100 % for 10 and 20
+    epochs, seeds 0 and 1, in its own results folder, and no pre-training to run."""
     from snakemake.utils import update_config
 
     raw = yaml.safe_load((REPO / "config.yaml").read_text())
     update_config(raw, yaml.safe_load((REPO / "config" / "experiments" / "demo-schedule.yaml").read_text()))
     cfg = from_dict(raw)
     demo = load_config(REPO / "config.yaml")
-    assert [(r.inits, r.fractions, r.epochs, r.seeds) for r in cfg.finetune.runs] == [(("none",), (1.0,), (10, 20), (0, 1))]
+    runs = [(r.inits, r.fractions, r.epochs, r.seeds) for r in cfg.finetune.runs]
+    assert runs == [(("none",), (1.0,), (10, 20), (0, 1))]
     assert str(cfg.results) == "results-demo-schedule" and not cfg.pretraining_needed()
     assert cfg.finetune.model == demo.finetune.model and cfg.finetune.train == demo.finetune.train
     assert cfg.datasets == demo.datasets

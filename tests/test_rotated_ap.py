@@ -736,17 +736,3 @@ def test_mmrotate_numpy_decisions_are_the_kernels(offset, monkeypatch):
             assert 8 <= pairs["computed_by_kernel"] < pairs["computed"] / 4  # the copies and the halves at least
         else:
             assert pairs["computed_by_kernel"] == pairs["computed"] and pairs["skipped_by_bound"] == 0
-
-
-def test_mmrotate_protocol_evaluates_without_torch():
-    """The kernel's decisions come from its numpy replay: the mmrotate matching with every detection sent
-    to the kernel (two rectangles at IoU 1/3) loads neither torch nor torchvision."""
-    import subprocess
-    import sys
-
-    code = ("import sys, numpy as np; from mutdet.evaluation import rotated_ap as r; r.KERNEL_MARGIN_SCALE = np.inf; "
-            "g, d = np.array([[0., 0, 2, 2, 0]]), np.array([[1., 0, 2, 2, 0]]); "
-            "best, arg, pairs = r._best_mmrotate(g, np.zeros(1, np.int64), d, np.zeros(1, np.int64), (0.3,)); "
-            "print(best[0], pairs['computed_by_kernel'], 'torch' in sys.modules, 'torchvision' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert float(out[0]) == pytest.approx(1 / 3, abs=1e-6) and out[1:] == ["1", "False", "False"]
